@@ -1,0 +1,98 @@
+"""GemmaBackbone: token ids in, final hidden states out."""
+
+import keras
+from keras import ops
+
+from gemma_keras.config import GemmaConfig
+from gemma_keras.layers.decoder_block import DecoderBlock
+from gemma_keras.layers.rms_norm import RMSNorm
+from gemma_keras.layers.token_embedding import TokenEmbedding
+
+
+class GemmaBackbone(keras.Model):
+    """The Gemma decoder stack as a functional `keras.Model`.
+
+    Inputs `{"token_ids": int [batch, seq], "padding_mask": [batch, seq]}`
+    (1 for real tokens), output the final-normalised hidden states
+    `[batch, seq, hidden_dim]`, as KerasHub's `GemmaBackbone`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> from gemma_keras import GemmaBackbone, GemmaConfig
+    >>> config = GemmaConfig(vocabulary_size=100, num_layers=2, hidden_dim=32,
+    ...                      intermediate_dim=64, num_query_heads=4,
+    ...                      num_key_value_heads=1, head_dim=8)
+    >>> backbone = GemmaBackbone(config)
+    >>> hidden = backbone({"token_ids": np.array([[2, 5, 7]]),
+    ...                    "padding_mask": np.ones((1, 3), "int32")})
+    >>> tuple(hidden.shape)
+    (1, 3, 32)
+    """
+
+    def __init__(self, config, dtype=None, **kwargs):
+        if isinstance(config, dict):
+            config = GemmaConfig.from_dict(config)
+        policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+        token_embedding = TokenEmbedding(
+            config.vocabulary_size,
+            config.hidden_dim,
+            logit_soft_cap=config.final_logit_soft_cap,
+            dtype=policy,
+            name="token_embedding",
+        )
+        decoder_blocks = [
+            DecoderBlock(config, index, dtype=policy, name=f"decoder_block_{index}")
+            for index in range(config.num_layers)
+        ]
+        final_norm = RMSNorm(config.layer_norm_epsilon, dtype=policy, name="final_norm")
+
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = token_embedding(token_ids)
+        for block in decoder_blocks:
+            x = block(x, padding_mask)
+        hidden = final_norm(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=hidden,
+            dtype=policy,
+            **kwargs,
+        )
+        self.config = config
+        self.token_embedding = token_embedding
+        self.decoder_blocks = decoder_blocks
+        self.final_norm = final_norm
+
+    def call_with_cache(self, token_ids, key_mask, positions, caches, cache_index):
+        """Runs `token_ids` [batch, seq] written at cache slots `cache_index ...`.
+
+        `caches` holds one `(key_cache, value_cache)` per layer (see
+        `init_cache`), `key_mask` [batch, cache_length] marks the slots that hold
+        real tokens (those being written included), `positions` [batch, seq]
+        are the RoPE positions. Returns `(hidden, updated_caches)`.
+        """
+        x = self.token_embedding(token_ids)
+        updated_caches = []
+        for block, cache in zip(self.decoder_blocks, caches):
+            x, cache = block(x, key_mask, positions=positions, cache=cache, cache_index=cache_index)
+            updated_caches.append(cache)
+        return self.final_norm(x), updated_caches
+
+    def init_cache(self, batch_size, cache_length):
+        """One zeroed `(key_cache, value_cache)` per layer, each [batch, length, kv_heads, head_dim]."""
+        shape = (batch_size, cache_length, self.config.num_key_value_heads, self.config.head_dim)
+        dtype = self.dtype_policy.compute_dtype
+        return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in self.decoder_blocks]
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "config": self.config.to_dict(),
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)

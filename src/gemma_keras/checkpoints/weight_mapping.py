@@ -1,0 +1,134 @@
+"""Moving named weights between gemma_keras and another layout.
+
+A format module (KerasHub, Hugging Face, GGUF) describes, for a config, which
+of its tensors becomes which gemma_keras variable and how the array is laid
+out differently (`Layout`). `to_model_weights` and `from_model_weights` apply
+that description in either direction; `assign_weights` puts the result into
+a model, checking every name and shape.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+class WeightsError(ValueError):
+    """Weights are missing, extra, or shaped differently from the config."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a tensor stored elsewhere relates to the gemma_keras variable.
+
+    `ours` and `theirs` are functions from one array to the other, and
+    `their_shape` gives the shape the other format stores for one of our
+    shapes (to name both shapes when a checkpoint disagrees with its config).
+    """
+
+    ours: object
+    theirs: object
+    their_shape: object
+
+
+SAME = Layout(lambda a: a, lambda a: a, lambda shape: tuple(shape))
+TRANSPOSED = Layout(np.transpose, np.transpose, lambda shape: tuple(reversed(shape)))
+
+
+def heads_first(num_heads):
+    """Ours `[hidden, heads * head_dim]` <-> theirs `[heads, hidden, head_dim]` (KerasHub q/k/v)."""
+
+    def ours(array):
+        heads, hidden, head_dim = array.shape
+        return np.transpose(array, (1, 0, 2)).reshape(hidden, heads * head_dim)
+
+    def theirs(array):
+        hidden, width = array.shape
+        return np.transpose(array.reshape(hidden, num_heads, width // num_heads), (1, 0, 2))
+
+    def their_shape(shape):
+        return (num_heads, shape[0], shape[1] // num_heads)
+
+    return Layout(ours, theirs, their_shape)
+
+
+def split_heads(num_heads):
+    """Ours `[heads * head_dim, hidden]` <-> theirs `[heads, head_dim, hidden]` (KerasHub output)."""
+
+    def ours(array):
+        return array.reshape(-1, array.shape[-1])
+
+    def theirs(array):
+        return array.reshape(num_heads, -1, array.shape[-1])
+
+    def their_shape(shape):
+        return (num_heads, shape[0] // num_heads, shape[1])
+
+    return Layout(ours, theirs, their_shape)
+
+
+def to_model_weights(their_arrays, mapping, expected_shapes, source):
+    """Converts `{their_name: array}` into `{our_name: array}`.
+
+    `mapping` is `{our_name: (their_name, Layout)}`; `expected_shapes` is
+    `{our_name: shape}` from the model being loaded. Raises `WeightsError`
+    naming the tensor, the file (`source`) and both shapes on any mismatch.
+    """
+    missing = sorted(theirs for theirs, _ in mapping.values() if theirs not in their_arrays)
+    if missing:
+        listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise WeightsError(
+            f"{source} lacks {len(missing)} tensor(s) the config needs: {listed}. "
+            "The checkpoint does not match its config (wrong number of layers or "
+            "a different Gemma generation?)."
+        )
+    converted = {}
+    for ours, (theirs, layout) in mapping.items():
+        array = their_arrays[theirs]
+        wanted = layout.their_shape(expected_shapes[ours])
+        if tuple(array.shape) != tuple(wanted):
+            raise WeightsError(
+                f"{source}: tensor {theirs!r} has shape {tuple(array.shape)} but the config "
+                f"needs {tuple(wanted)} for it; the config's sizes disagree with the weights."
+            )
+        converted[ours] = layout.ours(array)
+    return converted
+
+
+def from_model_weights(our_arrays, mapping):
+    """The inverse of `to_model_weights`: `{their_name: array}`."""
+    return {theirs: layout.theirs(our_arrays[ours]) for ours, (theirs, layout) in mapping.items()}
+
+
+def model_variables(model):
+    """`{name: variable}` of a `GemmaBackbone` or `GemmaCausalLM`, names like
+    `decoder_block_0/attention/query` (the same in both)."""
+    backbone = getattr(model, "backbone", model)
+    return {variable.path: variable for variable in backbone.weights}
+
+
+def model_shapes(model):
+    return {name: tuple(variable.shape) for name, variable in model_variables(model).items()}
+
+
+def get_weights(model):
+    """`{name: numpy array}` of every weight of the model."""
+    return {name: np.asarray(variable.numpy()) for name, variable in model_variables(model).items()}
+
+
+def assign_weights(model, arrays, source="weights"):
+    """Sets every model variable from `arrays` `{name: array}`, cast to the variable's dtype."""
+    variables = model_variables(model)
+    missing = sorted(set(variables) - set(arrays))
+    unexpected = sorted(set(arrays) - set(variables))
+    if missing or unexpected:
+        raise WeightsError(
+            f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    for name, variable in variables.items():
+        array = arrays[name]
+        if tuple(array.shape) != tuple(variable.shape):
+            raise WeightsError(
+                f"{source}: {name} has shape {tuple(array.shape)} but the model expects "
+                f"{tuple(variable.shape)}."
+            )
+        variable.assign(np.asarray(array).astype(variable.dtype, copy=False))

@@ -1,0 +1,161 @@
+"""Gemma attention: MHA, MQA and GQA with an optional KV cache."""
+
+import keras
+from keras import ops
+
+from gemma_keras.layers.rms_norm import RMSNorm
+from gemma_keras.layers.rotary_embedding import apply_rotary_embedding
+from gemma_keras.layers.soft_cap import soft_cap
+
+# Masked logits are replaced (not added to), so the most negative float32 is
+# safe: a fully masked row (a padding query) becomes uniform, never NaN.
+_MASKED_LOGIT = -3.4e38
+
+
+def attention_mask(key_mask, query_slots, key_slots, sliding_window=None):
+    """Which keys each query may see: `[batch, queries, keys]` booleans.
+
+    `key_mask` [batch, keys] marks real (non-padding) keys; `query_slots`
+    [queries] and `key_slots` [keys] are the slots in the sequence (or cache)
+    that queries and keys occupy. A query sees keys at its own slot or
+    earlier, and with `sliding_window` only the `sliding_window` most recent
+    of them (its own included).
+    """
+    distance = query_slots[:, None] - key_slots[None, :]
+    allowed = distance >= 0
+    if sliding_window is not None:
+        allowed = ops.logical_and(allowed, distance < sliding_window)
+    return ops.logical_and(ops.cast(key_mask, "bool")[:, None, :], allowed[None, :, :])
+
+
+class Attention(keras.layers.Layer):
+    """Multi-head attention with rotary embeddings, serving MHA, MQA and GQA.
+
+    Keys and values keep their `num_key_value_heads` heads; queries are
+    grouped `[kv_head, group]` so the K/V heads are never repeated in memory.
+
+    Call with `x` [batch, seq, hidden], integer `positions` [batch, seq] (RoPE)
+    and `key_mask` [batch, keys] (1 for real tokens). Without a cache the keys
+    are `x` itself and the result is the output [batch, seq, hidden]. With
+    `cache=(key_cache, value_cache)`, each [batch, cache_length, kv_heads,
+    head_dim], the new keys and values are written at slots
+    `cache_index ... cache_index + seq - 1`, queries attend over the whole
+    cache (`key_mask` then covers the cache) and the result is
+    `(output, updated_cache)`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = Attention(hidden_dim=16, num_query_heads=4, num_key_value_heads=1,
+    ...                   head_dim=8)
+    >>> x = np.zeros((1, 5, 16), "float32")
+    >>> positions = np.arange(5)[None]
+    >>> tuple(layer(x, positions, np.ones((1, 5))).shape)
+    (1, 5, 16)
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        query_pre_attn_scalar=None,
+        attention_logit_soft_cap=None,
+        sliding_window=None,
+        rope_wavelength=10_000.0,
+        rope_scaling_factor=1.0,
+        use_qk_norm=False,
+        layer_norm_epsilon=1e-6,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.num_query_heads = num_query_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim
+        self.query_pre_attn_scalar = query_pre_attn_scalar
+        self.attention_logit_soft_cap = attention_logit_soft_cap
+        self.sliding_window = sliding_window
+        self.rope_wavelength = rope_wavelength
+        self.rope_scaling_factor = rope_scaling_factor
+        self.use_qk_norm = use_qk_norm
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.num_groups = num_query_heads // num_key_value_heads
+        self.query_scale = (query_pre_attn_scalar or head_dim) ** -0.5
+        if use_qk_norm:
+            self.query_norm = RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name="query_norm")
+            self.key_norm = RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm")
+
+    def build(self, *args, **kwargs):
+        def kernel(name, shape):
+            return self.add_weight(name=name, shape=shape, initializer="glorot_uniform")
+
+        query_dim = self.num_query_heads * self.head_dim
+        key_value_dim = self.num_key_value_heads * self.head_dim
+        self.query = kernel("query", (self.hidden_dim, query_dim))
+        self.key = kernel("key", (self.hidden_dim, key_value_dim))
+        self.value = kernel("value", (self.hidden_dim, key_value_dim))
+        self.output_projection = kernel("output", (query_dim, self.hidden_dim))
+        if self.use_qk_norm:
+            self.query_norm.build((None, None, None, self.head_dim))
+            self.key_norm.build((None, None, None, self.head_dim))
+
+    def _project(self, x, kernel, num_heads):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        return ops.reshape(ops.matmul(x, kernel), (batch, length, num_heads, self.head_dim))
+
+    def call(self, x, positions, key_mask, cache=None, cache_index=None):
+        batch, length = ops.shape(x)[0], ops.shape(x)[1]
+        query = self._project(x, self.query, self.num_query_heads)
+        key = self._project(x, self.key, self.num_key_value_heads)
+        value = self._project(x, self.value, self.num_key_value_heads)
+        if self.use_qk_norm:
+            query = self.query_norm(query)
+            key = self.key_norm(key)
+        rope = dict(wavelength=self.rope_wavelength, scaling_factor=self.rope_scaling_factor)
+        query = apply_rotary_embedding(query, positions, **rope)
+        key = apply_rotary_embedding(key, positions, **rope)
+
+        query_slots = ops.arange(length, dtype="int32")
+        if cache is not None:
+            key_cache, value_cache = cache
+            start = [0, cache_index, 0, 0]
+            key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
+            value = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+            query_slots = query_slots + ops.cast(cache_index, "int32")
+        key_slots = ops.arange(ops.shape(key)[1], dtype="int32")
+        mask = attention_mask(key_mask, query_slots, key_slots, self.sliding_window)
+
+        query = query * ops.cast(self.query_scale, query.dtype)
+        query = ops.reshape(
+            query, (batch, length, self.num_key_value_heads, self.num_groups, self.head_dim)
+        )
+        logits = ops.einsum("bskgh,btkh->bkgst", query, ops.cast(key, query.dtype))
+        logits = soft_cap(ops.cast(logits, "float32"), self.attention_logit_soft_cap)
+        logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
+        probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
+        attended = ops.einsum(
+            "bkgst,btkh->bskgh", probabilities, ops.cast(value, self.compute_dtype)
+        )
+        attended = ops.reshape(attended, (batch, length, self.num_query_heads * self.head_dim))
+        output = ops.matmul(attended, self.output_projection)
+        if cache is None:
+            return output
+        return output, (key, value)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "num_query_heads": self.num_query_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "attention_logit_soft_cap": self.attention_logit_soft_cap,
+            "sliding_window": self.sliding_window,
+            "rope_wavelength": self.rope_wavelength,
+            "rope_scaling_factor": self.rope_scaling_factor,
+            "use_qk_norm": self.use_qk_norm,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+        }

@@ -1,0 +1,43 @@
+"""Gemma's gated feed-forward network."""
+
+import keras
+from keras import ops
+
+
+class FeedForward(keras.layers.Layer):
+    """`down(gelu_tanh(gate(x)) * up(x))`.
+
+    `intermediate_dim` is the width of each of `gate` and `up` (16384 for
+    Gemma 2B). Kernels are stored `[in, out]`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> ffn = FeedForward(hidden_dim=8, intermediate_dim=32)
+    >>> tuple(ffn(np.zeros((2, 3, 8), "float32")).shape)
+    (2, 3, 8)
+    """
+
+    def __init__(self, hidden_dim, intermediate_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+
+    def build(self, input_shape):
+        def kernel(name, shape):
+            return self.add_weight(name=name, shape=shape, initializer="glorot_uniform")
+
+        self.gate = kernel("gate", (self.hidden_dim, self.intermediate_dim))
+        self.up = kernel("up", (self.hidden_dim, self.intermediate_dim))
+        self.down = kernel("down", (self.intermediate_dim, self.hidden_dim))
+
+    def call(self, x):
+        gate = ops.gelu(ops.matmul(x, self.gate), approximate=True)
+        return ops.matmul(gate * ops.matmul(x, self.up), self.down)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+        }

@@ -1,0 +1,85 @@
+"""Gemma's tied token embedding: embeds ids, and projects back to vocabulary logits."""
+
+import math
+
+import keras
+from keras import ops
+
+from gemma_keras import backend
+from gemma_keras.layers.soft_cap import soft_cap
+
+
+class TokenIdError(ValueError):
+    """A token id is outside `[0, vocabulary_size)`."""
+
+
+def check_token_ids(token_ids, vocabulary_size):
+    """Raises `TokenIdError` naming the bad id when values are available now.
+
+    Inside a traced graph there are no values to check; callers that feed
+    graphs (generate, predict) check their inputs before tracing.
+    """
+    if not backend.is_concrete(token_ids):
+        return
+    values = ops.convert_to_numpy(token_ids)
+    if values.size == 0:
+        return
+    low, high = values.min(), values.max()
+    if low < 0 or high >= vocabulary_size:
+        bad = low if low < 0 else high
+        raise TokenIdError(
+            f"token id {int(bad)} is outside the vocabulary [0, {vocabulary_size}); "
+            "check that the tokenizer matches the model."
+        )
+
+
+class TokenEmbedding(keras.layers.Layer):
+    """Embedding shared between the input and the output of the model.
+
+    `call(token_ids)` returns `embeddings[token_ids] * sqrt(hidden_dim)`, the
+    scale first cast to the compute dtype as Gemma was trained (bf16:
+    sqrt(2048) -> 45.25). `call(hidden, reverse=True)` returns float32 logits
+    `hidden @ embeddings.T`, soft-capped by `logit_soft_cap` when set.
+
+    Example:
+
+    >>> import numpy as np
+    >>> embedding = TokenEmbedding(vocabulary_size=10, hidden_dim=4)
+    >>> hidden = embedding(np.array([[1, 2, 3]]))
+    >>> tuple(embedding(hidden, reverse=True).shape)
+    (1, 3, 10)
+    """
+
+    def __init__(self, vocabulary_size, hidden_dim, logit_soft_cap=None, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+        self.hidden_dim = hidden_dim
+        self.logit_soft_cap = logit_soft_cap
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(
+            name="embeddings",
+            shape=(self.vocabulary_size, self.hidden_dim),
+            initializer=keras.initializers.RandomNormal(stddev=0.02),
+        )
+
+    def compute_output_spec(self, inputs, reverse=False):
+        if reverse:
+            return keras.KerasTensor(tuple(inputs.shape[:-1]) + (self.vocabulary_size,), "float32")
+        return keras.KerasTensor(tuple(inputs.shape) + (self.hidden_dim,), self.compute_dtype)
+
+    def call(self, inputs, reverse=False):
+        if reverse:
+            logits = ops.matmul(inputs, ops.transpose(self.embeddings))
+            return soft_cap(ops.cast(logits, "float32"), self.logit_soft_cap)
+        check_token_ids(inputs, self.vocabulary_size)
+        embedded = ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
+        return embedded * ops.cast(math.sqrt(self.hidden_dim), self.compute_dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "vocabulary_size": self.vocabulary_size,
+            "hidden_dim": self.hidden_dim,
+            "logit_soft_cap": self.logit_soft_cap,
+        }
