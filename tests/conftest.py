@@ -18,26 +18,44 @@ def tiny_config(variant):
     """Tiny configs exercising each generation's features."""
     common = dict(vocabulary_size=1000, hidden_dim=64, intermediate_dim=128)
     if variant == "gemma1_mqa":
-        return GemmaConfig(num_layers=2, num_query_heads=4, num_key_value_heads=1,
-                           head_dim=32, **common)
+        return GemmaConfig(
+            num_layers=2, num_query_heads=4, num_key_value_heads=1, head_dim=32, **common
+        )
     if variant == "gemma1_mha":
-        return GemmaConfig(num_layers=2, num_query_heads=4, num_key_value_heads=4,
-                           head_dim=32, **common)
+        return GemmaConfig(
+            num_layers=2, num_query_heads=4, num_key_value_heads=4, head_dim=32, **common
+        )
     if variant == "gemma2":
         return GemmaConfig(
-            num_layers=4, num_query_heads=4, num_key_value_heads=2, head_dim=32,
-            query_pre_attn_scalar=24, attention_logit_soft_cap=50.0,
-            final_logit_soft_cap=30.0, sliding_window=5,
-            layer_types=alternating_local_global(4), use_post_attention_norm=True,
-            use_post_ffw_norm=True, **common,
+            num_layers=4,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=24,
+            attention_logit_soft_cap=50.0,
+            final_logit_soft_cap=30.0,
+            sliding_window=5,
+            layer_types=alternating_local_global(4),
+            use_post_attention_norm=True,
+            use_post_ffw_norm=True,
+            **common,
         )
     if variant == "gemma3":
         return GemmaConfig(
-            num_layers=7, num_query_heads=4, num_key_value_heads=2, head_dim=32,
-            query_pre_attn_scalar=32, sliding_window=5, layer_types=every_nth_global(7),
-            global_rope_wavelength=1_000_000.0, local_rope_wavelength=10_000.0,
-            global_rope_scaling_factor=8.0, use_qk_norm=True,
-            use_post_attention_norm=True, use_post_ffw_norm=True, **common,
+            num_layers=7,
+            num_query_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=5,
+            layer_types=every_nth_global(7),
+            global_rope_wavelength=1_000_000.0,
+            local_rope_wavelength=10_000.0,
+            global_rope_scaling_factor=8.0,
+            use_qk_norm=True,
+            use_post_attention_norm=True,
+            use_post_ffw_norm=True,
+            **common,
         )
     raise ValueError(variant)
 

@@ -3,10 +3,9 @@ import re
 
 import pytest
 
+from conftest import VARIANTS, tiny_config
 from gemma_keras import ConfigError, GemmaConfig
 from gemma_keras.config import ARCHITECTURES
-
-from conftest import VARIANTS, tiny_config
 
 
 def test_published_parameter_counts_without_allocating():
@@ -56,8 +55,15 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize("changes,field", BAD_CONFIGS)
 def test_inconsistent_config_names_the_field(changes, field):
-    fields = dict(vocabulary_size=100, num_layers=2, hidden_dim=32, intermediate_dim=64,
-                  num_query_heads=4, num_key_value_heads=1, head_dim=8)
+    fields = dict(
+        vocabulary_size=100,
+        num_layers=2,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
     fields.update(changes)
     with pytest.raises(ConfigError, match=re.escape(f"GemmaConfig.{field}")):
         GemmaConfig(**fields)

@@ -33,7 +33,9 @@ class GemmaBackbone(keras.Model):
     def __init__(self, config, dtype=None, **kwargs):
         if isinstance(config, dict):
             config = GemmaConfig.from_dict(config)
-        policy = keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+        policy = (
+            keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
+        )
         token_embedding = TokenEmbedding(
             config.vocabulary_size,
             config.hidden_dim,
@@ -74,13 +76,16 @@ class GemmaBackbone(keras.Model):
         """
         x = self.token_embedding(token_ids)
         updated_caches = []
-        for block, cache in zip(self.decoder_blocks, caches):
+        for block, cache in zip(self.decoder_blocks, caches, strict=True):
             x, cache = block(x, key_mask, positions=positions, cache=cache, cache_index=cache_index)
             updated_caches.append(cache)
         return self.final_norm(x), updated_caches
 
     def init_cache(self, batch_size, cache_length):
-        """One zeroed `(key_cache, value_cache)` per layer, each [batch, length, kv_heads, head_dim]."""
+        """One zeroed `(key_cache, value_cache)` per layer.
+
+        Each is [batch, cache_length, kv_heads, head_dim] in the compute dtype.
+        """
         shape = (batch_size, cache_length, self.config.num_key_value_heads, self.config.head_dim)
         dtype = self.dtype_policy.compute_dtype
         return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in self.decoder_blocks]

@@ -18,7 +18,6 @@ True
 
 import dataclasses
 import json
-import math
 
 LAYER_TYPES = ("global", "local")
 
@@ -103,9 +102,7 @@ class GemmaConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(
-                    f"GemmaConfig.{name} must be a positive integer, got {value!r}."
-                )
+                raise ConfigError(f"GemmaConfig.{name} must be a positive integer, got {value!r}.")
         if self.num_query_heads % self.num_key_value_heads:
             raise ConfigError(
                 "GemmaConfig.num_key_value_heads must divide num_query_heads, got "
@@ -262,46 +259,100 @@ def _gemma3(num_layers, sliding_window, vocabulary_size=262_144, **sizes):
 # Published sizes. Gemma 1.1 and CodeGemma share the Gemma 1 architectures.
 ARCHITECTURES = {
     "gemma_2b": _gemma1(
-        num_layers=18, hidden_dim=2048, intermediate_dim=16384,
-        num_query_heads=8, num_key_value_heads=1,
+        num_layers=18,
+        hidden_dim=2048,
+        intermediate_dim=16384,
+        num_query_heads=8,
+        num_key_value_heads=1,
     ),
     "gemma_7b": _gemma1(
-        num_layers=28, hidden_dim=3072, intermediate_dim=24576,
-        num_query_heads=16, num_key_value_heads=16,
+        num_layers=28,
+        hidden_dim=3072,
+        intermediate_dim=24576,
+        num_query_heads=16,
+        num_key_value_heads=16,
     ),
     "gemma2_2b": _gemma2(
-        26, hidden_dim=2304, intermediate_dim=9216, num_query_heads=8,
-        num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        26,
+        hidden_dim=2304,
+        intermediate_dim=9216,
+        num_query_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
     ),
     "gemma2_9b": _gemma2(
-        42, hidden_dim=3584, intermediate_dim=14336, num_query_heads=16,
-        num_key_value_heads=8, head_dim=256, query_pre_attn_scalar=256,
+        42,
+        hidden_dim=3584,
+        intermediate_dim=14336,
+        num_query_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
     ),
     "gemma2_27b": _gemma2(
-        46, hidden_dim=4608, intermediate_dim=36864, num_query_heads=32,
-        num_key_value_heads=16, head_dim=128, query_pre_attn_scalar=144,
+        46,
+        hidden_dim=4608,
+        intermediate_dim=36864,
+        num_query_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        query_pre_attn_scalar=144,
     ),
     "gemma3_270m": _gemma3(
-        18, 512, hidden_dim=640, intermediate_dim=2048, num_query_heads=4,
-        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        18,
+        512,
+        hidden_dim=640,
+        intermediate_dim=2048,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
     ),
     "gemma3_1b": _gemma3(
-        26, 512, hidden_dim=1152, intermediate_dim=6912, num_query_heads=4,
-        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+        26,
+        512,
+        hidden_dim=1152,
+        intermediate_dim=6912,
+        num_query_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        query_pre_attn_scalar=256,
     ),
     "gemma3_4b": _gemma3(
-        34, 1024, vocabulary_size=262_208, hidden_dim=2560, intermediate_dim=10240,
-        num_query_heads=8, num_key_value_heads=4, head_dim=256,
-        query_pre_attn_scalar=256, global_rope_scaling_factor=8.0,
+        34,
+        1024,
+        vocabulary_size=262_208,
+        hidden_dim=2560,
+        intermediate_dim=10240,
+        num_query_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        global_rope_scaling_factor=8.0,
     ),
     "gemma3_12b": _gemma3(
-        48, 1024, vocabulary_size=262_208, hidden_dim=3840, intermediate_dim=15360,
-        num_query_heads=16, num_key_value_heads=8, head_dim=256,
-        query_pre_attn_scalar=256, global_rope_scaling_factor=8.0,
+        48,
+        1024,
+        vocabulary_size=262_208,
+        hidden_dim=3840,
+        intermediate_dim=15360,
+        num_query_heads=16,
+        num_key_value_heads=8,
+        head_dim=256,
+        query_pre_attn_scalar=256,
+        global_rope_scaling_factor=8.0,
     ),
     "gemma3_27b": _gemma3(
-        62, 1024, vocabulary_size=262_208, hidden_dim=5376, intermediate_dim=21504,
-        num_query_heads=32, num_key_value_heads=16, head_dim=128,
-        query_pre_attn_scalar=168, global_rope_scaling_factor=8.0,
+        62,
+        1024,
+        vocabulary_size=262_208,
+        hidden_dim=5376,
+        intermediate_dim=21504,
+        num_query_heads=32,
+        num_key_value_heads=16,
+        head_dim=128,
+        query_pre_attn_scalar=168,
+        global_rope_scaling_factor=8.0,
     ),
 }

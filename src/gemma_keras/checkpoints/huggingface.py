@@ -1,7 +1,7 @@
 """Hugging Face transformers' Gemma layout: `config.json` fields and state-dict names."""
 
 from gemma_keras.checkpoints.weight_mapping import SAME, TRANSPOSED
-from gemma_keras.config import GemmaConfig, ConfigError
+from gemma_keras.config import ConfigError, GemmaConfig
 
 _LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
 
@@ -15,8 +15,10 @@ def _rope(hf_config, layer_type):
         if layer_type == "sliding_attention" and "rope_local_base_freq" in hf_config:
             parameters = {"rope_theta": hf_config["rope_local_base_freq"]}
         else:
-            parameters = {"rope_theta": hf_config.get("rope_theta", 10_000.0),
-                          **(hf_config.get("rope_scaling") or {})}
+            parameters = {
+                "rope_theta": hf_config.get("rope_theta", 10_000.0),
+                **(hf_config.get("rope_scaling") or {}),
+            }
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     if rope_type not in ("default", "linear"):
         raise ConfigError(
@@ -133,8 +135,11 @@ def huggingface_config(config):
     )
     global_rope = {"rope_type": "default", "rope_theta": config.global_rope_wavelength}
     if config.global_rope_scaling_factor != 1.0:
-        global_rope = {**global_rope, "rope_type": "linear",
-                       "factor": config.global_rope_scaling_factor}
+        global_rope = {
+            **global_rope,
+            "rope_type": "linear",
+            "factor": config.global_rope_scaling_factor,
+        }
     has_gemma2_features = (
         config.use_post_attention_norm
         or config.use_post_ffw_norm
@@ -144,8 +149,12 @@ def huggingface_config(config):
         or config.query_pre_attn_scalar != config.head_dim
     )
     if not config.use_qk_norm and not has_gemma2_features:
-        return dict(model_type="gemma", architectures=["GemmaForCausalLM"],
-                    rope_parameters=global_rope, **fields)
+        return dict(
+            model_type="gemma",
+            architectures=["GemmaForCausalLM"],
+            rope_parameters=global_rope,
+            **fields,
+        )
     if not (config.use_post_attention_norm and config.use_post_ffw_norm):
         raise ConfigError(
             "transformers' Gemma 2 and Gemma 3 classes always have post-attention and "
@@ -170,12 +179,19 @@ def huggingface_config(config):
             rope_parameters={"full_attention": global_rope, "sliding_attention": local_rope},
             **fields,
         )
-    if config.local_rope_wavelength != config.global_rope_wavelength or global_rope["rope_type"] != "default":
+    if (
+        config.local_rope_wavelength != config.global_rope_wavelength
+        or global_rope["rope_type"] != "default"
+    ):
         raise ConfigError(
             "transformers' Gemma 2 uses one RoPE base and no scaling; this config sets "
             f"local_rope_wavelength={config.local_rope_wavelength}, global_rope_wavelength="
             f"{config.global_rope_wavelength}, global_rope_scaling_factor="
             f"{config.global_rope_scaling_factor}."
         )
-    return dict(model_type="gemma2", architectures=["Gemma2ForCausalLM"],
-                rope_parameters=global_rope, **fields)
+    return dict(
+        model_type="gemma2",
+        architectures=["Gemma2ForCausalLM"],
+        rope_parameters=global_rope,
+        **fields,
+    )

@@ -67,7 +67,8 @@ def weight_mapping(config):
             "attention/key": ("attention/key/kernel", heads_first(config.num_key_value_heads)),
             "attention/value": ("attention/value/kernel", heads_first(config.num_key_value_heads)),
             "attention/output": (
-                "attention/attention_output/kernel", split_heads(config.num_query_heads)
+                "attention/attention_output/kernel",
+                split_heads(config.num_query_heads),
             ),
             "pre_ffw_norm/scale": ("pre_ffw_norm/scale", SAME),
             "ffw/gate": ("ffw_gating/kernel", SAME),

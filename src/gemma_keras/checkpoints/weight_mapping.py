@@ -52,7 +52,7 @@ def heads_first(num_heads):
 
 
 def split_heads(num_heads):
-    """Ours `[heads * head_dim, hidden]` <-> theirs `[heads, head_dim, hidden]` (KerasHub output)."""
+    """Ours `[heads * head_dim, hidden]` <-> theirs `[heads, head_dim, hidden]` (KerasHub)."""
 
     def ours(array):
         return array.reshape(-1, array.shape[-1])
@@ -122,7 +122,8 @@ def assign_weights(model, arrays, source="weights"):
     unexpected = sorted(set(arrays) - set(variables))
     if missing or unexpected:
         raise WeightsError(
-            f"{source} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            f"{source} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}."
         )
     for name, variable in variables.items():
         array = arrays[name]

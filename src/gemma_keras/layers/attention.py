@@ -84,7 +84,9 @@ class Attention(keras.layers.Layer):
         self.num_groups = num_query_heads // num_key_value_heads
         self.query_scale = (query_pre_attn_scalar or head_dim) ** -0.5
         if use_qk_norm:
-            self.query_norm = RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name="query_norm")
+            self.query_norm = RMSNorm(
+                layer_norm_epsilon, dtype=self.dtype_policy, name="query_norm"
+            )
             self.key_norm = RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm")
 
     def build(self, *args, **kwargs):

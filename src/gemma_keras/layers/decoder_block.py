@@ -54,7 +54,9 @@ class DecoderBlock(keras.layers.Layer):
             dtype=self.dtype_policy,
             name="attention",
         )
-        self.post_attention_norm = norm("post_attention_norm") if config.use_post_attention_norm else None
+        self.post_attention_norm = (
+            norm("post_attention_norm") if config.use_post_attention_norm else None
+        )
         self.pre_ffw_norm = norm("pre_ffw_norm")
         self.ffw = FeedForward(
             config.hidden_dim, config.intermediate_dim, dtype=self.dtype_policy, name="ffw"
@@ -63,15 +65,23 @@ class DecoderBlock(keras.layers.Layer):
 
     def build(self, input_shape, *args, **kwargs):
         hidden_shape = (None, None, self.config.hidden_dim)
-        for layer in (self.pre_attention_norm, self.post_attention_norm,
-                      self.pre_ffw_norm, self.post_ffw_norm, self.ffw, self.attention):
+        for layer in (
+            self.pre_attention_norm,
+            self.post_attention_norm,
+            self.pre_ffw_norm,
+            self.post_ffw_norm,
+            self.ffw,
+            self.attention,
+        ):
             if layer is not None:
                 layer.build(hidden_shape)
 
     def call(self, x, key_mask, positions=None, cache=None, cache_index=None):
         if positions is None:
             batch, length = ops.shape(x)[0], ops.shape(x)[1]
-            positions = ops.broadcast_to(ops.arange(length, dtype="int32")[None, :], (batch, length))
+            positions = ops.broadcast_to(
+                ops.arange(length, dtype="int32")[None, :], (batch, length)
+            )
         attended = self.attention(
             self.pre_attention_norm(x), positions, key_mask, cache=cache, cache_index=cache_index
         )

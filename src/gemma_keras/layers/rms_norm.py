@@ -26,9 +26,7 @@ class RMSNorm(keras.layers.Layer):
         self.epsilon = epsilon
 
     def build(self, input_shape):
-        self.scale = self.add_weight(
-            name="scale", shape=(input_shape[-1],), initializer="zeros"
-        )
+        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="zeros")
 
     def call(self, x):
         x_float = ops.cast(x, "float32")

@@ -22,7 +22,5 @@ def apply_rotary_embedding(x, positions, wavelength=10_000.0, scaling_factor=1.0
     sin = ops.sin(angles)[:, :, None, :]
     x_float = ops.cast(x, "float32")
     first, second = x_float[..., :half], x_float[..., half:]
-    rotated = ops.concatenate(
-        [first * cos - second * sin, second * cos + first * sin], axis=-1
-    )
+    rotated = ops.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return ops.cast(rotated, x.dtype)

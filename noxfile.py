@@ -1,0 +1,43 @@
+"""Test sessions, one per Keras backend, plus lint.
+
+nox                      # everything (what CI runs)
+nox -s tests-jax         # one backend
+nox -s tests-torch -- -k parity   # extra arguments go to pytest
+"""
+
+import nox
+
+nox.options.sessions = ["lint", "tests-jax", "tests-tensorflow", "tests-torch"]
+nox.options.reuse_existing_virtualenvs = True
+
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def run_tests(session, backend):
+    session.install("-c", "constraints.txt", "-e", f".[test,{backend}]")
+    session.run(
+        "pytest",
+        *(session.posargs or ["tests"]),
+        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+
+
+@nox.session(name="tests-jax")
+def tests_jax(session):
+    run_tests(session, "jax")
+
+
+@nox.session(name="tests-tensorflow")
+def tests_tensorflow(session):
+    run_tests(session, "tensorflow")
+
+
+@nox.session(name="tests-torch")
+def tests_torch(session):
+    run_tests(session, "torch")
+
+
+@nox.session
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
