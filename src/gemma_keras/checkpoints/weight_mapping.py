@@ -8,8 +8,11 @@ a model, checking every name and shape.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
+
+from gemma_keras.checkpoints.checkpoint import LazyWeights
 
 
 class WeightsError(ValueError):
@@ -66,14 +69,17 @@ def split_heads(num_heads):
     return Layout(ours, theirs, their_shape)
 
 
-def to_model_weights(their_arrays, mapping, expected_shapes, source):
-    """Converts `{their_name: array}` into `{our_name: array}`.
+def to_model_weights(their_tensors, mapping, expected_shapes, source):
+    """Converts `{their_name: tensor}` into a lazy `{our_name: array}`.
 
-    `mapping` is `{our_name: (their_name, Layout)}`; `expected_shapes` is
+    `their_tensors` values need a `.shape` and are read with `np.asarray`
+    only when the result is looked up (an h5py dataset, a safetensors slice, a
+    GGUF tensor), so names and shapes are all checked before any tensor is
+    read. `mapping` is `{our_name: (their_name, Layout)}`; `expected_shapes` is
     `{our_name: shape}` from the model being loaded. Raises `WeightsError`
     naming the tensor, the file (`source`) and both shapes on any mismatch.
     """
-    missing = sorted(theirs for theirs, _ in mapping.values() if theirs not in their_arrays)
+    missing = sorted(theirs for theirs, _ in mapping.values() if theirs not in their_tensors)
     if missing:
         listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise WeightsError(
@@ -81,17 +87,21 @@ def to_model_weights(their_arrays, mapping, expected_shapes, source):
             "The checkpoint does not match its config (wrong number of layers or "
             "a different Gemma generation?)."
         )
-    converted = {}
+    loaders = {}
     for ours, (theirs, layout) in mapping.items():
-        array = their_arrays[theirs]
+        tensor = their_tensors[theirs]
         wanted = layout.their_shape(expected_shapes[ours])
-        if tuple(array.shape) != tuple(wanted):
+        if tuple(tensor.shape) != tuple(wanted):
             raise WeightsError(
-                f"{source}: tensor {theirs!r} has shape {tuple(array.shape)} but the config "
+                f"{source}: tensor {theirs!r} has shape {tuple(tensor.shape)} but the config "
                 f"needs {tuple(wanted)} for it; the config's sizes disagree with the weights."
             )
-        converted[ours] = layout.ours(array)
-    return converted
+        loaders[ours] = functools.partial(_convert, tensor, layout)
+    return LazyWeights(loaders)
+
+
+def _convert(tensor, layout):
+    return layout.ours(np.asarray(tensor))
 
 
 def from_model_weights(our_arrays, mapping):
