@@ -84,3 +84,52 @@ def token_batch(vocabulary_size, batch=2, length=12, seed=1):
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)
+
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Gemma is a family of lightweight open models built from Gemini research.",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "Numbers like 12345 and 3.14159 are split into digits.",
+    "Whitespace   runs\tand\ttabs\n\nand newlines are kept as they are.",
+    "日本語のテキストと中文文本 and emoji 🙂🚀 fall back to bytes when unknown.",
+    "<start_of_turn>user\nHello there!<end_of_turn>\n<start_of_turn>model\nHi!<end_of_turn>",
+] * 20
+
+
+def train_tiny_sentencepiece(vocab_size=400):
+    """A real SentencePiece model with Gemma's settings, trained in a second."""
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=["<mask>", "<start_of_turn>", "<end_of_turn>"],
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_proto():
+    return train_tiny_sentencepiece()

@@ -1,17 +1,17 @@
-"""Gemma 1, 2 and 3 (text) equal transformers' models with identical weights.
-
-The weights travel through `gemma_keras.checkpoints.huggingface`, the same
-mapping the safetensors reader and writer use.
+"""Gemma 1, 2 and 3 (text) equal transformers' models with identical weights,
+through real checkpoint directories in both directions: transformers'
+`save_pretrained` loaded by `GemmaCausalLM.from_preset`, and
+`export_to_huggingface` loaded by `AutoModelForCausalLM.from_pretrained`.
 """
 
 import keras
 import numpy as np
 import pytest
 
-from conftest import tiny_config, token_batch
-from gemma_keras import GemmaCausalLM
+from conftest import randomize, tiny_config, token_batch
+from gemma_keras import GemmaCausalLM, GemmaTokenizer
 from gemma_keras.checkpoints import huggingface as hf_format
-from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes, to_model_weights
+from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -36,33 +36,56 @@ def random_transformers_model(config, seed=0):
     return model
 
 
-@pytest.mark.parametrize(
-    "variant,model_type",
-    [
-        ("gemma1_mqa", "gemma"),
-        ("gemma1_mha", "gemma"),
-        ("gemma2", "gemma2"),
-        ("gemma3", "gemma3_text"),
-    ],
-)
-def test_logits_equal_transformers(variant, model_type):
+VARIANTS = [
+    ("gemma1_mqa", "gemma"),
+    ("gemma1_mha", "gemma"),
+    ("gemma2", "gemma2"),
+    ("gemma3", "gemma3_text"),
+]
+
+
+def transformers_logits(model, token_ids):
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(token_ids).long()).logits.numpy()
+
+
+def our_logits(model, token_ids):
+    inputs = {"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)}
+    return keras.ops.convert_to_numpy(model(inputs))
+
+
+@pytest.mark.parametrize("variant,model_type", VARIANTS)
+def test_transformers_checkpoint_loads_in_gemma_keras(
+    variant, model_type, tokenizer_proto, tmp_path
+):
     config = tiny_config(variant)
     reference = random_transformers_model(config)
     assert reference.config.model_type == model_type
-    assert hf_format.config_from_huggingface(reference.config.to_dict()) == config
+    reference.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.model").write_bytes(tokenizer_proto)
 
-    state = {name: tensor.detach().numpy() for name, tensor in reference.state_dict().items()}
-    ours = GemmaCausalLM.from_gemma_config(config, dtype="float32")
-    mapping = hf_format.weight_mapping(config)
-    assign_weights(ours, to_model_weights(state, mapping, model_shapes(ours), "state_dict"))
-
+    ours = GemmaCausalLM.from_preset(str(tmp_path), dtype="float32")
+    assert ours.config == config
     # 12 tokens: longer than the sliding window (5) of the Gemma 2/3 variants.
     token_ids = token_batch(config.vocabulary_size, length=12)
-    with torch.no_grad():
-        expected = reference(input_ids=torch.from_numpy(token_ids).long()).logits.numpy()
-    actual = keras.ops.convert_to_numpy(
-        ours({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
-    )
-    error = np.abs(actual - expected).max()
-    print(f"{variant}: max |logit difference| vs transformers = {error:.2e}")
+    error = np.abs(our_logits(ours, token_ids) - transformers_logits(reference, token_ids)).max()
+    print(f"{variant}: transformers -> gemma_keras, max |logit difference| = {error:.2e}")
+    assert error <= TOLERANCE
+
+
+@pytest.mark.parametrize("variant,model_type", VARIANTS)
+def test_gemma_keras_export_loads_in_transformers(variant, model_type, tokenizer_proto, tmp_path):
+    config = tiny_config(variant)
+    ours = GemmaCausalLM.from_gemma_config(config, dtype="float32")
+    assign_weights(ours, randomize(model_shapes(ours)))
+    ours.tokenizer = GemmaTokenizer(tokenizer_proto)
+    ours.export_to_huggingface(str(tmp_path))
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    assert reference.config.model_type == model_type
+    token_ids = token_batch(config.vocabulary_size, length=12)
+    error = np.abs(our_logits(ours, token_ids) - transformers_logits(reference, token_ids)).max()
+    print(f"{variant}: gemma_keras -> transformers, max |logit difference| = {error:.2e}")
     assert error <= TOLERANCE

@@ -30,10 +30,67 @@ class GemmaCausalLM(keras.Model):
         logits = backbone.token_embedding(hidden, reverse=True)
         super().__init__(inputs=inputs, outputs=logits, dtype=backbone.dtype_policy, **kwargs)
         self.backbone = backbone
+        # A `GemmaTokenizer`, set by `from_preset` (None for a model built from a config).
+        self.tokenizer = None
 
     @classmethod
     def from_gemma_config(cls, config, dtype=None):
         return cls(GemmaBackbone(config, dtype=dtype))
+
+    @classmethod
+    def from_preset(cls, preset, dtype=None, load_weights=True):
+        """Loads a model and its tokenizer from a preset name, a local path or a URL.
+
+        `preset` is a registry name (`gemma_keras.list_presets()`), a KerasHub
+        preset directory, a transformers checkpoint directory, a `.gguf` file,
+        `kaggle://owner/model/keras/variation/version` or `hf://org/repo`.
+        `dtype` defaults to Keras' global policy (float32 unless changed);
+        weights are read straight into it. With `load_weights=False` the
+        weights are randomly initialised.
+
+        >>> model = GemmaCausalLM.from_preset("gemma3_270m_q4_k_m")  # doctest: +SKIP
+        >>> model.tokenizer.encode("The capital of France is")  # doctest: +SKIP
+        [2, 818, 5279, 529, 7001, 563]
+        """
+        from gemma_keras.loading import from_preset
+
+        return from_preset(preset, dtype=dtype, load_weights=load_weights)
+
+    def save_to_preset(self, directory, dtype=None):
+        """Writes a KerasHub preset directory (`keras_hub.models.GemmaCausalLM.from_preset`
+        loads it too). `dtype` of the stored weights defaults to the model's variable dtype."""
+        from gemma_keras.checkpoints import keras_hub
+        from gemma_keras.checkpoints.weight_mapping import get_weights
+
+        keras_hub.write_preset(
+            directory,
+            self.config,
+            get_weights(self),
+            self._tokenizer_proto(),
+            dtype or self.backbone.dtype_policy.variable_dtype,
+        )
+
+    def export_to_huggingface(self, directory, dtype=None):
+        """Writes a transformers checkpoint directory (config.json, model.safetensors,
+        tokenizer.model) that `AutoModelForCausalLM.from_pretrained` loads."""
+        from gemma_keras.checkpoints import huggingface
+        from gemma_keras.checkpoints.weight_mapping import get_weights
+
+        huggingface.write_checkpoint(
+            directory,
+            self.config,
+            get_weights(self),
+            self._tokenizer_proto(),
+            dtype or self.backbone.dtype_policy.variable_dtype,
+        )
+
+    def _tokenizer_proto(self):
+        if self.tokenizer is None:
+            raise ValueError(
+                "This model has no tokenizer to save; set `model.tokenizer = "
+                "GemmaTokenizer(path)` first."
+            )
+        return self.tokenizer.proto
 
     @property
     def config(self):

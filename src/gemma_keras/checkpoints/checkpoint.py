@@ -8,21 +8,27 @@ from gemma_keras.config import GemmaConfig
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A model read from disk, in gemma_keras terms.
+    """A model found on disk, described in gemma_keras terms but not read yet.
 
-    `weights` maps gemma_keras variable names (`decoder_block_0/attention/query`,
-    see `weight_mapping.model_variables`) to numpy arrays in gemma_keras'
-    layout. Readers may return a lazy mapping that reads or dequantizes a
-    tensor only when it is looked up, so that loading holds one tensor at a
-    time besides the model. `tokenizer_proto` is a serialized SentencePiece
-    model (or None when the checkpoint has no tokenizer). `source` names the
-    file or directory for error messages.
+    `tensors` maps the file's own tensor names to lazy tensors (a `.shape`,
+    and the data read by `np.asarray` only when asked for), `mapping` is the
+    format's `{our_name: (their_name, Layout)}` for this config, and
+    `tokenizer_proto` a serialized SentencePiece model. `source` names the file
+    or directory in error messages. `weights(shapes)` checks every name and
+    shape against the model being built and returns a lazy `{our_name: array}`,
+    so loading holds one tensor at a time besides the model.
     """
 
     config: GemmaConfig
-    weights: Mapping
+    tensors: Mapping
+    mapping: dict
     tokenizer_proto: bytes | None
     source: str
+
+    def weights(self, expected_shapes):
+        from gemma_keras.checkpoints.weight_mapping import to_model_weights
+
+        return to_model_weights(self.tensors, self.mapping, expected_shapes, self.source)
 
 
 class LazyWeights(Mapping):

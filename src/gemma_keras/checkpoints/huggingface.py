@@ -1,6 +1,14 @@
 """Hugging Face transformers' Gemma layout: `config.json` fields and state-dict names."""
 
-from gemma_keras.checkpoints.weight_mapping import SAME, TRANSPOSED
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+
+from gemma_keras.checkpoints.checkpoint import Checkpoint
+from gemma_keras.checkpoints.safetensors_io import read_safetensors, write_safetensors
+from gemma_keras.checkpoints.weight_mapping import SAME, TRANSPOSED, WeightsError
 from gemma_keras.config import ConfigError, GemmaConfig
 
 _LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
@@ -76,19 +84,22 @@ def config_from_huggingface(hf_config):
     return GemmaConfig(**fields)
 
 
-def weight_mapping(config):
+def weight_mapping(config, prefix="model."):
     """`{our_name: (state_dict_name, Layout)}` for transformers' Gemma models.
+
+    `prefix` is what precedes `embed_tokens`/`layers`/`norm`: `model.` for
+    `*ForCausalLM`, `model.language_model.` in multimodal Gemma 3 checkpoints.
 
     transformers' Gemma 1 calls the pre-FFW norm `post_attention_layernorm`;
     Gemma 2 and 3 use that name for the real post-attention norm.
     """
     has_post_norms = config.use_post_attention_norm
     mapping = {
-        "token_embedding/embeddings": ("model.embed_tokens.weight", SAME),
-        "final_norm/scale": ("model.norm.weight", SAME),
+        "token_embedding/embeddings": (f"{prefix}embed_tokens.weight", SAME),
+        "final_norm/scale": (f"{prefix}norm.weight", SAME),
     }
     for index in range(config.num_layers):
-        theirs = f"model.layers.{index}"
+        theirs = f"{prefix}layers.{index}"
         block = {
             "pre_attention_norm/scale": ("input_layernorm.weight", SAME),
             "attention/query": ("self_attn.q_proj.weight", TRANSPOSED),
@@ -195,3 +206,80 @@ def huggingface_config(config):
         rope_parameters=global_rope,
         **fields,
     )
+
+
+# ---------------------------------------------------------------------------
+# Checkpoint directories: config.json, *.safetensors, tokenizer.model
+# ---------------------------------------------------------------------------
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def is_checkpoint_directory(path):
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, "config.json"))
+        and any(name.endswith(".safetensors") for name in os.listdir(path))
+    )
+
+
+def _text_config(hf_config, path):
+    """Multimodal Gemma 3 checkpoints nest the language model's config."""
+    if hf_config.get("model_type") == "gemma3":
+        if "text_config" not in hf_config:
+            raise ConfigError(f"{path}: a gemma3 config without text_config.")
+        return {"model_type": "gemma3_text", **hf_config["text_config"]}
+    return hf_config
+
+
+def read_checkpoint(directory):
+    """Reads a transformers Gemma/Gemma 2/Gemma 3 directory into a `Checkpoint`.
+
+    Tensors are memory-mapped; the mapping uses the name prefix the files
+    actually have (`model.` or a multimodal checkpoint's language-model prefix).
+    """
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as file:
+        try:
+            hf_config = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{config_path} is not valid JSON ({error}).") from None
+    try:
+        config = config_from_huggingface(_text_config(hf_config, config_path))
+    except KeyError as error:
+        raise ConfigError(f"{config_path} lacks the field {error}.") from None
+    files = sorted(n for n in os.listdir(directory) if n.endswith(".safetensors"))
+    if not files:
+        raise WeightsError(f"{directory} has no *.safetensors weights (only safetensors are read).")
+    tensors = {}
+    for name in files:
+        tensors.update(read_safetensors(os.path.join(directory, name)))
+    embedding = [n for n in tensors if n.endswith("embed_tokens.weight")]
+    if len(embedding) != 1:
+        raise WeightsError(
+            f"{directory}: no single '*embed_tokens.weight' tensor among the weights."
+        )
+    prefix = embedding[0][: -len("embed_tokens.weight")]
+    tokenizer_path = os.path.join(directory, TOKENIZER_FILE)
+    if not os.path.isfile(tokenizer_path):
+        raise WeightsError(f"{directory} has no {TOKENIZER_FILE} (the SentencePiece tokenizer).")
+    with open(tokenizer_path, "rb") as file:
+        proto = file.read()
+    return Checkpoint(config, tensors, weight_mapping(config, prefix), proto, directory)
+
+
+def write_checkpoint(directory, config, weights, tokenizer_proto, dtype="float32"):
+    """Writes a directory that `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    os.makedirs(directory, exist_ok=True)
+    fields = huggingface_config(config)
+    store_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype("float32")
+    arrays = {
+        theirs: np.asarray(layout.theirs(np.asarray(weights[ours]))).astype(store_dtype)
+        for ours, (theirs, layout) in weight_mapping(config).items()
+    }
+    write_safetensors(os.path.join(directory, "model.safetensors"), arrays)
+    with open(os.path.join(directory, "config.json"), "w") as file:
+        json.dump({**fields, "dtype": dtype}, file, indent=2)
+    with open(os.path.join(directory, TOKENIZER_FILE), "wb") as file:
+        file.write(tokenizer_proto)

@@ -1,6 +1,21 @@
 """KerasHub's Gemma layout: `GemmaBackbone` / `Gemma3Backbone` configs and weight names."""
 
-from gemma_keras.checkpoints.weight_mapping import SAME, heads_first, split_heads
+import datetime
+import json
+import os
+
+import h5py
+import keras
+import ml_dtypes
+import numpy as np
+
+from gemma_keras.checkpoints.checkpoint import Checkpoint
+from gemma_keras.checkpoints.weight_mapping import (
+    SAME,
+    WeightsError,
+    heads_first,
+    split_heads,
+)
 from gemma_keras.config import GemmaConfig, alternating_local_global, every_nth_global
 
 GEMMA_CLASS = "keras_hub>GemmaBackbone"
@@ -53,37 +68,44 @@ def config_from_keras_hub(backbone_config, registered_name=GEMMA_CLASS):
     return GemmaConfig(**fields)
 
 
+def _block_group(config, index):
+    """The h5 group KerasHub's saving gives decoder block `index`."""
+    name = "gemma3_decoder_block" if config.use_qk_norm else "gemma_decoder_block"
+    return f"layers/{name}" + (f"_{index}" if index else "")
+
+
 def weight_mapping(config):
-    """`{our_name: (keras_hub_name, Layout)}` for KerasHub's Gemma backbones."""
+    """`{our_name: (h5_dataset_path, Layout)}` for KerasHub's `model.weights.h5`.
+
+    The paths are those Keras' saving gives KerasHub's Gemma backbones, so the
+    same table reads KerasHub presets and writes files KerasHub loads.
+    """
     mapping = {
-        "token_embedding/embeddings": ("token_embedding/embeddings", SAME),
-        "final_norm/scale": ("final_normalization/scale", SAME),
+        "token_embedding/embeddings": ("layers/reversible_embedding/vars/0", SAME),
+        "final_norm/scale": ("layers/rms_normalization/vars/0", SAME),
     }
     for index in range(config.num_layers):
-        ours, theirs = f"decoder_block_{index}", f"decoder_block_{index}"
         block = {
-            "pre_attention_norm/scale": ("pre_attention_norm/scale", SAME),
-            "attention/query": ("attention/query/kernel", heads_first(config.num_query_heads)),
-            "attention/key": ("attention/key/kernel", heads_first(config.num_key_value_heads)),
-            "attention/value": ("attention/value/kernel", heads_first(config.num_key_value_heads)),
-            "attention/output": (
-                "attention/attention_output/kernel",
-                split_heads(config.num_query_heads),
-            ),
-            "pre_ffw_norm/scale": ("pre_ffw_norm/scale", SAME),
-            "ffw/gate": ("ffw_gating/kernel", SAME),
-            "ffw/up": ("ffw_gating_2/kernel", SAME),
-            "ffw/down": ("ffw_linear/kernel", SAME),
+            "pre_attention_norm/scale": ("pre_attention_norm", SAME),
+            "attention/query": ("attention/query_dense", heads_first(config.num_query_heads)),
+            "attention/key": ("attention/key_dense", heads_first(config.num_key_value_heads)),
+            "attention/value": ("attention/value_dense", heads_first(config.num_key_value_heads)),
+            "attention/output": ("attention/output_dense", split_heads(config.num_query_heads)),
+            "pre_ffw_norm/scale": ("pre_ffw_norm", SAME),
+            "ffw/gate": ("gating_ffw", SAME),
+            "ffw/up": ("gating_ffw_2", SAME),
+            "ffw/down": ("ffw_linear", SAME),
         }
         if config.use_qk_norm:
-            block["attention/query_norm/scale"] = ("attention/query_norm/scale", SAME)
-            block["attention/key_norm/scale"] = ("attention/key_norm/scale", SAME)
+            block["attention/query_norm/scale"] = ("attention/query_norm", SAME)
+            block["attention/key_norm/scale"] = ("attention/key_norm", SAME)
         if config.use_post_attention_norm:
-            block["post_attention_norm/scale"] = ("post_attention_norm/scale", SAME)
+            block["post_attention_norm/scale"] = ("post_attention_norm", SAME)
         if config.use_post_ffw_norm:
-            block["post_ffw_norm/scale"] = ("post_ffw_norm/scale", SAME)
-        for our_name, (their_name, layout) in block.items():
-            mapping[f"{ours}/{our_name}"] = (f"{theirs}/{their_name}", layout)
+            block["post_ffw_norm/scale"] = ("post_ffw_norm", SAME)
+        group = _block_group(config, index)
+        for our_name, (their_layer, layout) in block.items():
+            mapping[f"decoder_block_{index}/{our_name}"] = (f"{group}/{their_layer}/vars/0", layout)
     return mapping
 
 
@@ -138,3 +160,198 @@ def keras_hub_config(config):
             f"layer_types={list(config.layer_types)} differs from it."
         )
     return registered_name, fields
+
+
+# ---------------------------------------------------------------------------
+# Preset directories: config.json, model.weights.h5 (or sharded), assets/tokenizer/vocabulary.spm
+# ---------------------------------------------------------------------------
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.weights.h5"
+SHARDED_WEIGHTS_FILE = "model.weights.json"
+VOCABULARY_FILE = os.path.join("assets", "tokenizer", "vocabulary.spm")
+_TOKENIZER_CLASSES = {
+    GEMMA_CLASS: "keras_hub>GemmaTokenizer",
+    GEMMA3_CLASS: "keras_hub>Gemma3Tokenizer",
+}
+
+
+def is_preset_directory(path):
+    return (
+        os.path.isdir(path)
+        and os.path.isfile(os.path.join(path, CONFIG_FILE))
+        and (
+            os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+            or os.path.isfile(os.path.join(path, SHARDED_WEIGHTS_FILE))
+        )
+    )
+
+
+class _H5Tensor:
+    """An h5 dataset read only when converted to an array (Keras stores bf16 as raw 16-bit)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.shape = dataset.shape
+
+    def __array__(self, dtype=None, copy=None):
+        if self.dataset.attrs.get("dtype") == "bfloat16":
+            array = np.asarray(self.dataset[()]).view(ml_dtypes.bfloat16)
+        else:
+            array = self.dataset[()]
+        return np.asarray(array, dtype=dtype)
+
+
+def _open_h5(path):
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        raise WeightsError(
+            f"{path} is not a readable HDF5 weights file ({error}); it may be truncated or "
+            "corrupted: download or copy it again."
+        ) from None
+
+
+def read_weight_files(directory):
+    """`{h5_dataset_path: lazy tensor}` from `model.weights.h5` or sharded `model.weights.json`."""
+    sharded = os.path.join(directory, SHARDED_WEIGHTS_FILE)
+    if os.path.isfile(sharded):
+        with open(sharded) as file:
+            weight_map = json.load(file).get("weight_map", {})
+        files = {}
+        for group, filenames in weight_map.items():
+            filename = filenames[0] if isinstance(filenames, list) else filenames
+            files.setdefault(filename, []).append(group.strip("/"))
+        paths = [os.path.join(directory, filename) for filename in sorted(files)]
+    else:
+        paths = [os.path.join(directory, WEIGHTS_FILE)]
+    tensors = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            raise WeightsError(f"Weights file {path} is missing; the preset is incomplete.")
+        h5_file = _open_h5(path)
+
+        def collect(name, item):
+            if isinstance(item, h5py.Dataset):
+                tensors[name] = _H5Tensor(item)
+
+        try:
+            h5_file.visititems(collect)
+        except (OSError, RuntimeError, KeyError) as error:
+            raise WeightsError(
+                f"{path} is corrupted ({error}); download or copy it again."
+            ) from None
+    return tensors
+
+
+def _read_json(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise WeightsError(f"{path} is not valid JSON ({error}).") from None
+
+
+def read_preset(directory):
+    """Reads a KerasHub Gemma/Gemma 3 preset directory into a `Checkpoint`."""
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        raise WeightsError(f"{directory} has no {CONFIG_FILE}; it is not a KerasHub preset.")
+    saved = _read_json(config_path)
+    registered_name = saved.get("registered_name")
+    if registered_name not in (GEMMA_CLASS, GEMMA3_CLASS):
+        raise WeightsError(
+            f"{config_path}: registered_name is {registered_name!r}; gemma_keras reads "
+            f"{GEMMA_CLASS} and {GEMMA3_CLASS} presets."
+        )
+    if saved["config"].get("vision_encoder"):
+        raise WeightsError(f"{config_path}: Gemma 3 vision presets are not supported (text only).")
+    config = config_from_keras_hub(saved["config"], registered_name)
+    vocabulary = os.path.join(directory, VOCABULARY_FILE)
+    if not os.path.isfile(vocabulary):
+        raise WeightsError(
+            f"{directory} has no tokenizer ({VOCABULARY_FILE}); copy the preset's assets/ folder too."
+        )
+    with open(vocabulary, "rb") as file:
+        tokenizer_proto = file.read()
+    return Checkpoint(
+        config, read_weight_files(directory), weight_mapping(config), tokenizer_proto, directory
+    )
+
+
+def _write_json(path, data):
+    with open(path, "w") as file:
+        json.dump(data, file, indent=4)
+
+
+def write_preset(directory, config, weights, tokenizer_proto, dtype="float32"):
+    """Writes a preset directory that KerasHub's `GemmaCausalLM.from_preset` loads.
+
+    `weights` is `{our_name: array}`; arrays are stored in `dtype` (float32 or
+    bfloat16, which Keras stores as raw 16-bit with a dtype attribute).
+    """
+    registered_name, fields = keras_hub_config(config)
+    os.makedirs(os.path.join(directory, os.path.dirname(VOCABULARY_FILE)), exist_ok=True)
+    policy = {
+        "module": "keras",
+        "class_name": "DTypePolicy",
+        "config": {"name": dtype},
+        "registered_name": None,
+    }
+    class_name = registered_name.split(">")[1]
+    _write_json(
+        os.path.join(directory, CONFIG_FILE),
+        {
+            "module": f"keras_hub.src.models.{'gemma3' if config.use_qk_norm else 'gemma'}."
+            f"{'gemma3' if config.use_qk_norm else 'gemma'}_backbone",
+            "class_name": class_name,
+            "config": {"name": "gemma_backbone", "trainable": True, "dtype": policy, **fields},
+            "registered_name": registered_name,
+        },
+    )
+    tokenizer_class = _TOKENIZER_CLASSES[registered_name]
+    _write_json(
+        os.path.join(directory, "tokenizer.json"),
+        {
+            "module": "keras_hub.src.models.gemma.gemma_tokenizer",
+            "class_name": tokenizer_class.split(">")[1],
+            "config": {
+                "name": "gemma_tokenizer",
+                "trainable": True,
+                "config_file": "tokenizer.json",
+                "proto": None,
+                "sequence_length": None,
+                "add_bos": False,
+                "add_eos": False,
+            },
+            "registered_name": tokenizer_class,
+        },
+    )
+    with open(os.path.join(directory, VOCABULARY_FILE), "wb") as file:
+        file.write(tokenizer_proto)
+    store_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
+    temporary = os.path.join(directory, WEIGHTS_FILE + ".partial")
+    with h5py.File(temporary, "w") as h5_file:
+        for ours, (theirs, layout) in weight_mapping(config).items():
+            array = np.asarray(layout.theirs(np.asarray(weights[ours]))).astype(store_dtype)
+            dataset = h5_file.create_dataset(theirs, data=array)
+            if dtype == "bfloat16":  # as Keras writes it: opaque 16-bit values, tagged
+                dataset.attrs["dtype"] = "bfloat16"
+    os.replace(temporary, os.path.join(directory, WEIGHTS_FILE))
+    _write_json(
+        os.path.join(directory, "metadata.json"),
+        {
+            "keras_version": keras.__version__,
+            "gemma_keras_version": _package_version(),
+            "parameter_count": config.num_parameters(),
+            "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+            "tasks": ["CausalLM"],
+        },
+    )
+
+
+def _package_version():
+    from gemma_keras import __version__
+
+    return __version__

@@ -1,0 +1,105 @@
+"""From files on disk to a ready model: pick the reader, build the model from the weights."""
+
+import json
+import os
+
+import keras
+import ml_dtypes
+import numpy as np
+
+from gemma_keras.causal_lm import GemmaCausalLM
+from gemma_keras.checkpoints import huggingface, keras_hub
+from gemma_keras.checkpoints.weight_mapping import WeightsError, model_shapes, model_variables
+from gemma_keras.tokenizer import GemmaTokenizer
+
+
+def read_checkpoint(path):
+    """A `Checkpoint` from a KerasHub preset directory, a transformers directory or a GGUF file."""
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            from gemma_keras.checkpoints.gguf import read_gguf
+
+            return read_gguf(path)
+        raise WeightsError(
+            f"{path} is a file but not a .gguf; give a GGUF file or a preset directory."
+        )
+    if not os.path.isdir(path):
+        raise WeightsError(f"{path} does not exist.")
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as file:
+            try:
+                saved = json.load(file)
+            except json.JSONDecodeError as error:
+                raise WeightsError(f"{config_path} is not valid JSON ({error}).") from None
+        if "registered_name" in saved:
+            return keras_hub.read_preset(path)
+        if "model_type" in saved:
+            return huggingface.read_checkpoint(path)
+        raise WeightsError(
+            f"{config_path} is neither a KerasHub config (registered_name) nor a "
+            "transformers config (model_type)."
+        )
+    gguf_files = sorted(name for name in os.listdir(path) if name.endswith(".gguf"))
+    if len(gguf_files) == 1:
+        return read_checkpoint(os.path.join(path, gguf_files[0]))
+    raise WeightsError(
+        f"{path} holds no model: expected a KerasHub preset (config.json, model.weights.h5, "
+        "assets/tokenizer/vocabulary.spm), a transformers checkpoint (config.json, "
+        "*.safetensors, tokenizer.model) or one .gguf file; found "
+        f"{sorted(os.listdir(path))[:10]}."
+    )
+
+
+def _numpy_dtype(dtype):
+    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def build_model(config, dtype=None, checkpoint=None):
+    """A `GemmaCausalLM` for `config`; with `checkpoint`, its variables are
+    created straight from the checkpoint's tensors, cast to the variable dtype.
+
+    The model is built in a stateless scope so that no random initial values
+    are ever allocated; each variable is then initialised from its tensor,
+    one at a time, so loading holds the model plus one tensor.
+    """
+    if checkpoint is None:
+        return GemmaCausalLM.from_gemma_config(config, dtype=dtype)
+    with keras.StatelessScope(initialize_variables=False):
+        model = GemmaCausalLM.from_gemma_config(config, dtype=dtype)
+    variables = list(model_variables(model).items())
+    try:
+        weights = checkpoint.weights(model_shapes(model))
+        for name, variable in variables:
+
+            def initial_value(shape, dtype, name=name):
+                return np.asarray(weights[name]).astype(_numpy_dtype(dtype), copy=False)
+
+            variable._initializer = initial_value
+            variable._deferred_initialize()
+    finally:
+        # Keras keeps a list of variables awaiting initialisation; ours are done
+        # (or, after an error, abandoned) and must not be initialised later.
+        from keras.src.backend.common import global_state
+
+        ours = {id(variable) for _, variable in variables}
+        pending = global_state.get_global_attribute("uninitialized_variables") or []
+        global_state.set_global_attribute(
+            "uninitialized_variables", [v for v in pending if id(v) not in ours]
+        )
+    return model
+
+
+def load_model(path, dtype=None, load_weights=True):
+    """`GemmaCausalLM` with its `tokenizer` from a local checkpoint path."""
+    checkpoint = read_checkpoint(path)
+    model = build_model(checkpoint.config, dtype, checkpoint if load_weights else None)
+    if checkpoint.tokenizer_proto is not None:
+        model.tokenizer = GemmaTokenizer(checkpoint.tokenizer_proto)
+    return model
+
+
+def from_preset(preset, dtype=None, load_weights=True):
+    """See `GemmaCausalLM.from_preset`."""
+    return load_model(preset, dtype=dtype, load_weights=load_weights)
