@@ -1,0 +1,119 @@
+"""Bad checkpoints fail with a message naming the file, the problem and the fix."""
+
+import json
+import os
+
+import pytest
+
+from gemma_keras import GemmaCausalLM, GemmaTokenizer
+from gemma_keras.checkpoints.weight_mapping import WeightsError, assign_weights, model_shapes
+
+from conftest import randomize, tiny_config
+
+
+@pytest.fixture
+def model(tokenizer_proto):
+    model = GemmaCausalLM.from_gemma_config(tiny_config("gemma1_mqa"), dtype="float32")
+    assign_weights(model, randomize(model_shapes(model)))
+    model.tokenizer = GemmaTokenizer(tokenizer_proto)
+    return model
+
+
+@pytest.fixture
+def keras_hub_preset(model, tmp_path):
+    directory = tmp_path / "preset"
+    model.save_to_preset(str(directory))
+    return directory
+
+
+@pytest.fixture
+def hf_checkpoint(model, tmp_path):
+    directory = tmp_path / "hf"
+    model.export_to_huggingface(str(directory))
+    return directory
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_missing_weights(keras_hub_preset):
+    os.remove(keras_hub_preset / "model.weights.h5")
+    with pytest.raises(WeightsError, match=r"model\.weights\.h5 is missing"):
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+
+
+def test_missing_tokenizer(keras_hub_preset, hf_checkpoint):
+    os.remove(keras_hub_preset / "assets" / "tokenizer" / "vocabulary.spm")
+    with pytest.raises(WeightsError, match=r"has no tokenizer \(assets/tokenizer/vocabulary\.spm\)"):
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+    os.remove(hf_checkpoint / "tokenizer.model")
+    with pytest.raises(WeightsError, match=r"has no tokenizer\.model"):
+        GemmaCausalLM.from_preset(str(hf_checkpoint))
+
+
+def test_truncated_h5(keras_hub_preset):
+    truncate(keras_hub_preset / "model.weights.h5")
+    with pytest.raises(WeightsError, match=r"model\.weights\.h5 .*(truncated|corrupted)"):
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999, 0.0001])
+def test_truncated_safetensors(hf_checkpoint, keep):
+    truncate(hf_checkpoint / "model.safetensors", keep)
+    with pytest.raises(WeightsError, match=r"model\.safetensors is not a valid safetensors file"):
+        GemmaCausalLM.from_preset(str(hf_checkpoint))
+
+
+def test_config_disagreeing_with_weights_names_tensor_and_shapes(keras_hub_preset):
+    config_path = keras_hub_preset / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["config"]["hidden_dim"] = 96
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(
+        WeightsError, match=r"reversible_embedding/vars/0' has shape \(1000, 64\) .* \(1000, 96\)"
+    ):
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+
+
+def test_transformers_config_disagreeing_with_weights(hf_checkpoint):
+    config_path = hf_checkpoint / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["intermediate_size"] = 256
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"mlp\.gate_proj\.weight' has shape \(128, 64\)"):
+        GemmaCausalLM.from_preset(str(hf_checkpoint))
+
+
+def test_checkpoint_with_fewer_layers_than_config(hf_checkpoint):
+    config_path = hf_checkpoint / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["num_hidden_layers"] = 3
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"lacks .* model\.layers\.2\."):
+        GemmaCausalLM.from_preset(str(hf_checkpoint))
+
+
+def test_directory_without_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(WeightsError, match=r"holds no model: expected a KerasHub preset"):
+        GemmaCausalLM.from_preset(str(tmp_path))
+
+
+def test_not_a_gemma_keras_hub_preset(keras_hub_preset):
+    config_path = keras_hub_preset / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["registered_name"] = "keras_hub>LlamaBackbone"
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"registered_name is 'keras_hub>LlamaBackbone'"):
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+
+
+def test_model_is_usable_after_a_failed_load(keras_hub_preset):
+    truncate(keras_hub_preset / "model.weights.h5")
+    with pytest.raises(WeightsError):
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+    # No half-initialised variables are left pending in Keras' global state.
+    fresh = GemmaCausalLM.from_gemma_config(tiny_config("gemma1_mqa"))
+    assert fresh.count_params() == tiny_config("gemma1_mqa").num_parameters()
