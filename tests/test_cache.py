@@ -13,12 +13,20 @@ TOLERANCE = 1e-4
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("prefill_length", [1, 4])
-def test_prefill_then_decode_equals_uncached(variant, prefill_length):
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [1] * 12,  # token by token from the start
+        [4] + [1] * 8,  # prefill, then decode
+        [3, 1, 1, 6, 1],  # a later chunk longer than the window (a chat follow-up)
+    ],
+)
+def test_prefill_then_decode_equals_uncached(variant, steps):
     config = tiny_config(variant)
     model = GemmaCausalLM.from_gemma_config(config, dtype="float32")
     assign_weights(model, randomize(model_shapes(model)))
     length, cache_length = 12, 16  # 12 > sliding window (5) of the Gemma 2/3 variants
+    assert sum(steps) == length
     token_ids = token_batch(config.vocabulary_size, batch=2, length=length)
     expected = keras.ops.convert_to_numpy(
         model({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})
@@ -26,7 +34,7 @@ def test_prefill_then_decode_equals_uncached(variant, prefill_length):
 
     caches = model.init_cache(batch_size=2, cache_length=cache_length)
     positions = np.broadcast_to(np.arange(length, dtype="int32"), (2, length))
-    start, steps = 0, [prefill_length] + [1] * (length - prefill_length)
+    start = 0
     for step in steps:
         end = start + step
         key_mask = np.zeros((2, cache_length), "int32")
@@ -37,3 +45,13 @@ def test_prefill_then_decode_equals_uncached(variant, prefill_length):
         error = np.abs(keras.ops.convert_to_numpy(logits) - expected[:, start:end]).max()
         assert error <= TOLERANCE, (variant, start, error)
         start = end
+
+
+def test_local_layers_cache_only_the_window():
+    config = tiny_config("gemma3")
+    model = GemmaCausalLM.from_gemma_config(config)
+    caches = model.init_cache(batch_size=3, cache_length=64)
+    for layer_type, (key_cache, value_cache) in zip(config.layer_types, caches, strict=True):
+        slots = config.sliding_window if layer_type == "local" else 64
+        assert tuple(key_cache.shape) == (3, slots, config.num_key_value_heads, config.head_dim)
+        assert tuple(value_cache.shape) == tuple(key_cache.shape)

@@ -82,13 +82,22 @@ class GemmaBackbone(keras.Model):
         return self.final_norm(x), updated_caches
 
     def init_cache(self, batch_size, cache_length):
-        """One zeroed `(key_cache, value_cache)` per layer.
+        """One zeroed `(key_cache, value_cache)` per layer for `cache_length` sequence slots.
 
-        Each is [batch, cache_length, kv_heads, head_dim] in the compute dtype.
+        Each is [batch, slots, kv_heads, head_dim] in the compute dtype, where
+        slots is `cache_length` for global layers and at most `sliding_window`
+        for local ones (a ring buffer: local layers never look further back).
         """
-        shape = (batch_size, cache_length, self.config.num_key_value_heads, self.config.head_dim)
+        config = self.config
         dtype = self.dtype_policy.compute_dtype
-        return [(ops.zeros(shape, dtype), ops.zeros(shape, dtype)) for _ in self.decoder_blocks]
+        caches = []
+        for layer_type in config.layer_types:
+            slots = cache_length
+            if layer_type == "local":
+                slots = min(cache_length, config.sliding_window)
+            shape = (batch_size, slots, config.num_key_value_heads, config.head_dim)
+            caches.append((ops.zeros(shape, dtype), ops.zeros(shape, dtype)))
+        return caches
 
     def get_config(self):
         return {

@@ -36,12 +36,15 @@ class Attention(keras.layers.Layer):
 
     Call with `x` [batch, seq, hidden], integer `positions` [batch, seq] (RoPE)
     and `key_mask` [batch, keys] (1 for real tokens). Without a cache the keys
-    are `x` itself and the result is the output [batch, seq, hidden]. With
-    `cache=(key_cache, value_cache)`, each [batch, cache_length, kv_heads,
-    head_dim], the new keys and values are written at slots
-    `cache_index ... cache_index + seq - 1`, queries attend over the whole
-    cache (`key_mask` then covers the cache) and the result is
-    `(output, updated_cache)`.
+    are `x` itself and the result is the output [batch, seq, hidden].
+
+    With `cache=(key_cache, value_cache)` the new tokens occupy sequence slots
+    `cache_index ... cache_index + seq - 1`, `key_mask` [batch, total_slots]
+    marks which sequence slots hold real tokens, and the result is
+    `(output, updated_cache)`. A global layer's cache has one entry per
+    sequence slot ([batch, total_slots, kv_heads, head_dim]); a local
+    (sliding-window) layer's cache is a ring buffer of at most
+    `sliding_window` entries, whatever the context length.
 
     Example:
 
@@ -120,31 +123,81 @@ class Attention(keras.layers.Layer):
         key = apply_rotary_embedding(key, positions, **rope)
 
         query_slots = ops.arange(length, dtype="int32")
-        if cache is not None:
-            key_cache, value_cache = cache
-            start = [0, cache_index, 0, 0]
-            key = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
-            value = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
-            query_slots = query_slots + ops.cast(cache_index, "int32")
-        key_slots = ops.arange(ops.shape(key)[1], dtype="int32")
-        mask = attention_mask(key_mask, query_slots, key_slots, self.sliding_window)
+        if cache is None:
+            keys, values, key_slots, key_valid = key, value, query_slots, key_mask
+            new_cache = None
+        else:
+            cache_index = ops.cast(cache_index, "int32")
+            query_slots = query_slots + cache_index
+            update = self._update_ring if self.sliding_window else self._update_linear
+            keys, values, key_slots, key_valid, new_cache = update(
+                cache, key, value, key_mask, cache_index
+            )
+        mask = attention_mask(key_valid, query_slots, key_slots, self.sliding_window)
 
         query = query * ops.cast(self.query_scale, query.dtype)
         query = ops.reshape(
             query, (batch, length, self.num_key_value_heads, self.num_groups, self.head_dim)
         )
-        logits = ops.einsum("bskgh,btkh->bkgst", query, ops.cast(key, query.dtype))
+        logits = ops.einsum("bskgh,btkh->bkgst", query, ops.cast(keys, query.dtype))
         logits = soft_cap(ops.cast(logits, "float32"), self.attention_logit_soft_cap)
         logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         attended = ops.einsum(
-            "bkgst,btkh->bskgh", probabilities, ops.cast(value, self.compute_dtype)
+            "bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype)
         )
         attended = ops.reshape(attended, (batch, length, self.num_query_heads * self.head_dim))
         output = ops.matmul(attended, self.output_projection)
         if cache is None:
             return output
-        return output, (key, value)
+        return output, new_cache
+
+    def _update_linear(self, cache, key, value, key_mask, cache_index):
+        """Global layers: cache slot = sequence slot. Write, then attend over the whole cache."""
+        key_cache, value_cache = cache
+        start = [0, cache_index, 0, 0]
+        key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
+        value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+        key_slots = ops.arange(ops.shape(key_cache)[1], dtype="int32")
+        return key_cache, value_cache, key_slots, key_mask, (key_cache, value_cache)
+
+    def _update_ring(self, cache, key, value, key_mask, cache_index):
+        """Local layers: a ring buffer of `capacity` slots (the window, or less).
+
+        Sequence slot `s` lives in ring slot `s % capacity`. The queries attend
+        over the ring as it was plus the new keys (a long prefill needs keys
+        that its own write overwrites), then the newest `capacity` keys are
+        written into the ring.
+        """
+        key_cache, value_cache = cache
+        capacity = ops.shape(key_cache)[1]
+        length = ops.shape(key)[1]
+        ring = ops.arange(capacity, dtype="int32")
+
+        def slot_held(last_written):
+            # Latest sequence slot <= last_written stored in each ring slot (< 0: empty).
+            return last_written - ops.mod(last_written - ring, capacity)
+
+        old_slots = slot_held(cache_index - 1)
+        new_slots = cache_index + ops.arange(length, dtype="int32")
+        old_valid = ops.logical_and(
+            old_slots >= 0,
+            ops.cast(ops.take(key_mask, ops.maximum(old_slots, 0), axis=1), "bool"),
+        )
+        new_valid = ops.cast(ops.take(key_mask, new_slots, axis=1), "bool")
+        key = ops.cast(key, key_cache.dtype)
+        value = ops.cast(value, value_cache.dtype)
+        keys = ops.concatenate([key_cache, key], axis=1)
+        values = ops.concatenate([value_cache, value], axis=1)
+        key_slots = ops.concatenate([old_slots, new_slots], axis=0)
+        key_valid = ops.concatenate([old_valid, new_valid], axis=1)
+
+        kept_slots = slot_held(cache_index + length - 1)
+        from_new = (kept_slots >= cache_index)[None, :, None, None]
+        source = ops.clip(kept_slots - cache_index, 0, length - 1)
+        key_cache = ops.where(from_new, ops.take(key, source, axis=1), key_cache)
+        value_cache = ops.where(from_new, ops.take(value, source, axis=1), value_cache)
+        return keys, values, key_slots, key_valid, (key_cache, value_cache)
 
     def get_config(self):
         return {
