@@ -52,6 +52,7 @@ def tiny_config(variant):
             global_rope_wavelength=1_000_000.0,
             local_rope_wavelength=10_000.0,
             global_rope_scaling_factor=8.0,
+            max_sequence_length=131_072,  # what KerasHub implies for RoPE-scaled Gemma 3
             use_qk_norm=True,
             use_post_attention_norm=True,
             use_post_ffw_norm=True,

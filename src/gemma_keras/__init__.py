@@ -28,16 +28,28 @@ from gemma_keras.backbone import GemmaBackbone  # noqa: E402
 from gemma_keras.causal_lm import GemmaCausalLM  # noqa: E402
 from gemma_keras.chat_template import apply_chat_template  # noqa: E402
 from gemma_keras.config import ConfigError, GemmaConfig  # noqa: E402
+from gemma_keras.generation import GenerationError  # noqa: E402
 from gemma_keras.layers.token_embedding import TokenIdError  # noqa: E402
+from gemma_keras.registry import PresetNotFoundError, get_preset, list_presets  # noqa: E402
+from gemma_keras.resolve import DownloadError, resolve_preset  # noqa: E402
+from gemma_keras.samplers import BeamSampler, Sampler  # noqa: E402
 from gemma_keras.tokenizer import GemmaTokenizer  # noqa: E402
 
 __all__ = [
+    "BeamSampler",
     "ConfigError",
+    "DownloadError",
     "GemmaBackbone",
     "GemmaCausalLM",
     "GemmaConfig",
     "GemmaTokenizer",
+    "GenerationError",
+    "PresetNotFoundError",
+    "Sampler",
     "TokenIdError",
     "apply_chat_template",
+    "get_preset",
+    "list_presets",
+    "resolve_preset",
 ]
 __version__ = "0.1.0"

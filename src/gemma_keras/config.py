@@ -60,6 +60,8 @@ class GemmaConfig:
         use_post_attention_norm: RMSNorm on the attention output before the
             residual add (Gemma 2 and 3).
         use_post_ffw_norm: RMSNorm on the FFN output before the residual add.
+        max_sequence_length: the longest context (prompt plus generated
+            tokens) the model was trained for; `generate` refuses longer.
     """
 
     vocabulary_size: int
@@ -81,6 +83,7 @@ class GemmaConfig:
     use_qk_norm: bool = False
     use_post_attention_norm: bool = False
     use_post_ffw_norm: bool = False
+    max_sequence_length: int = 8192
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -99,6 +102,7 @@ class GemmaConfig:
             "num_query_heads",
             "num_key_value_heads",
             "head_dim",
+            "max_sequence_length",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -242,7 +246,9 @@ def _gemma2(num_layers, **sizes):
 
 
 def _gemma3(num_layers, sliding_window, vocabulary_size=262_144, **sizes):
+    large = sizes.get("global_rope_scaling_factor", 1.0) > 1.0
     return dict(
+        max_sequence_length=131_072 if large else 32_768,
         vocabulary_size=vocabulary_size,
         num_layers=num_layers,
         sliding_window=sliding_window,

@@ -2,14 +2,18 @@
 
 import json
 import os
+import shutil
+import tempfile
 
 import keras
 import ml_dtypes
 import numpy as np
 
+from gemma_keras import registry, resolve
 from gemma_keras.causal_lm import GemmaCausalLM
 from gemma_keras.checkpoints import huggingface, keras_hub
 from gemma_keras.checkpoints.weight_mapping import WeightsError, model_shapes, model_variables
+from gemma_keras.resolve import resolve_preset
 from gemma_keras.tokenizer import GemmaTokenizer
 
 
@@ -101,5 +105,50 @@ def load_model(path, dtype=None, load_weights=True):
 
 
 def from_preset(preset, dtype=None, load_weights=True):
-    """See `GemmaCausalLM.from_preset`."""
-    return load_model(preset, dtype=dtype, load_weights=load_weights)
+    """See `GemmaCausalLM.from_preset`: resolve (offline first), read, build."""
+    entry = _registry_entry(preset)
+    path = resolve_preset(preset)
+    if entry is not None and str(path).endswith(".gguf"):
+        path = _convert_once(entry["name"], path)
+    model = load_model(path, dtype=dtype, load_weights=load_weights)
+    if entry is not None:
+        model.instruction_tuned = entry["instruction_tuned"]
+    else:
+        model.instruction_tuned = _looks_instruction_tuned(str(preset))
+    return model
+
+
+def _registry_entry(preset):
+    preset = os.fspath(preset)
+    if os.path.exists(preset) or "://" in preset:
+        return None
+    try:
+        return registry.get_preset(preset)
+    except registry.PresetNotFoundError:
+        return None  # resolve_preset explains what was tried
+
+
+def _looks_instruction_tuned(preset):
+    name = os.path.basename(preset.rstrip("/")).lower()
+    return "instruct" in name or name.endswith("-it") or "-it-" in name or "_it" in name
+
+
+def _convert_once(name, gguf_path):
+    """A GGUF preset is converted into a float32 KerasHub preset directory in the
+    cache the first time, where `resolve_preset` finds it later: parsing the
+    GGUF's 262k-entry vocabulary and dequantizing takes ~20 s, reading the
+    converted preset a few seconds."""
+    target = os.path.join(resolve.cache_dir(), "presets", name)
+    if keras_hub.is_preset_directory(target):
+        return target
+    checkpoint = read_checkpoint(gguf_path)
+    model = build_model(checkpoint.config, "float32", checkpoint)
+    model.tokenizer = GemmaTokenizer(checkpoint.tokenizer_proto)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = tempfile.mkdtemp(prefix=f".{name}.", dir=os.path.dirname(target))
+    try:
+        model.save_to_preset(partial, dtype="float32")
+        os.replace(partial, target)  # atomic: a later run sees all of it or nothing
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target

@@ -56,6 +56,7 @@ def config_from_huggingface(hf_config):
         num_key_value_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
         head_dim=head_dim,
         layer_norm_epsilon=c.get("rms_norm_eps", 1e-6),
+        max_sequence_length=c.get("max_position_embeddings", 8192),
     )
     if model_type == "gemma":
         theta, factor = _rope(c, "full_attention")
@@ -138,6 +139,7 @@ def huggingface_config(config):
         num_key_value_heads=config.num_key_value_heads,
         head_dim=config.head_dim,
         rms_norm_eps=config.layer_norm_epsilon,
+        max_position_embeddings=config.max_sequence_length,
         hidden_activation="gelu_pytorch_tanh",
         tie_word_embeddings=True,
         pad_token_id=0,

@@ -60,7 +60,11 @@ def config_from_keras_hub(backbone_config, registered_name=GEMMA_CLASS):
         use_post_ffw_norm=c.get("use_post_ffw_norm", False),
     )
     if is_gemma3:
+        # KerasHub does not store the context length; Gemma 3 4B and larger
+        # (the ones with RoPE scaling) take 128k tokens, the smaller ones 32k.
+        scaled = c.get("global_rope_scaling_factor", 1.0) > 1.0
         fields.update(
+            max_sequence_length=131_072 if scaled else 32_768,
             global_rope_wavelength=c.get("global_rope_wavelength", 1_000_000.0),
             local_rope_wavelength=c.get("local_rope_wavelength", 10_000.0),
             global_rope_scaling_factor=c.get("global_rope_scaling_factor", 1.0),
