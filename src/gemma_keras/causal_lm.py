@@ -32,6 +32,10 @@ class GemmaCausalLM(keras.Model):
         self.backbone = backbone
         # A `GemmaTokenizer`, set by `from_preset` (None for a model built from a config).
         self.tokenizer = None
+        # Instruction-tuned models also stop generating at `<end_of_turn>`.
+        self.instruction_tuned = False
+        self.sampler = "greedy"
+        self._compiled_step = None
 
     @classmethod
     def from_gemma_config(cls, config, dtype=None):
@@ -102,6 +106,71 @@ class GemmaCausalLM(keras.Model):
             token_ids, key_mask, positions, caches, cache_index
         )
         return self.backbone.token_embedding(hidden, reverse=True), caches
+
+    def compile(self, *args, sampler="greedy", **kwargs):
+        """As `keras.Model.compile`, plus the default `sampler` of `generate`
+        (a name such as "greedy", "top_k", "top_p", "random", "beam", or a
+        `Sampler`), as KerasHub's `CausalLM.compile(sampler=...)`."""
+        from gemma_keras.samplers import get_sampler
+
+        self.sampler = get_sampler(sampler)
+        super().compile(*args, **kwargs)
+
+    def generate(self, inputs, max_new_tokens=None, max_length=None, sampler=None, stop=None,
+                 seed=None, strip_prompt=False, return_ids=False):
+        """Continues one prompt or a batch of prompts.
+
+        Args:
+            inputs: a string, a list of strings (any lengths), token ids (a list
+                of ints) or a list of token-id lists.
+            max_new_tokens: new tokens per prompt (default 64).
+            max_length: alternatively the total length, prompt included
+                (KerasHub's meaning).
+            sampler: a name ("greedy", "top_k", "top_p", "random", "beam") or a
+                sampler object; defaults to the one given to `compile`
+                (greedy unless changed).
+            stop: a string or strings that end the continuation (not included).
+            seed: makes sampling reproducible, the same on every backend.
+            strip_prompt: return only the continuation.
+            return_ids: return token ids even for text prompts.
+
+        Returns the prompt followed by its continuation (text for text
+        prompts, ids for ids), one per prompt, or one for a single prompt.
+        Generation stops at `<eos>`, at `<end_of_turn>` for instruction-tuned
+        models and chat prompts, at a stop string, or after the budget.
+
+        >>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+        'The capital of France is the capital of the country of France.'
+        """
+        from gemma_keras.generation import generate
+
+        return generate(self, inputs, max_new_tokens=max_new_tokens, max_length=max_length,
+                        sampler=sampler, stop=stop, seed=seed, strip_prompt=strip_prompt,
+                        return_ids=return_ids)
+
+    def stream(self, prompt, max_new_tokens=None, max_length=None, sampler=None, stop=None,
+               seed=None):
+        """Yields the continuation of `prompt` in text pieces as tokens are produced;
+        the pieces joined equal `generate(..., strip_prompt=True)`."""
+        from gemma_keras.generation import stream
+
+        return stream(self, prompt, max_new_tokens=max_new_tokens, max_length=max_length,
+                      sampler=sampler, stop=stop, seed=seed)
+
+    def chat(self, messages, max_new_tokens=256, sampler=None, seed=None):
+        """The model's reply to a conversation `[{"role", "content"}, ...]` (chat template applied)."""
+        from gemma_keras.chat_template import apply_chat_template
+
+        prompt = apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                             strip_prompt=True)
+
+    def start_chat(self, system=None, max_length=None, sampler=None, seed=None):
+        """A `Conversation` that keeps its KV cache between turns."""
+        from gemma_keras.conversation import Conversation
+
+        return Conversation(self, system=system, max_length=max_length, sampler=sampler,
+                            seed=seed)
 
     def init_cache(self, batch_size, cache_length):
         return self.backbone.init_cache(batch_size, cache_length)

@@ -1,0 +1,420 @@
+"""Text generation: a prefill over the prompts, then one token at a time with a KV cache.
+
+The loop is plain Python around one compiled step per shape bucket (see
+`backend.compile_step`):
+
+    prefill:  step(caches, prompts [batch, prompt_slots], ...) -> last logits
+    decode:   step(caches, token [batch, 1], ...)              -> next logits
+
+Prompts of a batch are left-padded to a common length so that every row
+writes its next token into the same cache slot; padding is masked out of
+attention and RoPE positions count real tokens only.
+
+Shapes that compile: the prompt slots are rounded up to a power of two (at
+least 16) and the cache length to a power of two (at least 64) holding the
+prompt slots plus `max_new_tokens`, capped at the model's
+`max_sequence_length`. A new prompt length or `max_new_tokens` therefore
+compiles again only when it crosses into a new bucket; a new batch size
+compiles too.
+"""
+
+import dataclasses
+
+import numpy as np
+
+from gemma_keras import backend
+from gemma_keras.layers.token_embedding import check_token_ids
+from gemma_keras.samplers import BeamSampler, Sampler, get_sampler
+
+
+class GenerationError(ValueError):
+    """A generation request is invalid or does not fit the model."""
+
+
+def _bucket(length, minimum):
+    return max(minimum, 1 << max(0, int(length) - 1).bit_length())
+
+
+def _step(model, caches, token_ids, key_mask, positions, cache_index):
+    """Runs `token_ids` through the model; logits of the last position only (the
+    vocabulary projection of every prompt position would cost more than the
+    whole prefill)."""
+    hidden, caches = model.backbone.call_with_cache(
+        token_ids, key_mask, positions, caches, cache_index
+    )
+    logits = model.backbone.token_embedding(hidden[:, -1:, :], reverse=True)
+    return logits[:, 0, :], caches
+
+
+def compiled_step(model):
+    """The model's compiled step function, built once per model."""
+    if getattr(model, "_compiled_step", None) is None:
+        model._compiled_step = backend.compile_step(
+            model, lambda *args: _step(model, *args)
+        )
+    return model._compiled_step
+
+
+def _host_logits(model, logits):
+    """Logits as float32 numpy; ids the tokenizer cannot decode (Gemma 3 4B+ has 64
+    image tokens beyond its text vocabulary) are never chosen."""
+    from keras import ops
+
+    logits = np.array(ops.convert_to_numpy(logits), dtype=np.float32)
+    if model.tokenizer is not None:
+        logits[:, model.tokenizer.vocabulary_size :] = -np.inf
+    return logits
+
+
+@dataclasses.dataclass
+class DecodeState:
+    """A batch being decoded: its KV caches and which cache slots hold real tokens."""
+
+    caches: list
+    key_mask: np.ndarray  # [batch, cache_length] int32
+    lengths: np.ndarray  # [batch] real tokens per row so far (the next RoPE position)
+    next_slot: int  # cache slot the next token goes to (the same for every row)
+
+    @property
+    def cache_length(self):
+        return self.key_mask.shape[1]
+
+
+def plan_lengths(model, prompt_lengths, max_new_tokens):
+    """`(prompt_slots, cache_length)` for a batch; raises if it does not fit."""
+    limit = model.config.max_sequence_length
+    longest = max(prompt_lengths)
+    if longest + max_new_tokens > limit:
+        raise GenerationError(
+            f"The prompt is {longest} tokens; with max_new_tokens={max_new_tokens} that is "
+            f"{longest + max_new_tokens} tokens, more than the model's context of {limit}. "
+            f"Shorten the prompt to at most {limit - max_new_tokens} tokens or ask for fewer "
+            "new tokens (nothing is truncated silently)."
+        )
+    cache_length = min(_bucket(_bucket(longest, 16) + max_new_tokens, 64), limit)
+    prompt_slots = min(_bucket(longest, 16), cache_length - max_new_tokens)
+    return prompt_slots, cache_length
+
+
+def prefill(model, prompts, max_new_tokens):
+    """Runs the prompts (lists of ids) through the model: `(logits [batch, vocab], state)`."""
+    prompt_slots, cache_length = plan_lengths(model, [len(p) for p in prompts], max_new_tokens)
+    batch = len(prompts)
+    token_ids = np.zeros((batch, prompt_slots), np.int32)
+    key_mask = np.zeros((batch, cache_length), np.int32)
+    positions = np.zeros((batch, prompt_slots), np.int32)
+    for row, prompt in enumerate(prompts):
+        start = prompt_slots - len(prompt)
+        token_ids[row, start:] = prompt
+        key_mask[row, start:prompt_slots] = 1
+        positions[row, start:] = np.arange(len(prompt))
+    state = DecodeState(
+        model.init_cache(batch, cache_length),
+        key_mask,
+        np.array([len(p) for p in prompts], np.int32),
+        prompt_slots,
+    )
+    logits, state.caches = compiled_step(model)(
+        state.caches, token_ids, key_mask, positions, np.int32(0)
+    )
+    return _host_logits(model, logits), state
+
+
+def extend(model, state, token_ids):
+    """Appends `token_ids` [batch, n] to every row: `logits [batch, vocab]` of the last one.
+
+    n > 1 (a chat follow-up) is fed in power-of-two chunks, so any length
+    compiles at most log2(n) step shapes.
+    """
+    token_ids = np.asarray(token_ids, np.int32)
+    if state.next_slot + token_ids.shape[1] > state.cache_length:
+        raise GenerationError(
+            f"The cache holds {state.cache_length} tokens and is full "
+            f"({state.next_slot} used, {token_ids.shape[1]} more asked)."
+        )
+    while token_ids.shape[1]:
+        chunk = 1 << (token_ids.shape[1].bit_length() - 1)
+        logits = _extend_chunk(model, state, token_ids[:, :chunk])
+        token_ids = token_ids[:, chunk:]
+    return logits
+
+
+def _extend_chunk(model, state, token_ids):
+    count = token_ids.shape[1]
+    state.key_mask[:, state.next_slot : state.next_slot + count] = 1
+    positions = state.lengths[:, None] + np.arange(count, dtype=np.int32)[None, :]
+    logits, state.caches = compiled_step(model)(
+        state.caches, token_ids, state.key_mask, positions, np.int32(state.next_slot)
+    )
+    state.next_slot += count
+    state.lengths += count
+    return _host_logits(model, logits)
+
+
+def normalize_inputs(model, inputs):
+    """`(list of id lists, was_single, were_strings)` from a string, strings, or ids."""
+    if isinstance(inputs, str):
+        return normalize_inputs(model, [inputs])[0], True, True
+    if isinstance(inputs, np.ndarray):
+        inputs = inputs.tolist()
+    if not isinstance(inputs, (list, tuple)) or len(inputs) == 0:
+        raise GenerationError(
+            "generate expects a string, a list of strings, or token ids (a list of ints or "
+            f"a list of lists); got {type(inputs).__name__} {inputs!r:.80}."
+        )
+    if all(isinstance(item, (int, np.integer)) for item in inputs):
+        return normalize_inputs(model, [list(inputs)])[0], True, False
+    kinds = {str if isinstance(item, str) else list if isinstance(item, (list, tuple, np.ndarray))
+             else type(item) for item in inputs}
+    if kinds == {str}:
+        if model.tokenizer is None:
+            raise GenerationError("This model has no tokenizer; pass token ids instead of text.")
+        for index, text in enumerate(inputs):
+            if not text:
+                raise GenerationError(f"Prompt {index} is empty; give at least one character.")
+        return [model.tokenizer.encode(text) for text in inputs], False, True
+    if kinds == {list}:
+        prompts = [[int(i) for i in item] for item in inputs]
+        for index, prompt in enumerate(prompts):
+            if not prompt:
+                raise GenerationError(f"Prompt {index} has no token ids.")
+        check_token_ids(np.concatenate([np.asarray(p) for p in prompts]),
+                        model.config.vocabulary_size)
+        return prompts, False, False
+    raise GenerationError(
+        "generate takes strings or token-id lists, not a mix "
+        f"(got {sorted(k.__name__ for k in kinds)})."
+    )
+
+
+def stop_token_ids(model, prompts):
+    """`<eos>` always; `<end_of_turn>` for instruction-tuned models or chat prompts."""
+    stops = {1}
+    tokenizer = model.tokenizer
+    if tokenizer is not None:
+        stops = {tokenizer.eos_id}
+        turn_end, turn_start = tokenizer.end_of_turn_id, tokenizer.start_of_turn_id
+        is_chat = getattr(model, "instruction_tuned", False) or any(
+            turn_start in prompt for prompt in prompts
+        )
+        if turn_end is not None and is_chat:
+            stops.add(turn_end)
+    return stops
+
+
+def _validate_budget(max_new_tokens):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise GenerationError(f"max_new_tokens must be an integer, got {max_new_tokens!r}.")
+    if max_new_tokens <= 0:
+        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+
+
+def new_token_budgets(prompts, max_new_tokens, max_length):
+    """Per-row number of new tokens: `max_new_tokens`, or `max_length` minus the prompt."""
+    if max_new_tokens is not None and max_length is not None:
+        raise GenerationError("Give max_new_tokens or max_length (total length), not both.")
+    if max_length is None:
+        max_new_tokens = 64 if max_new_tokens is None else max_new_tokens
+        _validate_budget(max_new_tokens)
+        return [int(max_new_tokens)] * len(prompts)
+    budgets = []
+    for index, prompt in enumerate(prompts):
+        budget = max_length - len(prompt) if isinstance(max_length, int) else max_length
+        if isinstance(budget, int) and budget <= 0:
+            raise GenerationError(
+                f"Prompt {index} is {len(prompt)} tokens, which leaves nothing to generate "
+                f"within max_length={max_length} (max_length counts the prompt)."
+            )
+        _validate_budget(budget)
+        budgets.append(int(budget))
+    return budgets
+
+
+class _StopStrings:
+    """Finds user stop strings in each row's decoded continuation."""
+
+    def __init__(self, stop, tokenizer):
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop)
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise GenerationError(f"stop must be a string or a list of non-empty strings: {stop!r}.")
+        if stop and tokenizer is None:
+            raise GenerationError("Stop strings need a tokenizer; this model has none.")
+        self.strings = stop
+        self.tokenizer = tokenizer
+
+    def cut(self, token_ids):
+        """`(text cut before the earliest stop string, found)`."""
+        text = self.tokenizer.decode(token_ids)
+        positions = [text.find(s) for s in self.strings]
+        found = [p for p in positions if p >= 0]
+        return (text[: min(found)], True) if found else (text, False)
+
+
+def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng):
+    """Samples from `logits`, feeds the tokens back, and repeats. Yields after each
+    step each row's new token ids so far (stop tokens excluded) and which rows
+    are finished. A finished row is fed padding until every row is done."""
+    batch = len(budgets)
+    generated = [[] for _ in range(batch)]
+    finished = np.zeros(batch, bool)
+    pad = model.tokenizer.pad_id if model.tokenizer is not None else 0
+    while True:
+        tokens = sampler(logits, rng)
+        for row in range(batch):
+            if finished[row]:
+                continue
+            token = int(tokens[row])
+            if token in stops:
+                finished[row] = True
+                continue
+            generated[row].append(token)
+            if len(generated[row]) >= budgets[row]:
+                finished[row] = True
+            elif stop_strings.strings and stop_strings.cut(generated[row])[1]:
+                finished[row] = True
+        yield generated, finished
+        if finished.all():
+            return
+        tokens = np.where(finished, pad, tokens).astype(np.int32)
+        logits = extend(model, state, tokens[:, None])
+
+
+def sample_loop(model, prompts, budgets, sampler, stops, stop_strings, seed):
+    """`decode_loop` over freshly prefilled prompts."""
+    logits, state = prefill(model, prompts, max(budgets))
+    rng = np.random.default_rng(seed)
+    yield from decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng)
+
+
+def beam_search(model, prompts, budgets, beam, stops):
+    """Beam search: per prompt, the continuation with the highest total log-probability."""
+    width = beam.num_beams
+    expanded = [prompt for prompt in prompts for _ in range(width)]
+    logits, state = prefill(model, expanded, max(budgets))
+    batch, vocabulary = len(prompts), logits.shape[-1]
+    scores = np.tile(np.array([0.0] + [-np.inf] * (width - 1)), (batch, 1))
+    beams = [[[] for _ in range(width)] for _ in range(batch)]
+    done = np.zeros((batch, width), bool)
+    pad = model.tokenizer.pad_id if model.tokenizer is not None else 0
+    for _ in range(max(budgets)):
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
+            -1, keepdims=True)) - logits.max(-1, keepdims=True)
+        log_probs = log_probs.reshape(batch, width, vocabulary)
+        # A finished beam continues only with padding, at no cost.
+        log_probs = np.where(done[:, :, None], -np.inf, log_probs)
+        log_probs[:, :, pad] = np.where(done, 0.0, log_probs[:, :, pad])
+        candidates = (scores[:, :, None] + log_probs).reshape(batch, -1)
+        best = np.argsort(-candidates, axis=-1, kind="stable")[:, :width]
+        parents, tokens = best // vocabulary, best % vocabulary
+        scores = np.take_along_axis(candidates, best, axis=-1)
+        new_beams, new_done = [], np.zeros_like(done)
+        for row in range(batch):
+            row_beams = []
+            for slot in range(width):
+                parent, token = parents[row, slot], int(tokens[row, slot])
+                sequence = list(beams[row][parent])
+                finished = bool(done[row, parent])
+                if not finished:
+                    if token in stops:
+                        finished = True
+                    else:
+                        sequence.append(token)
+                        finished = len(sequence) >= budgets[row]
+                row_beams.append(sequence)
+                new_done[row, slot] = finished
+            new_beams.append(row_beams)
+        beams, done = new_beams, new_done
+        if done.all():
+            break
+        order = (np.arange(batch)[:, None] * width + parents).reshape(-1)
+        state.caches = _reorder(state.caches, order)
+        feed = np.where(done.reshape(-1), pad, tokens.reshape(-1)).astype(np.int32)
+        logits = extend(model, state, feed[:, None])
+    best_beam = np.argmax(scores, axis=-1)
+    return [beams[row][best_beam[row]] for row in range(batch)]
+
+
+def _reorder(caches, order):
+    from keras import ops
+
+    order = np.asarray(order, np.int32)
+    return [(ops.take(key, order, axis=0), ops.take(value, order, axis=0)) for key, value in caches]
+
+
+def generate(model, inputs, max_new_tokens=None, max_length=None, sampler=None, stop=None,
+             seed=None, strip_prompt=False, return_ids=False):
+    """See `GemmaCausalLM.generate`."""
+    prompts, single, were_strings = normalize_inputs(model, inputs)
+    texts = [inputs] if single else list(inputs)
+    budgets = new_token_budgets(prompts, max_new_tokens, max_length)
+    sampler = get_sampler(sampler if sampler is not None else getattr(model, "sampler", "greedy"))
+    stop_strings = _StopStrings(stop, model.tokenizer)
+    stops = stop_token_ids(model, prompts)
+    if isinstance(sampler, BeamSampler):
+        if stop_strings.strings:
+            raise GenerationError("Stop strings are not supported with beam search.")
+        generated = beam_search(model, prompts, budgets, sampler, stops)
+    else:
+        for generated, _ in sample_loop(model, prompts, budgets, sampler, stops, stop_strings,
+                                        seed):
+            pass
+    results = []
+    for index, new_ids in enumerate(generated):
+        if were_strings and not return_ids:
+            text = stop_strings.cut(new_ids)[0] if stop_strings.strings else (
+                model.tokenizer.decode(new_ids))
+            results.append(text if strip_prompt else texts[index] + text)
+        else:
+            results.append(new_ids if strip_prompt else prompts[index] + new_ids)
+    return results[0] if single else results
+
+
+def stream(model, prompt, max_new_tokens=None, max_length=None, sampler=None, stop=None,
+           seed=None):
+    """Yields the continuation of one text prompt in pieces as tokens are produced.
+
+    A piece is emitted only once it is final: bytes of a multi-byte character
+    split across tokens are held back until the character is complete, and
+    text that may be the start of a stop string until it is not.
+    """
+    if not isinstance(prompt, str):
+        raise GenerationError("stream takes one text prompt.")
+    prompts, _, _ = normalize_inputs(model, prompt)
+    budgets = new_token_budgets(prompts, max_new_tokens, max_length)
+    sampler = get_sampler(sampler if sampler is not None else getattr(model, "sampler", "greedy"))
+    if isinstance(sampler, BeamSampler):
+        raise GenerationError("Streaming works with sampling samplers, not beam search.")
+    stop_strings = _StopStrings(stop, model.tokenizer)
+    stops = stop_token_ids(model, prompts)
+    emitted = ""
+    for generated, finished in sample_loop(model, prompts, budgets, sampler, stops, stop_strings,
+                                           seed):
+        text, found = stop_strings.cut(generated[0]) if stop_strings.strings else (
+            model.tokenizer.decode(generated[0]), False)
+        if not finished[0]:
+            text = _stable_prefix(text, stop_strings.strings)
+        if len(text) > len(emitted) and text.startswith(emitted):
+            yield text[len(emitted):]
+            emitted = text
+
+
+def _stable_prefix(text, stop_strings):
+    """The part of `text` that later tokens cannot change."""
+    # An incomplete UTF-8 sequence decodes to U+FFFD at the end; wait for the rest.
+    end = len(text)
+    while end > 0 and text[end - 1] == "\ufffd":
+        end -= 1
+    text = text[:end]
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                text = text[: len(text) - size]
+                break
+    return text
+
+
+__all__ = ["GenerationError", "Sampler", "generate", "stream"]

@@ -1,0 +1,174 @@
+"""generate / stream / chat on tiny random models with a real SentencePiece tokenizer."""
+
+import dataclasses
+
+import keras
+import numpy as np
+import pytest
+
+from gemma_keras import GemmaCausalLM, GemmaTokenizer, GenerationError
+from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
+from gemma_keras.samplers import SamplerError
+
+from conftest import randomize, tiny_config
+
+PROMPTS = ["The capital of", "def add(a, b):\n    return", "Numbers like 12345 and"]
+
+
+def make_model(variant, tokenizer_proto, seed=0):
+    tokenizer = GemmaTokenizer(tokenizer_proto)
+    config = dataclasses.replace(tiny_config(variant), vocabulary_size=tokenizer.vocabulary_size)
+    model = GemmaCausalLM.from_gemma_config(config, dtype="float32")
+    # Larger weights than usual make the random model's choices decisive.
+    weights = {k: v * 3 for k, v in randomize(model_shapes(model), seed).items()}
+    assign_weights(model, weights)
+    model.tokenizer = tokenizer
+    return model
+
+
+@pytest.fixture(scope="module", params=["gemma1_mqa", "gemma2", "gemma3"])
+def model(request, tokenizer_proto):
+    return make_model(request.param, tokenizer_proto)
+
+
+def argmax_loop(model, ids, steps):
+    """The reference: the uncached forward pass, argmax of the last position, repeated."""
+    ids = list(ids)
+    for _ in range(steps):
+        x = np.array([ids])
+        logits = keras.ops.convert_to_numpy(model({"token_ids": x, "padding_mask": np.ones_like(x)}))
+        token = int(logits[0, -1].argmax())
+        if token == model.tokenizer.eos_id:
+            break
+        ids.append(token)
+    return ids
+
+
+def test_greedy_equals_uncached_argmax_for_a_ragged_batch(model):
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    outputs = model.generate(prompts, max_new_tokens=12)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        assert output == argmax_loop(model, prompt, 12)
+    # A single prompt gives the same as its row in the batch.
+    assert model.generate(prompts[1], max_new_tokens=12) == outputs[1]
+
+
+def test_text_in_text_out(model):
+    text = model.generate(PROMPTS[0], max_new_tokens=8)
+    ids = model.generate(PROMPTS[0], max_new_tokens=8, return_ids=True)
+    assert text == PROMPTS[0] + model.tokenizer.decode(ids[len(model.tokenizer.encode(PROMPTS[0])):])
+    continuation = model.generate(PROMPTS[0], max_new_tokens=8, strip_prompt=True)
+    assert text == PROMPTS[0] + continuation
+    assert model.generate(PROMPTS, max_new_tokens=8)[0] == text
+
+
+def test_max_length_counts_the_prompt(model):
+    prompt = model.tokenizer.encode(PROMPTS[0])
+    output = model.generate(prompt, max_length=len(prompt) + 5)
+    assert len(output) <= len(prompt) + 5
+    assert output == model.generate(prompt, max_new_tokens=5)
+
+
+def test_seeded_sampling_is_reproducible(model):
+    kwargs = dict(max_new_tokens=10, sampler="top_k", seed=7)
+    first = model.generate(PROMPTS, **kwargs)
+    assert model.generate(PROMPTS, **kwargs) == first
+    others = {tuple(model.generate(PROMPTS[0], max_new_tokens=10, sampler="random", seed=s))
+              for s in range(4)}
+    assert len(others) > 1
+
+
+def test_compile_sets_the_default_sampler(tokenizer_proto):
+    model = make_model("gemma1_mqa", tokenizer_proto)
+    model.compile(sampler="top_p")
+    sampled = model.generate(PROMPTS[0], max_new_tokens=6, seed=1)
+    assert sampled == model.generate(PROMPTS[0], max_new_tokens=6, seed=1, sampler="top_p")
+
+
+def test_stream_concatenates_to_generate(model):
+    pieces = list(model.stream(PROMPTS[2], max_new_tokens=15))
+    assert "".join(pieces) == model.generate(PROMPTS[2], max_new_tokens=15, strip_prompt=True)
+
+
+def test_stop_strings_end_the_continuation(model):
+    full = model.generate(PROMPTS[0], max_new_tokens=15, strip_prompt=True)
+    if len(full) < 4:
+        pytest.skip("continuation too short to pick a stop string")
+    stop = full[2:4]
+    cut = model.generate(PROMPTS[0], max_new_tokens=15, strip_prompt=True, stop=[stop, "@@@"])
+    assert cut == full[: full.find(stop)]
+    assert "".join(model.stream(PROMPTS[0], max_new_tokens=15, stop=stop)) == cut
+
+
+def test_instruction_tuned_models_stop_at_end_of_turn(tokenizer_proto):
+    model = make_model("gemma1_mqa", tokenizer_proto)
+    prompt = model.tokenizer.encode(PROMPTS[0])
+    first = model.generate(prompt, max_new_tokens=1)[-1]
+    end_of_turn = model.tokenizer.end_of_turn_id
+    assert first != end_of_turn and end_of_turn not in prompt and first not in prompt
+    # Swap the two tokens' embedding rows: <end_of_turn> becomes the greedy choice.
+    embedding = model.backbone.token_embedding.embeddings
+    rows = keras.ops.convert_to_numpy(embedding).copy()
+    rows[[first, end_of_turn]] = rows[[end_of_turn, first]]
+    embedding.assign(rows)
+    assert model.generate(prompt, max_new_tokens=3)[len(prompt)] == end_of_turn  # base model
+    model.instruction_tuned = True
+    assert model.generate(prompt, max_new_tokens=3) == prompt
+
+
+def test_chat_with_cache_equals_running_from_scratch(model):
+    chat = model.start_chat()
+    first = chat.send("Hello there!", max_new_tokens=6)
+    second = chat.send("And now?", max_new_tokens=6)
+    assert chat.messages[1]["content"] == first and chat.messages[3]["content"] == second
+    # The cached conversation equals generating from the whole transcript at once.
+    history = chat.token_ids[: len(chat.token_ids) - len(chat.reply_ids)]
+    scratch = model.generate(history, max_new_tokens=6, strip_prompt=True)
+    assert scratch == chat.reply_ids and model.tokenizer.decode(scratch) == second
+    # The second turn was appended with the chat template's markup.
+    assert model.tokenizer.decode(history) == (
+        "<start_of_turn>user\nHello there!<end_of_turn>\n<start_of_turn>model\n"
+        f"{first}<end_of_turn>\n<start_of_turn>user\nAnd now?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
+def test_beam_search(model):
+    greedy = model.generate(PROMPTS[0], max_new_tokens=6, return_ids=True)
+    assert model.generate(PROMPTS[0], max_new_tokens=6, return_ids=True, sampler="beam",
+                          ) is not None
+    from gemma_keras.samplers import BeamSampler
+
+    one_beam = model.generate(PROMPTS[0], max_new_tokens=6, return_ids=True,
+                              sampler=BeamSampler(num_beams=1))
+    assert one_beam == greedy
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(inputs=""), GenerationError, "empty"),
+        (dict(inputs=[]), GenerationError, "expects a string"),
+        (dict(inputs=["ok", [2, 5]]), GenerationError, "not a mix"),
+        (dict(inputs="ok", max_new_tokens=0), GenerationError, "at least 1"),
+        (dict(inputs="ok", max_new_tokens=-3), GenerationError, "at least 1"),
+        (dict(inputs="ok", max_new_tokens=2.5), GenerationError, "integer"),
+        (dict(inputs="ok", sampler="nucleus"), SamplerError, "Unknown sampler 'nucleus'"),
+        (dict(inputs="ok", max_new_tokens=5, max_length=9), GenerationError, "not both"),
+        (dict(inputs=[2, 99999]), Exception, "outside the vocabulary"),
+    ],
+)
+def test_bad_requests(tokenizer_proto, kwargs, error, message):
+    model = make_model("gemma1_mqa", tokenizer_proto)
+    with pytest.raises(error, match=message):
+        model.generate(**kwargs)
+
+
+def test_prompt_longer_than_the_context_is_refused(tokenizer_proto):
+    model = make_model("gemma1_mqa", tokenizer_proto)
+    model.backbone.config.max_sequence_length = 32
+    prompt = [2] + [5] * 40
+    with pytest.raises(GenerationError, match=r"The prompt is 41 tokens.*context of 32"):
+        model.generate(prompt, max_new_tokens=4)
+    with pytest.raises(GenerationError, match="context of 32"):
+        model.generate([2, 5, 6], max_new_tokens=40)

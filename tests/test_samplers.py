@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from gemma_keras.samplers import Sampler, SamplerError, get_sampler
+
+rng = np.random.default_rng(0)
+LOGITS = np.array([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 5.0, 5.0, -3.0, 1.0]], "float32")
+
+
+def draw(sampler, logits=LOGITS, n=2000, seed=0):
+    generator = np.random.default_rng(seed)
+    return np.stack([sampler(logits, generator) for _ in range(n)])
+
+
+def test_greedy():
+    assert get_sampler("greedy")(LOGITS, rng).tolist() == [0, 2]
+
+
+def test_top_k_never_leaves_the_top_k():
+    samples = draw(Sampler(top_k=2))
+    assert set(samples[:, 0]) == {0, 1}
+    assert set(samples[:, 1]) == {2, 3}
+
+
+def test_top_p_never_leaves_the_nucleus():
+    # Row 0 probabilities: 0.64, 0.23, 0.09, ... -> p=0.8 keeps tokens 0 and 1.
+    samples = draw(Sampler(top_p=0.8))
+    assert set(samples[:, 0]) == {0, 1}
+    # The most likely token is always allowed, even with a tiny p.
+    assert set(draw(Sampler(top_p=1e-6))[:, 0]) == {0}
+
+
+def test_combined_top_k_top_p_and_temperature():
+    sampler = Sampler(temperature=0.5, top_k=3, top_p=0.99)
+    samples = draw(sampler)
+    assert set(samples[:, 0]) <= {0, 1, 2}
+    assert np.all(sampler.allowed(LOGITS)[np.arange(2), samples].all())
+
+
+def test_temperature_sharpens():
+    hot, cold = draw(Sampler(temperature=2.0)), draw(Sampler(temperature=0.2))
+    assert (cold[:, 0] == 0).mean() > (hot[:, 0] == 0).mean()
+
+
+def test_seeded_reproducibility():
+    assert np.array_equal(draw(Sampler(top_k=4), seed=3), draw(Sampler(top_k=4), seed=3))
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: Sampler(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (lambda: Sampler(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (lambda: Sampler(temperature=-0.1), "temperature must be >= 0"),
+        (lambda: Sampler(top_k=0), "top_k must be a positive integer"),
+        (lambda: get_sampler("nucleus"), "Unknown sampler 'nucleus'"),
+        (lambda: get_sampler("top_k", q=3), r"takes no option\(s\) \['q'\]"),
+    ],
+)
+def test_bad_sampler_settings(make, message):
+    with pytest.raises(SamplerError, match=message):
+        make()
