@@ -1,20 +1,30 @@
-"""Gemma language models on Keras 3: one code base for JAX, TensorFlow and PyTorch."""
+"""Gemma language models on Keras 3: one code base for JAX, TensorFlow and PyTorch.
 
+>>> from gemma_keras import GemmaCausalLM  # doctest: +SKIP
+>>> model = GemmaCausalLM.from_preset("gemma3_270m_q4_k_m")  # doctest: +SKIP
+>>> model.generate("The capital of France is", max_new_tokens=8)  # doctest: +SKIP
+
+Names are imported on first use, so that `import gemma_keras` (and the
+`gemma-keras` command, which may still set `KERAS_BACKEND`) does not import
+Keras before it is needed.
+"""
+
+import importlib
 import importlib.util
 import os
 import sys
 
+__version__ = "0.1.0"
+
 
 def _choose_default_backend():
-    """Keras falls back to TensorFlow when nothing names a backend; a user who
-    installed only `gemma-keras[jax]` or `[torch]` would then fail to import.
-    Pick an installed backend (JAX first, as the Gemma docs recommend) only
-    when neither `KERAS_BACKEND` nor `~/.keras/keras.json` chose one and Keras
-    is not imported yet."""
+    """Keras falls back to TensorFlow when `KERAS_BACKEND` is unset (and writes
+    that default into ~/.keras/keras.json on first import, so the file says
+    nothing about the user's choice); a user who installed only
+    `gemma-keras[jax]` or `[torch]` would then fail to import. Unless
+    `KERAS_BACKEND` is set or Keras is already imported, pick an installed
+    backend, JAX first as the Gemma docs recommend."""
     if "keras" in sys.modules or os.environ.get("KERAS_BACKEND"):
-        return
-    keras_home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
-    if os.path.exists(os.path.join(keras_home, "keras.json")):
         return
     for backend in ("jax", "torch", "tensorflow"):
         if importlib.util.find_spec(backend) is not None:
@@ -24,32 +34,32 @@ def _choose_default_backend():
 
 _choose_default_backend()
 
-from gemma_keras.backbone import GemmaBackbone  # noqa: E402
-from gemma_keras.causal_lm import GemmaCausalLM  # noqa: E402
-from gemma_keras.chat_template import apply_chat_template  # noqa: E402
-from gemma_keras.config import ConfigError, GemmaConfig  # noqa: E402
-from gemma_keras.generation import GenerationError  # noqa: E402
-from gemma_keras.layers.token_embedding import TokenIdError  # noqa: E402
-from gemma_keras.registry import PresetNotFoundError, get_preset, list_presets  # noqa: E402
-from gemma_keras.resolve import DownloadError, resolve_preset  # noqa: E402
-from gemma_keras.samplers import BeamSampler, Sampler  # noqa: E402
-from gemma_keras.tokenizer import GemmaTokenizer  # noqa: E402
+# Public name -> module that defines it.
+_EXPORTS = {
+    "BeamSampler": "gemma_keras.samplers",
+    "ConfigError": "gemma_keras.config",
+    "DownloadError": "gemma_keras.resolve",
+    "GemmaBackbone": "gemma_keras.backbone",
+    "GemmaCausalLM": "gemma_keras.causal_lm",
+    "GemmaConfig": "gemma_keras.config",
+    "GemmaTokenizer": "gemma_keras.tokenizer",
+    "GenerationError": "gemma_keras.generation",
+    "PresetNotFoundError": "gemma_keras.registry",
+    "Sampler": "gemma_keras.samplers",
+    "TokenIdError": "gemma_keras.layers.token_embedding",
+    "apply_chat_template": "gemma_keras.chat_template",
+    "get_preset": "gemma_keras.registry",
+    "list_presets": "gemma_keras.registry",
+    "resolve_preset": "gemma_keras.resolve",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "BeamSampler",
-    "ConfigError",
-    "DownloadError",
-    "GemmaBackbone",
-    "GemmaCausalLM",
-    "GemmaConfig",
-    "GemmaTokenizer",
-    "GenerationError",
-    "PresetNotFoundError",
-    "Sampler",
-    "TokenIdError",
-    "apply_chat_template",
-    "get_preset",
-    "list_presets",
-    "resolve_preset",
-]
-__version__ = "0.1.0"
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gemma_keras' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

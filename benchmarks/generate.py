@@ -1,0 +1,246 @@
+"""Generation speed of gemma_keras against KerasHub and transformers, measured in one run.
+
+    python benchmarks/generate.py                     # both models, every peer
+    python benchmarks/generate.py --model gemma_2b    # random-weight Gemma 1 2B vs KerasHub
+    python benchmarks/generate.py --model embedded    # Gemma 3 270M GGUF vs transformers
+
+Each engine runs in its own subprocess (same backend as `KERAS_BACKEND`), so
+peak RSS is per engine and a 10 GB float32 2B model never coexists with its
+peer. The parent measures this machine's memory bandwidth with a large
+float32 matrix-vector product, then prints decode tokens/s, the ratio to the
+peer and the fraction of the bandwidth limit (weight bytes read per token /
+bandwidth), and writes everything to `benchmarks/results/<model>-<backend>.json`.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def measure_bandwidth(gigabytes=2.0, repeats=5):
+    """GB/s reading a float32 matrix once per matrix-vector product (best of `repeats`)."""
+    import torch
+
+    rows = int(gigabytes * 1e9 / 4 / 4096)
+    matrix = torch.randn(rows, 4096)
+    vector = torch.randn(4096)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mv(matrix, vector)
+        best = min(best, time.perf_counter() - start)
+    return matrix.numel() * 4 / best / 1e9
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def random_gemma_2b(dtype):
+    """gemma_keras Gemma 1 2B with Keras' random initialisation."""
+    from gemma_keras import GemmaCausalLM, GemmaConfig
+
+    return GemmaCausalLM.from_gemma_config(GemmaConfig.named("gemma_2b"), dtype=dtype)
+
+
+def time_generate(generate, new_tokens, repeats=2):
+    """Seconds per call of `generate()` after a first (compiling) call."""
+    start = time.perf_counter()
+    generate()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        generate()
+        times.append(time.perf_counter() - start)
+    return first, min(times)
+
+
+def worker_ours(args):
+    from gemma_keras import GemmaCausalLM
+    from gemma_keras.generation import extend, prefill
+
+    start = time.perf_counter()
+    if args.model == "gemma_2b":
+        model = random_gemma_2b(args.dtype)
+    else:
+        model = GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", dtype=args.dtype)
+    load_seconds = time.perf_counter() - start
+    result = {"engine": "gemma_keras", "load_seconds": load_seconds,
+              "weight_bytes": model.count_params() * np.dtype(
+                  "float32" if args.dtype == "float32" else "uint16").itemsize}
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        prompts = [[2] + rng.integers(10, 20000, args.prompt - 1).tolist() for _ in range(batch)]
+        first, seconds = time_generate(
+            lambda: model.generate(prompts, max_new_tokens=args.new), args.new
+        )
+        # Decode alone: prefill once, then time the single-token steps.
+        logits, state = prefill(model, prompts, args.new + 1)
+        token = np.full((batch, 1), 5, np.int32)
+        extend(model, state, token)  # compile
+        start = time.perf_counter()
+        for _ in range(args.new - 1):
+            extend(model, state, token)
+        decode = (args.new - 1) / (time.perf_counter() - start)
+        result[f"batch_{batch}"] = {
+            "first_call_seconds": first,
+            "end_to_end_tokens_per_second": args.new / seconds,
+            "decode_tokens_per_second": decode,
+        }
+    long_prompt = [[2] + rng.integers(10, 20000, 511).tolist()]
+    first, seconds = time_generate(lambda: model.generate(long_prompt, max_new_tokens=1), 1)
+    result["prefill_512_tokens_per_second"] = 512 / seconds
+    result["time_to_first_token_seconds"] = seconds
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+def worker_keras_hub(args):
+    import keras_hub
+
+    from gemma_keras import GemmaConfig
+    from gemma_keras.checkpoints.keras_hub import keras_hub_config
+
+    _, fields = keras_hub_config(GemmaConfig.named("gemma_2b"))
+    backbone = keras_hub.models.GemmaBackbone(**fields, dtype=args.dtype)
+    model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
+    model.compile(sampler="greedy")
+    result = {"engine": "keras_hub", "weight_bytes": backbone.count_params() * 4}
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        length = args.prompt + args.new
+        token_ids = np.zeros((batch, length), "int32")
+        token_ids[:, : args.prompt] = rng.integers(10, 20000, (batch, args.prompt))
+        padding_mask = np.zeros_like(token_ids)
+        padding_mask[:, : args.prompt] = 1
+        inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
+        first, seconds = time_generate(lambda: model.generate(inputs, stop_token_ids=None),
+                                       args.new)
+        result[f"batch_{batch}"] = {"first_call_seconds": first,
+                                    "end_to_end_tokens_per_second": args.new / seconds}
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+def worker_transformers(args):
+    import torch
+    import transformers
+
+    from gemma_keras.resolve import resolve_preset
+
+    path = resolve_preset("gemma3_270m_q4_k_m")
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+    ).eval()
+    result = {"engine": "transformers", "load_seconds": time.perf_counter() - start,
+              "weight_bytes": sum(p.numel() for p in model.parameters()) * 4}
+    rng = np.random.default_rng(0)
+    for batch in args.batch:
+        ids = torch.tensor([[2] + rng.integers(10, 20000, args.prompt - 1).tolist()] * batch)
+
+        def generate():
+            with torch.no_grad():
+                model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new,
+                               do_sample=False)
+
+        first, seconds = time_generate(generate, args.new)
+        result[f"batch_{batch}"] = {"first_call_seconds": first,
+                                    "end_to_end_tokens_per_second": args.new / seconds}
+    result["peak_rss_gb"] = peak_rss_gb()
+    return result
+
+
+WORKERS = {"ours": worker_ours, "keras_hub": worker_keras_hub,
+           "transformers": worker_transformers}
+PEERS = {"gemma_2b": "keras_hub", "embedded": "transformers"}
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def run_worker(name, args):
+    command = [sys.executable, __file__, "--worker", name, "--model", args.model,
+               "--dtype", args.dtype, "--prompt", str(args.prompt), "--new", str(args.new),
+               "--batch", *map(str, args.batch)]
+    output = subprocess.run(command, capture_output=True, text=True)
+    if output.returncode != 0:
+        return {"engine": name, "error": output.stderr[-2000:]}
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def report(args):
+    import keras
+
+    bandwidth = measure_bandwidth()
+    results = {"model": args.model, "backend": keras.config.backend(), "dtype": args.dtype,
+               "prompt_tokens": args.prompt, "new_tokens": args.new,
+               "bandwidth_gb_per_s": bandwidth, "engines": {}}
+    names = ["ours"] + ([] if args.no_peer else [PEERS[args.model]])
+    for name in names:
+        results["engines"][name] = run_worker(name, args)
+    ours, peer = results["engines"]["ours"], results["engines"].get(PEERS[args.model], {})
+    print(f"{args.model} on {results['backend']} ({args.dtype}), bandwidth {bandwidth:.1f} GB/s")
+    for batch in args.batch:
+        key = f"batch_{batch}"
+        if key not in ours:
+            continue
+        mine = ours[key]
+        limit = bandwidth * 1e9 / ours["weight_bytes"]
+        mine["bandwidth_fraction"] = mine["decode_tokens_per_second"] / limit
+        line = (f"  batch {batch}: decode {mine['decode_tokens_per_second']:.2f} tok/s "
+                f"({mine['bandwidth_fraction']:.0%} of the {limit:.2f} tok/s bandwidth limit), "
+                f"end to end {mine['end_to_end_tokens_per_second']:.2f} tok/s, "
+                f"first call {mine['first_call_seconds']:.1f} s")
+        if key in peer:
+            ratio = mine["end_to_end_tokens_per_second"] / peer[key]["end_to_end_tokens_per_second"]
+            mine["ratio_to_peer"] = ratio
+            line += (f"; {peer['engine']} {peer[key]['end_to_end_tokens_per_second']:.2f} tok/s "
+                     f"-> {ratio:.2f}x")
+        print(line)
+    if "prefill_512_tokens_per_second" in ours:
+        print(f"  prefill 512 tokens: {ours['prefill_512_tokens_per_second']:.0f} tok/s, "
+              f"time to first token {ours['time_to_first_token_seconds']:.2f} s, "
+              f"peak RSS {ours['peak_rss_gb']:.2f} GB")
+    for engine in results["engines"].values():
+        if "error" in engine:
+            print(f"  {engine['engine']} failed: {engine['error'][-300:]}")
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{args.model}-{results['backend']}-{args.dtype}.json")
+    with open(path, "w") as file:
+        json.dump(results, file, indent=2)
+    print(f"  saved {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["gemma_2b", "embedded", "all"], default="all")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--no-peer", action="store_true", help="measure gemma_keras only")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+    for model in (["gemma_2b", "embedded"] if args.model == "all" else [args.model]):
+        args.model = model
+        report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,270 @@
+"""The `gemma-keras` command (also `python -m gemma_keras`).
+
+    gemma-keras generate "The capital of France is"
+    gemma-keras chat --preset gemma3_instruct_270m
+    gemma-keras presets
+    gemma-keras convert model.gguf ./my_preset --to keras_hub
+    gemma-keras bench --model embedded
+    gemma-keras info
+
+`--backend` sets `KERAS_BACKEND` before Keras is imported; without it (and
+without `KERAS_BACKEND`) JAX is used when installed. Exit codes: 0 success,
+2 usage error, 1 runtime error, with a one-line message (`--debug` shows the
+traceback).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_PRESET = "gemma3_270m_q4_k_m"
+
+
+class UsageError(Exception):
+    """Bad command-line usage: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _model_options(parser):
+    parser.add_argument("--preset", default=DEFAULT_PRESET,
+                        help=f"preset name, path, kaggle:// or hf:// handle (default {DEFAULT_PRESET})")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "mixed_bfloat16"],
+                        help="weights and compute dtype (default float32)")
+
+
+def _sampling_options(parser):
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--sampler", choices=["greedy", "top_k", "top_p", "random"],
+                        default="greedy")
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--seed", type=int)
+
+
+def build_parser():
+    parser = _Parser(prog="gemma-keras", description="Gemma language models on Keras 3.")
+    parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"],
+                        help="Keras backend (default: $KERAS_BACKEND, else JAX if installed)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    generate = commands.add_parser("generate", help="continue a prompt (streamed)")
+    generate.add_argument("prompt", nargs="+", help="one or more prompts")
+    _model_options(generate)
+    _sampling_options(generate)
+    generate.add_argument("--no-stream", action="store_true", help="print when finished")
+    generate.add_argument("--chat-template", action="store_true",
+                          help="wrap the prompt in the instruction-tuned chat template")
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
+    _model_options(chat)
+    _sampling_options(chat)
+    chat.add_argument("--system", help="a system instruction for the conversation")
+
+    commands.add_parser("presets", help="list the preset registry")
+
+    convert = commands.add_parser("convert", help="convert a checkpoint")
+    convert.add_argument("source", help="a KerasHub preset, transformers directory or .gguf")
+    convert.add_argument("destination", help="the directory to write")
+    convert.add_argument("--to", choices=["keras_hub", "huggingface"], default="keras_hub")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+    bench = commands.add_parser("bench", help="run the generation benchmark")
+    bench.add_argument("--model", choices=["gemma_2b", "embedded", "all"], default="embedded")
+    bench.add_argument("--no-peer", action="store_true")
+
+    commands.add_parser("info", help="backend, devices, versions, cache location")
+    return parser
+
+
+def _sampler(args):
+    from gemma_keras.samplers import Sampler, get_sampler
+
+    temperature = 1.0 if args.temperature is None else args.temperature
+    if args.sampler == "greedy":
+        if args.temperature or args.top_k or args.top_p:
+            raise UsageError("--temperature/--top-k/--top-p need --sampler top_k, top_p or random")
+        return get_sampler("greedy")
+    if args.sampler == "top_k":
+        return Sampler(temperature=temperature, top_k=args.top_k or 5, top_p=args.top_p)
+    if args.sampler == "top_p":
+        return Sampler(temperature=temperature, top_p=args.top_p or 0.9, top_k=args.top_k)
+    return Sampler(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def _load(args):
+    from gemma_keras import GemmaCausalLM
+
+    return GemmaCausalLM.from_preset(args.preset, dtype=args.dtype)
+
+
+def cmd_generate(args):
+    from gemma_keras import apply_chat_template
+
+    if args.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    sampler = _sampler(args)
+    model = _load(args)
+    prompts = args.prompt
+    if args.chat_template:
+        prompts = [apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    options = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, seed=args.seed)
+    if args.json or args.no_stream or len(prompts) > 1:
+        outputs = model.generate(prompts, strip_prompt=True, **options)
+        if args.json:
+            print(json.dumps([{"prompt": p, "completion": c}
+                              for p, c in zip(args.prompt, outputs, strict=True)]))
+        else:
+            for prompt, output in zip(args.prompt, outputs, strict=True):
+                print(prompt + output)
+        return
+    print(args.prompt[0], end="", flush=True)
+    for piece in model.stream(prompts[0], **options):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(args):
+    model = _load(args)
+    conversation = model.start_chat(system=args.system, sampler=_sampler(args), seed=args.seed)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            conversation.reset()
+            print(json.dumps({"reset": True}) if args.json else "(conversation reset)")
+            continue
+        reply = conversation.send(text, max_new_tokens=args.max_new_tokens)
+        print(json.dumps({"user": text, "model": reply}) if args.json else f"model> {reply}",
+              flush=True)
+
+
+def cmd_presets(args):
+    from gemma_keras import registry, resolve
+
+    rows = []
+    for preset in registry.list_presets():
+        sources = sorted(preset["sources"])
+        cached = os.path.isdir(os.path.join(resolve.cache_dir(), "presets", preset["name"]))
+        rows.append({"name": preset["name"], "parameters": preset["parameter_count"],
+                     "sources": sources, "cached": cached,
+                     "instruction_tuned": preset["instruction_tuned"]})
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"{'name':32} {'parameters':>14}  {'cached':6}  sources")
+    for row in rows:
+        print(f"{row['name']:32} {row['parameters']:>14,}  {'yes' if row['cached'] else 'no':6}  "
+              f"{', '.join(row['sources'])}")
+
+
+def cmd_convert(args):
+    from gemma_keras.loading import load_model
+
+    model = load_model(args.source, dtype="float32")
+    if args.to == "keras_hub":
+        model.save_to_preset(args.destination, dtype=args.dtype)
+    else:
+        model.export_to_huggingface(args.destination, dtype=args.dtype)
+    message = {"source": args.source, "destination": args.destination, "format": args.to}
+    print(json.dumps(message) if args.json else f"wrote {args.to} checkpoint to {args.destination}")
+
+
+def cmd_bench(args):
+    import runpy
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "benchmarks", "generate.py")
+    if not os.path.isfile(path):
+        raise RuntimeError("the benchmark lives in the repository's benchmarks/ folder; "
+                           "run gemma-keras bench from a source checkout")
+    benchmark = runpy.run_path(path)
+    benchmark["main"](["--model", args.model] + (["--no-peer"] if args.no_peer else []))
+
+
+def cmd_info(args):
+    import platform
+
+    import keras
+
+    import gemma_keras
+    from gemma_keras import resolve
+
+    backend = keras.config.backend()
+    devices = []
+    if backend == "jax":
+        import jax
+
+        devices = [str(d) for d in jax.devices()]
+    elif backend == "torch":
+        import torch
+
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        devices = [d.name for d in tf.config.list_logical_devices()]
+    info = {"gemma_keras": gemma_keras.__version__, "keras": keras.__version__,
+            "backend": backend, "devices": devices, "python": platform.python_version(),
+            "cache": resolve.cache_dir()}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, value in info.items():
+            print(f"{key:12} {value}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "presets": cmd_presets,
+            "convert": cmd_convert, "bench": cmd_bench, "info": cmd_info}
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        return 2
+    if args.backend:
+        if "keras" in sys.modules:
+            print("gemma-keras: --backend must be set before Keras is imported", file=sys.stderr)
+            return 2
+        os.environ["KERAS_BACKEND"] = args.backend
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"gemma-keras {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:  # one line for users, the traceback with --debug
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        print(f"gemma-keras {args.command}: {type(error).__name__}: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
