@@ -161,7 +161,7 @@ def cmd_presets(args):
     rows = []
     for preset in registry.list_presets():
         sources = sorted(preset["sources"])
-        cached = os.path.isdir(os.path.join(resolve.cache_dir(), "presets", preset["name"]))
+        cached = (resolve.cache_dir() / "presets" / preset["name"]).is_dir()
         rows.append({"name": preset["name"], "parameters": preset["parameter_count"],
                      "sources": sources, "cached": cached,
                      "instruction_tuned": preset["instruction_tuned"]})
@@ -222,7 +222,7 @@ def cmd_info(args):
         devices = [d.name for d in tf.config.list_logical_devices()]
     info = {"gemma_keras": gemma_keras.__version__, "keras": keras.__version__,
             "backend": backend, "devices": devices, "python": platform.python_version(),
-            "cache": resolve.cache_dir()}
+            "cache": str(resolve.cache_dir())}
     if args.json:
         print(json.dumps(info))
     else:
