@@ -123,9 +123,12 @@ def test_instruction_tuned_models_stop_at_end_of_turn(tokenizer_proto):
     assert model.generate(prompt, max_new_tokens=3) == prompt
 
 
-def test_chat_with_cache_equals_running_from_scratch(model):
+@pytest.mark.parametrize("opening", ["Hello there!", "Hi"])  # first turns padded differently
+def test_chat_with_cache_equals_running_from_scratch(model, opening):
     chat = model.start_chat()
-    first = chat.send("Hello there!", max_new_tokens=6)
+    chat.send("Something to forget.", max_new_tokens=3)
+    chat.reset()  # a reset conversation starts afresh
+    first = chat.send(opening, max_new_tokens=6)
     second = chat.send("And now?", max_new_tokens=6)
     assert chat.messages[1]["content"] == first and chat.messages[3]["content"] == second
     # The cached conversation equals generating from the whole transcript at once.
@@ -134,7 +137,7 @@ def test_chat_with_cache_equals_running_from_scratch(model):
     assert scratch == chat.reply_ids and model.tokenizer.decode(scratch) == second
     # The second turn was appended with the chat template's markup.
     assert model.tokenizer.decode(history) == (
-        "<start_of_turn>user\nHello there!<end_of_turn>\n<start_of_turn>model\n"
+        f"<start_of_turn>user\n{opening}<end_of_turn>\n<start_of_turn>model\n"
         f"{first}<end_of_turn>\n<start_of_turn>user\nAnd now?<end_of_turn>\n"
         "<start_of_turn>model\n"
     )

@@ -88,8 +88,9 @@ class Conversation:
             _StopStrings(None, tokenizer), self._rng,
         ):
             reply = generated[0]
-        # All reply tokens but the last were fed back; feed the last one too.
-        if reply and self._state.next_slot < len(self.token_ids) + len(reply):
+        # A reply that ended on a stop token has had every token fed back; one
+        # that used its whole budget ended before its last token was fed.
+        if len(reply) == max_new_tokens:
             extend(self.model, self._state, np.array([reply[-1:]]))
         self.token_ids += reply
         self.reply_ids = reply
