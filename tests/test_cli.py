@@ -9,16 +9,21 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import randomize, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
-
-from conftest import randomize, tiny_config
 
 
 def run_cli(*args, stdin=None):
     env = {**os.environ, "KERAS_BACKEND": keras.config.backend(), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "gemma_keras", *args], input=stdin,
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "gemma_keras", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,27 +41,36 @@ def preset(tmp_path_factory, tokenizer_proto):
 
 
 def test_generate_streams_the_same_text_as_the_api(preset):
-    result = run_cli("generate", "The capital of", "--preset", str(preset),
-                     "--max-new-tokens", "8")
+    result = run_cli("generate", "The capital of", "--preset", str(preset), "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr
     expected = GemmaCausalLM.from_preset(str(preset)).generate("The capital of", max_new_tokens=8)
     assert result.stdout.rstrip("\n") == expected
-    as_json = run_cli("--json", "generate", "The capital of", "--preset", str(preset),
-                      "--max-new-tokens", "8")
+    as_json = run_cli(
+        "--json", "generate", "The capital of", "--preset", str(preset), "--max-new-tokens", "8"
+    )
     assert json.loads(as_json.stdout) == [
-        {"prompt": "The capital of", "completion": expected[len("The capital of"):]}
+        {"prompt": "The capital of", "completion": expected[len("The capital of") :]}
     ]
 
 
 def test_chat_two_turns_through_stdin(preset):
-    result = run_cli("--json", "chat", "--preset", str(preset), "--max-new-tokens", "5",
-                     stdin="Hello there!\nAnd now?\n/exit\n")
+    result = run_cli(
+        "--json",
+        "chat",
+        "--preset",
+        str(preset),
+        "--max-new-tokens",
+        "5",
+        stdin="Hello there!\nAnd now?\n/exit\n",
+    )
     assert result.returncode == 0, result.stderr
     turns = [json.loads(line) for line in result.stdout.splitlines()]
     assert [t["user"] for t in turns] == ["Hello there!", "And now?"]
     chat = GemmaCausalLM.from_preset(str(preset)).start_chat()
-    assert [t["model"] for t in turns] == [chat.send("Hello there!", max_new_tokens=5),
-                                          chat.send("And now?", max_new_tokens=5)]
+    assert [t["model"] for t in turns] == [
+        chat.send("Hello there!", max_new_tokens=5),
+        chat.send("And now?", max_new_tokens=5),
+    ]
 
 
 def test_presets_lists_the_registry():
@@ -74,8 +88,11 @@ def test_convert_round_trip_keeps_logits(preset, tmp_path, target):
     original, converted = (GemmaCausalLM.from_preset(str(p)) for p in (preset, destination))
     ids = np.array([original.tokenizer.encode("Numbers like 12345")])
     inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(converted(inputs)),
-                               keras.ops.convert_to_numpy(original(inputs)), atol=1e-5)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(converted(inputs)),
+        keras.ops.convert_to_numpy(original(inputs)),
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,10 @@ import keras
 import numpy as np
 import pytest
 
+from conftest import randomize, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer, GenerationError
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
 from gemma_keras.samplers import SamplerError
-
-from conftest import randomize, tiny_config
 
 PROMPTS = ["The capital of", "def add(a, b):\n    return", "Numbers like 12345 and"]
 
@@ -63,7 +62,9 @@ def test_greedy_equals_uncached_argmax_for_a_ragged_batch(model):
 def test_text_in_text_out(model):
     text = model.generate(PROMPTS[0], max_new_tokens=8)
     ids = model.generate(PROMPTS[0], max_new_tokens=8, return_ids=True)
-    assert text == PROMPTS[0] + model.tokenizer.decode(ids[len(model.tokenizer.encode(PROMPTS[0])):])
+    assert text == PROMPTS[0] + model.tokenizer.decode(
+        ids[len(model.tokenizer.encode(PROMPTS[0])) :]
+    )
     continuation = model.generate(PROMPTS[0], max_new_tokens=8, strip_prompt=True)
     assert text == PROMPTS[0] + continuation
     assert model.generate(PROMPTS, max_new_tokens=8)[0] == text
@@ -80,8 +81,10 @@ def test_seeded_sampling_is_reproducible(model):
     kwargs = dict(max_new_tokens=10, sampler="top_k", seed=7)
     first = model.generate(PROMPTS, **kwargs)
     assert model.generate(PROMPTS, **kwargs) == first
-    others = {tuple(model.generate(PROMPTS[0], max_new_tokens=10, sampler="random", seed=s))
-              for s in range(4)}
+    others = {
+        tuple(model.generate(PROMPTS[0], max_new_tokens=10, sampler="random", seed=s))
+        for s in range(4)
+    }
     assert len(others) > 1
 
 
@@ -145,12 +148,20 @@ def test_chat_with_cache_equals_running_from_scratch(model, opening):
 
 def test_beam_search(model):
     greedy = model.generate(PROMPTS[0], max_new_tokens=6, return_ids=True)
-    assert model.generate(PROMPTS[0], max_new_tokens=6, return_ids=True, sampler="beam",
-                          ) is not None
+    assert (
+        model.generate(
+            PROMPTS[0],
+            max_new_tokens=6,
+            return_ids=True,
+            sampler="beam",
+        )
+        is not None
+    )
     from gemma_keras.samplers import BeamSampler
 
-    one_beam = model.generate(PROMPTS[0], max_new_tokens=6, return_ids=True,
-                              sampler=BeamSampler(num_beams=1))
+    one_beam = model.generate(
+        PROMPTS[0], max_new_tokens=6, return_ids=True, sampler=BeamSampler(num_beams=1)
+    )
     assert one_beam == greedy
 
 

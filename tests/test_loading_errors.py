@@ -5,10 +5,9 @@ import os
 
 import pytest
 
+from conftest import randomize, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer
 from gemma_keras.checkpoints.weight_mapping import WeightsError, assign_weights, model_shapes
-
-from conftest import randomize, tiny_config
 
 
 @pytest.fixture
@@ -46,7 +45,9 @@ def test_missing_weights(keras_hub_preset):
 
 def test_missing_tokenizer(keras_hub_preset, hf_checkpoint):
     os.remove(keras_hub_preset / "assets" / "tokenizer" / "vocabulary.spm")
-    with pytest.raises(WeightsError, match=r"has no tokenizer \(assets/tokenizer/vocabulary\.spm\)"):
+    with pytest.raises(
+        WeightsError, match=r"has no tokenizer \(assets/tokenizer/vocabulary\.spm\)"
+    ):
         GemmaCausalLM.from_preset(str(keras_hub_preset))
     os.remove(hf_checkpoint / "tokenizer.model")
     with pytest.raises(WeightsError, match=r"has no tokenizer\.model"):

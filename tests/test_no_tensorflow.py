@@ -8,10 +8,9 @@ import textwrap
 import keras
 import pytest
 
+from conftest import randomize, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
-
-from conftest import randomize, tiny_config
 
 pytestmark = pytest.mark.skipif(
     keras.config.backend() == "tensorflow", reason="TensorFlow is the backend here"

@@ -21,8 +21,12 @@ pytestmark = [
 def test_notebook_runs(path, tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_BACKEND", "jax")
     notebook = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(notebook, timeout=900, resources={"metadata": {"path": str(tmp_path)}},
-                            kernel_name="python3").execute()
+    nbclient.NotebookClient(
+        notebook,
+        timeout=900,
+        resources={"metadata": {"path": str(tmp_path)}},
+        kernel_name="python3",
+    ).execute()
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert os.path.exists(path)

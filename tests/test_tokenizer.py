@@ -2,10 +2,9 @@
 
 import pytest
 
+from conftest import CORPUS
 from gemma_keras import GemmaTokenizer
 from gemma_keras.tokenizer import TokenizerError
-
-from conftest import CORPUS
 
 
 @pytest.fixture(scope="module")

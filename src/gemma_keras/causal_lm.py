@@ -116,8 +116,17 @@ class GemmaCausalLM(keras.Model):
         self.sampler = get_sampler(sampler)
         super().compile(*args, **kwargs)
 
-    def generate(self, inputs, max_new_tokens=None, max_length=None, sampler=None, stop=None,
-                 seed=None, strip_prompt=False, return_ids=False):
+    def generate(
+        self,
+        inputs,
+        max_new_tokens=None,
+        max_length=None,
+        sampler=None,
+        stop=None,
+        seed=None,
+        strip_prompt=False,
+        return_ids=False,
+    ):
         """Continues one prompt or a batch of prompts.
 
         Args:
@@ -144,33 +153,49 @@ class GemmaCausalLM(keras.Model):
         """
         from gemma_keras.generation import generate
 
-        return generate(self, inputs, max_new_tokens=max_new_tokens, max_length=max_length,
-                        sampler=sampler, stop=stop, seed=seed, strip_prompt=strip_prompt,
-                        return_ids=return_ids)
+        return generate(
+            self,
+            inputs,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            sampler=sampler,
+            stop=stop,
+            seed=seed,
+            strip_prompt=strip_prompt,
+            return_ids=return_ids,
+        )
 
-    def stream(self, prompt, max_new_tokens=None, max_length=None, sampler=None, stop=None,
-               seed=None):
+    def stream(
+        self, prompt, max_new_tokens=None, max_length=None, sampler=None, stop=None, seed=None
+    ):
         """Yields the continuation of `prompt` in text pieces as tokens are produced;
         the pieces joined equal `generate(..., strip_prompt=True)`."""
         from gemma_keras.generation import stream
 
-        return stream(self, prompt, max_new_tokens=max_new_tokens, max_length=max_length,
-                      sampler=sampler, stop=stop, seed=seed)
+        return stream(
+            self,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            sampler=sampler,
+            stop=stop,
+            seed=seed,
+        )
 
     def chat(self, messages, max_new_tokens=256, sampler=None, seed=None):
-        """The model's reply to a conversation `[{"role", "content"}, ...]` (chat template applied)."""
+        """The model's reply to `[{"role", "content"}, ...]`, chat template applied."""
         from gemma_keras.chat_template import apply_chat_template
 
         prompt = apply_chat_template(messages, add_generation_prompt=True)
-        return self.generate(prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
-                             strip_prompt=True)
+        return self.generate(
+            prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, strip_prompt=True
+        )
 
     def start_chat(self, system=None, max_length=None, sampler=None, seed=None):
         """A `Conversation` that keeps its KV cache between turns."""
         from gemma_keras.conversation import Conversation
 
-        return Conversation(self, system=system, max_length=max_length, sampler=sampler,
-                            seed=seed)
+        return Conversation(self, system=system, max_length=max_length, sampler=sampler, seed=seed)
 
     def init_cache(self, batch_size, cache_length):
         return self.backbone.init_cache(batch_size, cache_length)

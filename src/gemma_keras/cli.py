@@ -31,16 +31,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_options(parser):
-    parser.add_argument("--preset", default=DEFAULT_PRESET,
-                        help=f"preset name, path, kaggle:// or hf:// handle (default {DEFAULT_PRESET})")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "mixed_bfloat16"],
-                        help="weights and compute dtype (default float32)")
+    parser.add_argument(
+        "--preset",
+        default=DEFAULT_PRESET,
+        help=f"preset name, path, kaggle:// or hf:// handle (default {DEFAULT_PRESET})",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "mixed_bfloat16"],
+        help="weights and compute dtype (default float32)",
+    )
 
 
 def _sampling_options(parser):
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--sampler", choices=["greedy", "top_k", "top_p", "random"],
-                        default="greedy")
+    parser.add_argument(
+        "--sampler", choices=["greedy", "top_k", "top_p", "random"], default="greedy"
+    )
     parser.add_argument("--temperature", type=float)
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--top-p", type=float)
@@ -49,8 +56,11 @@ def _sampling_options(parser):
 
 def build_parser():
     parser = _Parser(prog="gemma-keras", description="Gemma language models on Keras 3.")
-    parser.add_argument("--backend", choices=["jax", "tensorflow", "torch"],
-                        help="Keras backend (default: $KERAS_BACKEND, else JAX if installed)")
+    parser.add_argument(
+        "--backend",
+        choices=["jax", "tensorflow", "torch"],
+        help="Keras backend (default: $KERAS_BACKEND, else JAX if installed)",
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -60,8 +70,11 @@ def build_parser():
     _model_options(generate)
     _sampling_options(generate)
     generate.add_argument("--no-stream", action="store_true", help="print when finished")
-    generate.add_argument("--chat-template", action="store_true",
-                          help="wrap the prompt in the instruction-tuned chat template")
+    generate.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap the prompt in the instruction-tuned chat template",
+    )
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
     _model_options(chat)
@@ -119,8 +132,14 @@ def cmd_generate(args):
     if args.json or args.no_stream or len(prompts) > 1:
         outputs = model.generate(prompts, strip_prompt=True, **options)
         if args.json:
-            print(json.dumps([{"prompt": p, "completion": c}
-                              for p, c in zip(args.prompt, outputs, strict=True)]))
+            print(
+                json.dumps(
+                    [
+                        {"prompt": p, "completion": c}
+                        for p, c in zip(args.prompt, outputs, strict=True)
+                    ]
+                )
+            )
         else:
             for prompt, output in zip(args.prompt, outputs, strict=True):
                 print(prompt + output)
@@ -151,8 +170,10 @@ def cmd_chat(args):
             print(json.dumps({"reset": True}) if args.json else "(conversation reset)")
             continue
         reply = conversation.send(text, max_new_tokens=args.max_new_tokens)
-        print(json.dumps({"user": text, "model": reply}) if args.json else f"model> {reply}",
-              flush=True)
+        print(
+            json.dumps({"user": text, "model": reply}) if args.json else f"model> {reply}",
+            flush=True,
+        )
 
 
 def cmd_presets(args):
@@ -162,16 +183,24 @@ def cmd_presets(args):
     for preset in registry.list_presets():
         sources = sorted(preset["sources"])
         cached = (resolve.cache_dir() / "presets" / preset["name"]).is_dir()
-        rows.append({"name": preset["name"], "parameters": preset["parameter_count"],
-                     "sources": sources, "cached": cached,
-                     "instruction_tuned": preset["instruction_tuned"]})
+        rows.append(
+            {
+                "name": preset["name"],
+                "parameters": preset["parameter_count"],
+                "sources": sources,
+                "cached": cached,
+                "instruction_tuned": preset["instruction_tuned"],
+            }
+        )
     if args.json:
         print(json.dumps(rows))
         return
     print(f"{'name':32} {'parameters':>14}  {'cached':6}  sources")
     for row in rows:
-        print(f"{row['name']:32} {row['parameters']:>14,}  {'yes' if row['cached'] else 'no':6}  "
-              f"{', '.join(row['sources'])}")
+        print(
+            f"{row['name']:32} {row['parameters']:>14,}  {'yes' if row['cached'] else 'no':6}  "
+            f"{', '.join(row['sources'])}"
+        )
 
 
 def cmd_convert(args):
@@ -189,11 +218,16 @@ def cmd_convert(args):
 def cmd_bench(args):
     import runpy
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__)))), "benchmarks", "generate.py")
+    path = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+        "benchmarks",
+        "generate.py",
+    )
     if not os.path.isfile(path):
-        raise RuntimeError("the benchmark lives in the repository's benchmarks/ folder; "
-                           "run gemma-keras bench from a source checkout")
+        raise RuntimeError(
+            "the benchmark lives in the repository's benchmarks/ folder; "
+            "run gemma-keras bench from a source checkout"
+        )
     benchmark = runpy.run_path(path)
     benchmark["main"](["--model", args.model] + (["--no-peer"] if args.no_peer else []))
 
@@ -220,9 +254,14 @@ def cmd_info(args):
         import tensorflow as tf
 
         devices = [d.name for d in tf.config.list_logical_devices()]
-    info = {"gemma_keras": gemma_keras.__version__, "keras": keras.__version__,
-            "backend": backend, "devices": devices, "python": platform.python_version(),
-            "cache": str(resolve.cache_dir())}
+    info = {
+        "gemma_keras": gemma_keras.__version__,
+        "keras": keras.__version__,
+        "backend": backend,
+        "devices": devices,
+        "python": platform.python_version(),
+        "cache": str(resolve.cache_dir()),
+    }
     if args.json:
         print(json.dumps(info))
     else:
@@ -230,8 +269,14 @@ def cmd_info(args):
             print(f"{key:12} {value}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "presets": cmd_presets,
-            "convert": cmd_convert, "bench": cmd_bench, "info": cmd_info}
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "presets": cmd_presets,
+    "convert": cmd_convert,
+    "bench": cmd_bench,
+    "info": cmd_info,
+}
 
 
 def main(argv=None):

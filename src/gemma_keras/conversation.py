@@ -67,7 +67,7 @@ class Conversation:
             logits, self._state = prefill(self.model, [turn], budget)
         else:
             turn = tokenizer.encode(
-                apply_chat_template([{"role": "user", "content": text}])[len("<bos>"):],
+                apply_chat_template([{"role": "user", "content": text}])[len("<bos>") :],
                 add_bos=False,
             )
             turn = [tokenizer.end_of_turn_id] + tokenizer.encode("\n", add_bos=False) + turn
@@ -84,8 +84,14 @@ class Conversation:
         stops = stop_token_ids(self.model, [turn])
         reply = []
         for generated, _ in decode_loop(
-            self.model, logits, self._state, [max_new_tokens], self.sampler, stops,
-            _StopStrings(None, tokenizer), self._rng,
+            self.model,
+            logits,
+            self._state,
+            [max_new_tokens],
+            self.sampler,
+            stops,
+            _StopStrings(None, tokenizer),
+            self._rng,
         ):
             reply = generated[0]
         # A reply that ended on a stop token has had every token fed back; one
@@ -95,6 +101,8 @@ class Conversation:
         self.token_ids += reply
         self.reply_ids = reply
         reply_text = tokenizer.decode(reply)
-        self.messages += [{"role": "user", "content": text},
-                          {"role": "model", "content": reply_text}]
+        self.messages += [
+            {"role": "user", "content": text},
+            {"role": "model", "content": reply_text},
+        ]
         return reply_text

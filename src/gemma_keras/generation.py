@@ -49,9 +49,7 @@ def _step(model, caches, token_ids, key_mask, positions, cache_index):
 def compiled_step(model):
     """The model's compiled step function, built once per model."""
     if getattr(model, "_compiled_step", None) is None:
-        model._compiled_step = backend.compile_step(
-            model, lambda *args: _step(model, *args)
-        )
+        model._compiled_step = backend.compile_step(model, lambda *args: _step(model, *args))
     return model._compiled_step
 
 
@@ -164,8 +162,14 @@ def normalize_inputs(model, inputs):
         )
     if all(isinstance(item, (int, np.integer)) for item in inputs):
         return normalize_inputs(model, [list(inputs)])[0], True, False
-    kinds = {str if isinstance(item, str) else list if isinstance(item, (list, tuple, np.ndarray))
-             else type(item) for item in inputs}
+    kinds = {
+        str
+        if isinstance(item, str)
+        else list
+        if isinstance(item, (list, tuple, np.ndarray))
+        else type(item)
+        for item in inputs
+    }
     if kinds == {str}:
         if model.tokenizer is None:
             raise GenerationError("This model has no tokenizer; pass token ids instead of text.")
@@ -178,8 +182,9 @@ def normalize_inputs(model, inputs):
         for index, prompt in enumerate(prompts):
             if not prompt:
                 raise GenerationError(f"Prompt {index} has no token ids.")
-        check_token_ids(np.concatenate([np.asarray(p) for p in prompts]),
-                        model.config.vocabulary_size)
+        check_token_ids(
+            np.concatenate([np.asarray(p) for p in prompts]), model.config.vocabulary_size
+        )
         return prompts, False, False
     raise GenerationError(
         "generate takes strings or token-id lists, not a mix "
@@ -240,7 +245,9 @@ class _StopStrings:
             stop = [stop]
         stop = list(stop)
         if any(not isinstance(s, str) or not s for s in stop):
-            raise GenerationError(f"stop must be a string or a list of non-empty strings: {stop!r}.")
+            raise GenerationError(
+                f"stop must be a string or a list of non-empty strings: {stop!r}."
+            )
         if stop and tokenizer is None:
             raise GenerationError("Stop strings need a tokenizer; this model has none.")
         self.strings = stop
@@ -301,8 +308,11 @@ def beam_search(model, prompts, budgets, beam, stops):
     done = np.zeros((batch, width), bool)
     pad = model.tokenizer.pad_id if model.tokenizer is not None else 0
     for _ in range(max(budgets)):
-        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(
-            -1, keepdims=True)) - logits.max(-1, keepdims=True)
+        log_probs = (
+            logits
+            - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - logits.max(-1, keepdims=True)
+        )
         log_probs = log_probs.reshape(batch, width, vocabulary)
         # A finished beam continues only with padding, at no cost.
         log_probs = np.where(done[:, :, None], -np.inf, log_probs)
@@ -345,8 +355,17 @@ def _reorder(caches, order):
     return [(ops.take(key, order, axis=0), ops.take(value, order, axis=0)) for key, value in caches]
 
 
-def generate(model, inputs, max_new_tokens=None, max_length=None, sampler=None, stop=None,
-             seed=None, strip_prompt=False, return_ids=False):
+def generate(
+    model,
+    inputs,
+    max_new_tokens=None,
+    max_length=None,
+    sampler=None,
+    stop=None,
+    seed=None,
+    strip_prompt=False,
+    return_ids=False,
+):
     """See `GemmaCausalLM.generate`."""
     prompts, single, were_strings = normalize_inputs(model, inputs)
     texts = [inputs] if single else list(inputs)
@@ -359,22 +378,23 @@ def generate(model, inputs, max_new_tokens=None, max_length=None, sampler=None, 
             raise GenerationError("Stop strings are not supported with beam search.")
         generated = beam_search(model, prompts, budgets, sampler, stops)
     else:
-        for generated, _ in sample_loop(model, prompts, budgets, sampler, stops, stop_strings,
-                                        seed):
-            pass
+        for step in sample_loop(model, prompts, budgets, sampler, stops, stop_strings, seed):
+            generated = step[0]
     results = []
     for index, new_ids in enumerate(generated):
         if were_strings and not return_ids:
-            text = stop_strings.cut(new_ids)[0] if stop_strings.strings else (
-                model.tokenizer.decode(new_ids))
+            text = (
+                stop_strings.cut(new_ids)[0]
+                if stop_strings.strings
+                else (model.tokenizer.decode(new_ids))
+            )
             results.append(text if strip_prompt else texts[index] + text)
         else:
             results.append(new_ids if strip_prompt else prompts[index] + new_ids)
     return results[0] if single else results
 
 
-def stream(model, prompt, max_new_tokens=None, max_length=None, sampler=None, stop=None,
-           seed=None):
+def stream(model, prompt, max_new_tokens=None, max_length=None, sampler=None, stop=None, seed=None):
     """Yields the continuation of one text prompt in pieces as tokens are produced.
 
     A piece is emitted only once it is final: bytes of a multi-byte character
@@ -391,14 +411,18 @@ def stream(model, prompt, max_new_tokens=None, max_length=None, sampler=None, st
     stop_strings = _StopStrings(stop, model.tokenizer)
     stops = stop_token_ids(model, prompts)
     emitted = ""
-    for generated, finished in sample_loop(model, prompts, budgets, sampler, stops, stop_strings,
-                                           seed):
-        text, found = stop_strings.cut(generated[0]) if stop_strings.strings else (
-            model.tokenizer.decode(generated[0]), False)
+    for generated, finished in sample_loop(
+        model, prompts, budgets, sampler, stops, stop_strings, seed
+    ):
+        text, found = (
+            stop_strings.cut(generated[0])
+            if stop_strings.strings
+            else (model.tokenizer.decode(generated[0]), False)
+        )
         if not finished[0]:
             text = _stable_prefix(text, stop_strings.strings)
         if len(text) > len(emitted) and text.startswith(emitted):
-            yield text[len(emitted):]
+            yield text[len(emitted) :]
             emitted = text
 
 

@@ -79,8 +79,11 @@ class Sampler:
         chosen = (cumulative < uniform * cumulative[:, -1:]).sum(axis=-1)
         chosen = np.minimum(chosen, logits.shape[-1] - 1)
         # Guard against rounding landing on a disallowed token at the edge.
-        return np.where(allowed[np.arange(len(chosen)), chosen], chosen, np.argmax(
-            np.where(allowed, logits, -np.inf), axis=-1))
+        return np.where(
+            allowed[np.arange(len(chosen)), chosen],
+            chosen,
+            np.argmax(np.where(allowed, logits, -np.inf), axis=-1),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +93,10 @@ class BeamSampler:
     num_beams: int = 4
 
     def __post_init__(self):
-        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or (
-            self.num_beams < 1
+        if (
+            isinstance(self.num_beams, bool)
+            or not isinstance(self.num_beams, int)
+            or (self.num_beams < 1)
         ):
             raise SamplerError(f"num_beams must be a positive integer, got {self.num_beams!r}.")
 

@@ -275,7 +275,7 @@ def read_preset(directory):
     vocabulary = os.path.join(directory, VOCABULARY_FILE)
     if not os.path.isfile(vocabulary):
         raise WeightsError(
-            f"{directory} has no tokenizer ({VOCABULARY_FILE}); copy the preset's assets/ folder too."
+            f"{directory} has no tokenizer ({VOCABULARY_FILE}); copy the preset's assets/ too."
         )
     with open(vocabulary, "rb") as file:
         tokenizer_proto = file.read()
