@@ -254,7 +254,8 @@ class _StopStrings:
         self.tokenizer = tokenizer
 
     def cut(self, token_ids):
-        """`(text cut before the earliest stop string, found)`."""
+        """`(text cut before the earliest stop string, found)`; without stop
+        strings, the whole decoded text."""
         text = self.tokenizer.decode(token_ids)
         positions = [text.find(s) for s in self.strings]
         found = [p for p in positions if p >= 0]
@@ -383,11 +384,7 @@ def generate(
     results = []
     for index, new_ids in enumerate(generated):
         if were_strings and not return_ids:
-            text = (
-                stop_strings.cut(new_ids)[0]
-                if stop_strings.strings
-                else (model.tokenizer.decode(new_ids))
-            )
+            text = stop_strings.cut(new_ids)[0]
             results.append(text if strip_prompt else texts[index] + text)
         else:
             results.append(new_ids if strip_prompt else prompts[index] + new_ids)
@@ -414,11 +411,7 @@ def stream(model, prompt, max_new_tokens=None, max_length=None, sampler=None, st
     for generated, finished in sample_loop(
         model, prompts, budgets, sampler, stops, stop_strings, seed
     ):
-        text, found = (
-            stop_strings.cut(generated[0])
-            if stop_strings.strings
-            else (model.tokenizer.decode(generated[0]), False)
-        )
+        text = stop_strings.cut(generated[0])[0]
         if not finished[0]:
             text = _stable_prefix(text, stop_strings.strings)
         if len(text) > len(emitted) and text.startswith(emitted):
