@@ -67,16 +67,16 @@ def test_feed_forward_formula():
     def gelu_tanh(v):
         return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
 
-    expected = (gelu_tanh(x @ gate) * (x @ up)) @ down
+    expected = (gelu_tanh(x @ gate.T) * (x @ up.T)) @ down.T
     np.testing.assert_allclose(to_numpy(ffn(x)), expected, atol=1e-5)
 
 
 def numpy_attention(x, weights, num_heads, num_kv_heads, head_dim, scalar, cap, window):
     batch, length, _ = x.shape
     positions = np.broadcast_to(np.arange(length), (batch, length))
-    q = (x @ weights["query"]).reshape(batch, length, num_heads, head_dim)
-    k = (x @ weights["key"]).reshape(batch, length, num_kv_heads, head_dim)
-    v = (x @ weights["value"]).reshape(batch, length, num_kv_heads, head_dim)
+    q = (x @ weights["query"].T).reshape(batch, length, num_heads, head_dim)
+    k = (x @ weights["key"].T).reshape(batch, length, num_kv_heads, head_dim)
+    v = (x @ weights["value"].T).reshape(batch, length, num_kv_heads, head_dim)
     q, k = numpy_rope(q, positions, 10_000.0, 1.0), numpy_rope(k, positions, 10_000.0, 1.0)
     # Plain MHA with K/V heads repeated, as a reference for the grouped einsum.
     group = num_heads // num_kv_heads
@@ -90,7 +90,7 @@ def numpy_attention(x, weights, num_heads, num_kv_heads, head_dim, scalar, cap, 
     probabilities = np.exp(logits - logits.max(-1, keepdims=True))
     probabilities /= probabilities.sum(-1, keepdims=True)
     out = np.einsum("bhst,bthd->bshd", probabilities, v).reshape(batch, length, -1)
-    return out @ weights["output"]
+    return out @ weights["output"].T
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])  # MQA, GQA, MHA

@@ -27,7 +27,7 @@ import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 
 from gemma_keras.checkpoints.checkpoint import Checkpoint
-from gemma_keras.checkpoints.weight_mapping import SAME, TRANSPOSED, Layout
+from gemma_keras.checkpoints.weight_mapping import SAME, Layout
 from gemma_keras.config import (
     ConfigError,
     GemmaConfig,
@@ -236,7 +236,7 @@ def weight_mapping(config):
     """`{our_name: (gguf_tensor_name, Layout)}` for a Gemma config.
 
     GGUF linear weights, read in numpy order, are `[out, in]` like
-    transformers' (so TRANSPOSED); Q and K are not permuted for Gemma;
+    transformers' and ours (so SAME); Q and K are not permuted for Gemma;
     `token_embd.weight` is the tied input/output embedding.
     """
     mapping = {
@@ -246,14 +246,14 @@ def weight_mapping(config):
     for index in range(config.num_layers):
         block = {
             "pre_attention_norm/scale": ("attn_norm.weight", NORM_PLUS_ONE),
-            "attention/query": ("attn_q.weight", TRANSPOSED),
-            "attention/key": ("attn_k.weight", TRANSPOSED),
-            "attention/value": ("attn_v.weight", TRANSPOSED),
-            "attention/output": ("attn_output.weight", TRANSPOSED),
+            "attention/query": ("attn_q.weight", SAME),
+            "attention/key": ("attn_k.weight", SAME),
+            "attention/value": ("attn_v.weight", SAME),
+            "attention/output": ("attn_output.weight", SAME),
             "pre_ffw_norm/scale": ("ffn_norm.weight", NORM_PLUS_ONE),
-            "ffw/gate": ("ffn_gate.weight", TRANSPOSED),
-            "ffw/up": ("ffn_up.weight", TRANSPOSED),
-            "ffw/down": ("ffn_down.weight", TRANSPOSED),
+            "ffw/gate": ("ffn_gate.weight", SAME),
+            "ffw/up": ("ffn_up.weight", SAME),
+            "ffw/down": ("ffn_down.weight", SAME),
         }
         if config.use_post_attention_norm:
             block["post_attention_norm/scale"] = ("post_attention_norm.weight", NORM_PLUS_ONE)

@@ -8,7 +8,7 @@ import numpy as np
 
 from gemma_keras.checkpoints.checkpoint import Checkpoint
 from gemma_keras.checkpoints.safetensors_io import read_safetensors, write_safetensors
-from gemma_keras.checkpoints.weight_mapping import SAME, TRANSPOSED, WeightsError
+from gemma_keras.checkpoints.weight_mapping import SAME, WeightsError
 from gemma_keras.config import ConfigError, GemmaConfig
 
 _LAYER_TYPES = {"full_attention": "global", "sliding_attention": "local"}
@@ -103,13 +103,13 @@ def weight_mapping(config, prefix="model."):
         theirs = f"{prefix}layers.{index}"
         block = {
             "pre_attention_norm/scale": ("input_layernorm.weight", SAME),
-            "attention/query": ("self_attn.q_proj.weight", TRANSPOSED),
-            "attention/key": ("self_attn.k_proj.weight", TRANSPOSED),
-            "attention/value": ("self_attn.v_proj.weight", TRANSPOSED),
-            "attention/output": ("self_attn.o_proj.weight", TRANSPOSED),
-            "ffw/gate": ("mlp.gate_proj.weight", TRANSPOSED),
-            "ffw/up": ("mlp.up_proj.weight", TRANSPOSED),
-            "ffw/down": ("mlp.down_proj.weight", TRANSPOSED),
+            "attention/query": ("self_attn.q_proj.weight", SAME),
+            "attention/key": ("self_attn.k_proj.weight", SAME),
+            "attention/value": ("self_attn.v_proj.weight", SAME),
+            "attention/output": ("self_attn.o_proj.weight", SAME),
+            "ffw/gate": ("mlp.gate_proj.weight", SAME),
+            "ffw/up": ("mlp.up_proj.weight", SAME),
+            "ffw/down": ("mlp.down_proj.weight", SAME),
         }
         if has_post_norms:
             block["post_attention_norm/scale"] = ("post_attention_layernorm.weight", SAME)

@@ -12,6 +12,7 @@ import numpy as np
 from gemma_keras.checkpoints.checkpoint import Checkpoint
 from gemma_keras.checkpoints.weight_mapping import (
     SAME,
+    TRANSPOSED,
     WeightsError,
     heads_first,
     split_heads,
@@ -96,9 +97,9 @@ def weight_mapping(config):
             "attention/value": ("attention/value_dense", heads_first(config.num_key_value_heads)),
             "attention/output": ("attention/output_dense", split_heads(config.num_query_heads)),
             "pre_ffw_norm/scale": ("pre_ffw_norm", SAME),
-            "ffw/gate": ("gating_ffw", SAME),
-            "ffw/up": ("gating_ffw_2", SAME),
-            "ffw/down": ("ffw_linear", SAME),
+            "ffw/gate": ("gating_ffw", TRANSPOSED),
+            "ffw/up": ("gating_ffw_2", TRANSPOSED),
+            "ffw/down": ("ffw_linear", TRANSPOSED),
         }
         if config.use_qk_norm:
             block["attention/query_norm/scale"] = ("attention/query_norm", SAME)

@@ -38,33 +38,32 @@ TRANSPOSED = Layout(np.transpose, np.transpose, lambda shape: tuple(reversed(sha
 
 
 def heads_first(num_heads):
-    """Ours `[hidden, heads * head_dim]` <-> theirs `[heads, hidden, head_dim]` (KerasHub q/k/v)."""
+    """Ours `[heads * head_dim, hidden]` <-> theirs `[heads, hidden, head_dim]` (KerasHub q/k/v)."""
 
     def ours(array):
-        heads, hidden, head_dim = array.shape
-        return np.transpose(array, (1, 0, 2)).reshape(hidden, heads * head_dim)
+        return np.transpose(array, (0, 2, 1)).reshape(-1, array.shape[1])
 
     def theirs(array):
-        hidden, width = array.shape
-        return np.transpose(array.reshape(hidden, num_heads, width // num_heads), (1, 0, 2))
+        width, hidden = array.shape
+        return np.transpose(array.reshape(num_heads, width // num_heads, hidden), (0, 2, 1))
 
     def their_shape(shape):
-        return (num_heads, shape[0], shape[1] // num_heads)
+        return (num_heads, shape[1], shape[0] // num_heads)
 
     return Layout(ours, theirs, their_shape)
 
 
 def split_heads(num_heads):
-    """Ours `[heads * head_dim, hidden]` <-> theirs `[heads, head_dim, hidden]` (KerasHub)."""
+    """Ours `[hidden, heads * head_dim]` <-> theirs `[heads, head_dim, hidden]` (KerasHub)."""
 
     def ours(array):
-        return array.reshape(-1, array.shape[-1])
+        return np.transpose(array.reshape(-1, array.shape[-1]))
 
     def theirs(array):
-        return array.reshape(num_heads, -1, array.shape[-1])
+        return np.transpose(array).reshape(num_heads, -1, array.shape[0])
 
     def their_shape(shape):
-        return (num_heads, shape[0] // num_heads, shape[1])
+        return (num_heads, shape[1] // num_heads, shape[0])
 
     return Layout(ours, theirs, their_shape)
 

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from gemma_keras.layers.linear import linear
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding
 from gemma_keras.layers.soft_cap import soft_cap
@@ -98,17 +99,18 @@ class Attention(keras.layers.Layer):
 
         query_dim = self.num_query_heads * self.head_dim
         key_value_dim = self.num_key_value_heads * self.head_dim
-        self.query = kernel("query", (self.hidden_dim, query_dim))
-        self.key = kernel("key", (self.hidden_dim, key_value_dim))
-        self.value = kernel("value", (self.hidden_dim, key_value_dim))
-        self.output_projection = kernel("output", (query_dim, self.hidden_dim))
+        # Kernels are [out, in] (see `linear`).
+        self.query = kernel("query", (query_dim, self.hidden_dim))
+        self.key = kernel("key", (key_value_dim, self.hidden_dim))
+        self.value = kernel("value", (key_value_dim, self.hidden_dim))
+        self.output_projection = kernel("output", (self.hidden_dim, query_dim))
         if self.use_qk_norm:
             self.query_norm.build((None, None, None, self.head_dim))
             self.key_norm.build((None, None, None, self.head_dim))
 
     def _project(self, x, kernel, num_heads):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        return ops.reshape(ops.matmul(x, kernel), (batch, length, num_heads, self.head_dim))
+        return ops.reshape(linear(x, kernel), (batch, length, num_heads, self.head_dim))
 
     def call(self, x, positions, key_mask, cache=None, cache_index=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
@@ -147,7 +149,7 @@ class Attention(keras.layers.Layer):
             "bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype)
         )
         attended = ops.reshape(attended, (batch, length, self.num_query_heads * self.head_dim))
-        output = ops.matmul(attended, self.output_projection)
+        output = linear(attended, self.output_projection)
         if cache is None:
             return output
         return output, new_cache

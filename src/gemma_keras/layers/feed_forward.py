@@ -3,12 +3,14 @@
 import keras
 from keras import ops
 
+from gemma_keras.layers.linear import linear
+
 
 class FeedForward(keras.layers.Layer):
     """`down(gelu_tanh(gate(x)) * up(x))`.
 
     `intermediate_dim` is the width of each of `gate` and `up` (16384 for
-    Gemma 2B). Kernels are stored `[in, out]`.
+    Gemma 2B). Kernels are stored `[out, in]` (see `linear`).
 
     Example:
 
@@ -27,13 +29,13 @@ class FeedForward(keras.layers.Layer):
         def kernel(name, shape):
             return self.add_weight(name=name, shape=shape, initializer="glorot_uniform")
 
-        self.gate = kernel("gate", (self.hidden_dim, self.intermediate_dim))
-        self.up = kernel("up", (self.hidden_dim, self.intermediate_dim))
-        self.down = kernel("down", (self.intermediate_dim, self.hidden_dim))
+        self.gate = kernel("gate", (self.intermediate_dim, self.hidden_dim))
+        self.up = kernel("up", (self.intermediate_dim, self.hidden_dim))
+        self.down = kernel("down", (self.hidden_dim, self.intermediate_dim))
 
     def call(self, x):
-        gate = ops.gelu(ops.matmul(x, self.gate), approximate=True)
-        return ops.matmul(gate * ops.matmul(x, self.up), self.down)
+        gate = ops.gelu(linear(x, self.gate), approximate=True)
+        return linear(gate * linear(x, self.up), self.down)
 
     def get_config(self):
         return {

@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from gemma_keras import backend
+from gemma_keras.layers.linear import linear
 from gemma_keras.layers.soft_cap import soft_cap
 
 
@@ -70,7 +71,7 @@ class TokenEmbedding(keras.layers.Layer):
 
     def call(self, inputs, reverse=False):
         if reverse:
-            logits = ops.matmul(inputs, ops.transpose(self.embeddings))
+            logits = linear(inputs, self.embeddings)
             return soft_cap(ops.cast(logits, "float32"), self.logit_soft_cap)
         check_token_ids(inputs, self.vocabulary_size)
         embedded = ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
