@@ -29,6 +29,14 @@ def linear(x, kernel):
         if x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32:
             return _onednn_linear()(x, kernel)
         return torch.nn.functional.linear(x, kernel)
+    if name() == "tensorflow":
+        import tensorflow as tf
+
+        # tf.einsum on this pattern ran the 2B at a sixth of the speed.
+        kernel = keras.ops.convert_to_tensor(kernel)
+        flat = tf.reshape(x, (-1, tf.shape(x)[-1]))
+        out = tf.matmul(flat, kernel, transpose_b=True)
+        return tf.reshape(out, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[:1]], 0))
     return keras.ops.einsum("...i,oi->...o", x, kernel)
 
 
