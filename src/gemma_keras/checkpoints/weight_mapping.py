@@ -100,7 +100,9 @@ def to_model_weights(their_tensors, mapping, expected_shapes, source):
 
 
 def _convert(tensor, layout):
-    return layout.ours(np.asarray(tensor))
+    # Contiguous, so that every backend gets the same dense layout (torch would
+    # otherwise keep a transposed view, and pick other kernels for it).
+    return np.ascontiguousarray(layout.ours(np.asarray(tensor)))
 
 
 def from_model_weights(our_arrays, mapping):
