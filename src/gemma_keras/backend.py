@@ -15,12 +15,20 @@ def name():
 
 
 def linear(x, kernel):
-    """`x @ kernel.T` for a kernel stored `[out, in]` (see `gemma_keras.layers.linear`).
+    """`x @ kernel.T`: the one dense projection of every Gemma layer.
 
-    XLA (JAX, TensorFlow) gets a `dot_general` contracting both last axes.
-    torch on CPU in float32 gets oneDNN's inner product, which reads a
-    matrix-vector product's weights about twice as fast as `F.linear` here
-    (24 against 12 GB/s for the 270M's embedding; `F.linear` elsewhere).
+    Kernels are stored `[out, in]`, as torch, Hugging Face and GGUF store
+    them. Decoding one token is a matrix-vector product per weight, bound by
+    memory bandwidth, and each backend gets the form measured fastest on a
+    2-core CPU with Gemma 2B shapes:
+    - JAX: a `dot_general` contracting both last axes, which reads `[out, in]`
+      kernels at the bandwidth of one large matrix-vector product (25-35 GB/s
+      run to run); `[in, out]` kernels ran about 20% slower.
+    - TensorFlow: a 2-D `matmul` with `transpose_b` (`tf.einsum` on this
+      pattern ran the 2B at a sixth of the speed).
+    - torch on CPU in float32: oneDNN's inner product, about twice as fast
+      as `F.linear` (24 against 12 GB/s on the 270M's embedding); `F.linear`
+      elsewhere.
     """
     if name() == "torch":
         import torch
@@ -32,7 +40,6 @@ def linear(x, kernel):
     if name() == "tensorflow":
         import tensorflow as tf
 
-        # tf.einsum on this pattern ran the 2B at a sixth of the speed.
         kernel = keras.ops.convert_to_tensor(kernel)
         flat = tf.reshape(x, (-1, tf.shape(x)[-1]))
         out = tf.matmul(flat, kernel, transpose_b=True)
@@ -101,8 +108,7 @@ def compile_step(model, step):
         variables = model.variables
 
         def pure_step(values, caches, *inputs):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
-                return step(caches, *inputs)
+            return _with_values(variables, values, step, caches, *inputs)
 
         jitted = jax.jit(pure_step, donate_argnums=(1,))
         return lambda caches, *inputs: jitted([v.value for v in variables], caches, *inputs)
@@ -115,6 +121,13 @@ def compile_step(model, step):
     return step
 
 
+def _with_values(variables, values, step, *inputs):
+    """Runs `step(*inputs)` with `variables` reading `values`: the weights become
+    inputs of the compiled graph rather than constants baked into it."""
+    with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+        return step(*inputs)
+
+
 def _trace_torch_step(model, step):
     """torch: one `torch.jit.trace` graph per input shape, the variables' values as inputs.
 
@@ -123,10 +136,9 @@ def _trace_torch_step(model, step):
     without it (270M decode step: 87-92 ms traced, 165-245 ms eager).
     `torch.compile` breaks the graph at every Keras layer call, took 107 s to
     compile and decoded no faster; `torch.export` took 20 s per shape and
-    142-214 ms per step. Tracing
-    records one path through Python, which is sound here because every
-    data-dependent choice in the step is a tensor op (the cache slot is a
-    tensor input) and shapes are fixed per graph.
+    142-214 ms per step. Tracing records one path through Python, which is
+    sound here because every data-dependent choice in the step is a tensor
+    op (the cache slot is a tensor input) and shapes are fixed per graph.
     """
     import torch
 
@@ -142,11 +154,8 @@ def _trace_torch_step(model, step):
             if key not in graphs:
 
                 def pure_step(values, flat_caches, *inputs):
-                    state = list(zip(variables, values, strict=True))
-                    with keras.StatelessScope(state_mapping=state):
-                        logits, new_caches = step(
-                            keras.tree.pack_sequence_as(caches, flat_caches), *inputs
-                        )
+                    caches_in = keras.tree.pack_sequence_as(caches, flat_caches)
+                    logits, new_caches = _with_values(variables, values, step, caches_in, *inputs)
                     return logits, keras.tree.flatten(new_caches)
 
                 with _quiet_torch_jit():

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras.layers.linear import linear
+from gemma_keras.backend import linear
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding
 from gemma_keras.layers.soft_cap import soft_cap
@@ -99,7 +99,7 @@ class Attention(keras.layers.Layer):
 
         query_dim = self.num_query_heads * self.head_dim
         key_value_dim = self.num_key_value_heads * self.head_dim
-        # Kernels are [out, in] (see `linear`).
+        # Kernels are [out, in] (see `gemma_keras.backend.linear`).
         self.query = kernel("query", (query_dim, self.hidden_dim))
         self.key = kernel("key", (key_value_dim, self.hidden_dim))
         self.value = kernel("value", (key_value_dim, self.hidden_dim))

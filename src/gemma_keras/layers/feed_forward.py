@@ -3,14 +3,14 @@
 import keras
 from keras import ops
 
-from gemma_keras.layers.linear import linear
+from gemma_keras.backend import linear
 
 
 class FeedForward(keras.layers.Layer):
     """`down(gelu_tanh(gate(x)) * up(x))`.
 
     `intermediate_dim` is the width of each of `gate` and `up` (16384 for
-    Gemma 2B). Kernels are stored `[out, in]` (see `linear`).
+    Gemma 2B). Kernels are stored `[out, in]` (see `gemma_keras.backend.linear`).
 
     Example:
 

@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from gemma_keras import backend
-from gemma_keras.layers.linear import linear
+from gemma_keras.backend import linear
 from gemma_keras.layers.soft_cap import soft_cap
 
 
