@@ -75,9 +75,13 @@ class GemmaBackbone(keras.Model):
         are the RoPE positions. Returns `(hidden, updated_caches)`.
         """
         x = self.token_embedding(token_ids)
+        plans = {}  # one per kind of layer (see `Attention.plan`)
         updated_caches = []
         for block, cache in zip(self.decoder_blocks, caches, strict=True):
-            x, cache = block(x, key_mask, positions=positions, cache=cache, cache_index=cache_index)
+            attention = block.attention
+            if attention.plan_key not in plans:
+                plans[attention.plan_key] = attention.plan(positions, key_mask, cache, cache_index)
+            x, cache = block(x, plan=plans[attention.plan_key], cache=cache)
             updated_caches.append(cache)
         return self.final_norm(x), updated_caches
 

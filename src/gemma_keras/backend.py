@@ -177,9 +177,9 @@ def _trace_torch_step(model, step):
 def _simplify(graph):
     """Folds what the trace recorded but does not depend on the inputs.
 
-    Keras' per-op dtype conversions and the RoPE frequencies become constants
-    or disappear: the 270M's decode graph shrinks from 27,160 nodes to 5,467,
-    and to 3,500 without the casts to the dtype a tensor already has.
+    Keras' per-op dtype conversions become constants or disappear: the 270M's
+    decode graph (RoPE tables and masks already made once per step, see
+    `Attention.plan`) shrinks from 18,147 nodes to 1,930.
     """
     import torch
 

@@ -4,7 +4,13 @@ import keras
 import numpy as np
 import pytest
 
-from gemma_keras.layers import Attention, FeedForward, RMSNorm, apply_rotary_embedding
+from gemma_keras.layers import (
+    Attention,
+    FeedForward,
+    RMSNorm,
+    apply_rotary_embedding,
+    rotary_tables,
+)
 
 to_numpy = keras.ops.convert_to_numpy
 rng = np.random.default_rng(0)
@@ -40,7 +46,9 @@ def test_rotary_embedding_rotate_half(wavelength, scaling_factor):
     positions = np.array([[0, 1, 8190, 8191]])
     expected = numpy_rope(x, positions, wavelength, scaling_factor)
     actual = to_numpy(
-        apply_rotary_embedding(x.astype("float32"), positions, wavelength, scaling_factor)
+        apply_rotary_embedding(
+            x.astype("float32"), rotary_tables(positions, 8, wavelength, scaling_factor)
+        )
     )
     np.testing.assert_allclose(actual, expected, atol=2e-3)
     # Positions 8190 and 8191 stay distinct (bf16 positions would merge them).
@@ -51,7 +59,9 @@ def test_rotary_embedding_keeps_bfloat16_positions_exact():
     x = np.ones((1, 2, 1, 8), "float32")
     rotated = to_numpy(
         keras.ops.cast(
-            apply_rotary_embedding(keras.ops.cast(x, "bfloat16"), np.array([[8190, 8191]])),
+            apply_rotary_embedding(
+                keras.ops.cast(x, "bfloat16"), rotary_tables(np.array([[8190, 8191]]), 8)
+            ),
             "float32",
         )
     )
@@ -114,7 +124,7 @@ def test_attention_against_repeated_kv_reference(num_kv_heads, cap, window, scal
         weights[name] = rng.normal(scale=0.3, size=variable.shape).astype("float32")
         variable.assign(weights[name])
     positions = np.broadcast_to(np.arange(7), (2, 7))
-    actual = to_numpy(layer(x, positions, np.ones((2, 7), "int32")))
+    actual = to_numpy(layer(x, plan=layer.plan(positions, np.ones((2, 7), "int32"))))
     expected = numpy_attention(
         x, weights, heads, num_kv_heads, head_dim, scalar or head_dim, cap, window
     )

@@ -1,11 +1,13 @@
 """Gemma attention: MHA, MQA and GQA with an optional KV cache."""
 
+import dataclasses
+
 import keras
 from keras import ops
 
 from gemma_keras.backend import linear
 from gemma_keras.layers.rms_norm import RMSNorm
-from gemma_keras.layers.rotary_embedding import apply_rotary_embedding
+from gemma_keras.layers.rotary_embedding import apply_rotary_embedding, rotary_tables
 from gemma_keras.layers.soft_cap import soft_cap
 
 # Masked logits are replaced (not added to), so the most negative float32 is
@@ -35,9 +37,10 @@ class Attention(keras.layers.Layer):
     Keys and values keep their `num_key_value_heads` heads; queries are
     grouped `[kv_head, group]` so the K/V heads are never repeated in memory.
 
-    Call with `x` [batch, seq, hidden], integer `positions` [batch, seq] (RoPE)
-    and `key_mask` [batch, keys] (1 for real tokens). Without a cache the keys
-    are `x` itself and the result is the output [batch, seq, hidden].
+    Call with `x` [batch, seq, hidden] and `plan=`, the `AttentionPlan` that
+    `layer.plan(positions, key_mask, cache, cache_index)` makes from the RoPE
+    `positions` [batch, seq] and `key_mask` (1 for real tokens). Without a cache the keys are `x` itself
+    and the result is the output [batch, seq, hidden].
 
     With `cache=(key_cache, value_cache)` the new tokens occupy sequence slots
     `cache_index ... cache_index + seq - 1`, `key_mask` [batch, total_slots]
@@ -53,8 +56,8 @@ class Attention(keras.layers.Layer):
     >>> layer = Attention(hidden_dim=16, num_query_heads=4, num_key_value_heads=1,
     ...                   head_dim=8)
     >>> x = np.zeros((1, 5, 16), "float32")
-    >>> positions = np.arange(5)[None]
-    >>> tuple(layer(x, positions, np.ones((1, 5))).shape)
+    >>> plan = layer.plan(positions=np.arange(5)[None], key_mask=np.ones((1, 5)))
+    >>> tuple(layer(x, plan=plan).shape)
     (1, 5, 16)
     """
 
@@ -108,11 +111,47 @@ class Attention(keras.layers.Layer):
             self.query_norm.build((None, None, None, self.head_dim))
             self.key_norm.build((None, None, None, self.head_dim))
 
+    @property
+    def plan_key(self):
+        """Layers with equal keys can share one `plan` per call."""
+        return (self.head_dim, self.rope_wavelength, self.rope_scaling_factor, self.sliding_window)
+
+    def plan(self, positions, key_mask, cache=None, cache_index=None):
+        """What a call computes besides the projections: an `AttentionPlan`.
+
+        `positions` [batch, seq] are the new tokens' RoPE positions. Without a
+        cache, `key_mask` [batch, seq] marks real tokens; with `cache`, the new
+        tokens occupy sequence slots `cache_index ...` and `key_mask`
+        [batch, total_slots] marks which sequence slots hold real tokens. The
+        plan depends on the layer only through `plan_key`, so the backbone
+        makes one per kind of layer and step instead of one per layer.
+        """
+        length = ops.shape(positions)[1]
+        rotary = rotary_tables(
+            positions, self.head_dim, self.rope_wavelength, self.rope_scaling_factor
+        )
+        query_slots = ops.arange(length, dtype="int32")
+        ring_write = None
+        if cache is None:
+            key_slots, key_valid = query_slots, key_mask
+        else:
+            cache_index = ops.cast(cache_index, "int32")
+            query_slots = query_slots + cache_index
+            slots = ops.shape(cache[0])[1]
+            if self.sliding_window:
+                key_slots, key_valid, ring_write = _ring_layout(
+                    key_mask, cache_index, length, slots
+                )
+            else:
+                key_slots, key_valid = ops.arange(slots, dtype="int32"), key_mask
+        mask = attention_mask(key_valid, query_slots, key_slots, self.sliding_window)
+        return AttentionPlan(rotary, mask[:, None, None, :, :], cache_index, ring_write)
+
     def _project(self, x, kernel, num_heads):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         return ops.reshape(linear(x, kernel), (batch, length, num_heads, self.head_dim))
 
-    def call(self, x, positions, key_mask, cache=None, cache_index=None):
+    def call(self, x, plan, cache=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
         query = self._project(x, self.query, self.num_query_heads)
         key = self._project(x, self.key, self.num_key_value_heads)
@@ -120,22 +159,15 @@ class Attention(keras.layers.Layer):
         if self.use_qk_norm:
             query = self.query_norm(query)
             key = self.key_norm(key)
-        rope = dict(wavelength=self.rope_wavelength, scaling_factor=self.rope_scaling_factor)
-        query = apply_rotary_embedding(query, positions, **rope)
-        key = apply_rotary_embedding(key, positions, **rope)
+        query = apply_rotary_embedding(query, plan.rotary)
+        key = apply_rotary_embedding(key, plan.rotary)
 
-        query_slots = ops.arange(length, dtype="int32")
         if cache is None:
-            keys, values, key_slots, key_valid = key, value, query_slots, key_mask
-            new_cache = None
+            keys, values, new_cache = key, value, None
+        elif plan.ring_write is None:
+            keys, values, new_cache = self._update_linear(cache, key, value, plan.cache_index)
         else:
-            cache_index = ops.cast(cache_index, "int32")
-            query_slots = query_slots + cache_index
-            update = self._update_ring if self.sliding_window else self._update_linear
-            keys, values, key_slots, key_valid, new_cache = update(
-                cache, key, value, key_mask, cache_index
-            )
-        mask = attention_mask(key_valid, query_slots, key_slots, self.sliding_window)
+            keys, values, new_cache = self._update_ring(cache, key, value, plan.ring_write)
 
         query = query * ops.cast(self.query_scale, query.dtype)
         query = ops.reshape(
@@ -143,7 +175,7 @@ class Attention(keras.layers.Layer):
         )
         logits = ops.einsum("bskgh,btkh->bkgst", query, ops.cast(keys, query.dtype))
         logits = soft_cap(ops.cast(logits, "float32"), self.attention_logit_soft_cap)
-        logits = ops.where(mask[:, None, None, :, :], logits, _MASKED_LOGIT)
+        logits = ops.where(plan.mask, logits, _MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         attended = ops.einsum(
             "bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype)
@@ -154,52 +186,27 @@ class Attention(keras.layers.Layer):
             return output
         return output, new_cache
 
-    def _update_linear(self, cache, key, value, key_mask, cache_index):
+    def _update_linear(self, cache, key, value, cache_index):
         """Global layers: cache slot = sequence slot. Write, then attend over the whole cache."""
         key_cache, value_cache = cache
         start = [0, cache_index, 0, 0]
         key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
         value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
-        key_slots = ops.arange(ops.shape(key_cache)[1], dtype="int32")
-        return key_cache, value_cache, key_slots, key_mask, (key_cache, value_cache)
+        return key_cache, value_cache, (key_cache, value_cache)
 
-    def _update_ring(self, cache, key, value, key_mask, cache_index):
-        """Local layers: a ring buffer of `capacity` slots (the window, or less).
-
-        Sequence slot `s` lives in ring slot `s % capacity`. The queries attend
-        over the ring as it was plus the new keys (a long prefill needs keys
-        that its own write overwrites), then the newest `capacity` keys are
-        written into the ring.
-        """
+    def _update_ring(self, cache, key, value, ring_write):
+        """Local layers: attend over the ring as it was plus the new keys (a long
+        prefill needs keys that its own write overwrites), then write the newest
+        keys into the ring (see `_ring_layout`)."""
         key_cache, value_cache = cache
-        capacity = ops.shape(key_cache)[1]
-        length = ops.shape(key)[1]
-        ring = ops.arange(capacity, dtype="int32")
-
-        def slot_held(last_written):
-            # Latest sequence slot <= last_written stored in each ring slot (< 0: empty).
-            return last_written - ops.mod(last_written - ring, capacity)
-
-        old_slots = slot_held(cache_index - 1)
-        new_slots = cache_index + ops.arange(length, dtype="int32")
-        old_valid = ops.logical_and(
-            old_slots >= 0,
-            ops.cast(ops.take(key_mask, ops.maximum(old_slots, 0), axis=1), "bool"),
-        )
-        new_valid = ops.cast(ops.take(key_mask, new_slots, axis=1), "bool")
+        source, from_new = ring_write
         key = ops.cast(key, key_cache.dtype)
         value = ops.cast(value, value_cache.dtype)
         keys = ops.concatenate([key_cache, key], axis=1)
         values = ops.concatenate([value_cache, value], axis=1)
-        key_slots = ops.concatenate([old_slots, new_slots], axis=0)
-        key_valid = ops.concatenate([old_valid, new_valid], axis=1)
-
-        kept_slots = slot_held(cache_index + length - 1)
-        from_new = (kept_slots >= cache_index)[None, :, None, None]
-        source = ops.clip(kept_slots - cache_index, 0, length - 1)
         key_cache = ops.where(from_new, ops.take(key, source, axis=1), key_cache)
         value_cache = ops.where(from_new, ops.take(value, source, axis=1), value_cache)
-        return keys, values, key_slots, key_valid, (key_cache, value_cache)
+        return keys, values, (key_cache, value_cache)
 
     def get_config(self):
         return {
@@ -216,3 +223,49 @@ class Attention(keras.layers.Layer):
             "use_qk_norm": self.use_qk_norm,
             "layer_norm_epsilon": self.layer_norm_epsilon,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """The per-call inputs of `Attention.call` that do not depend on the layer's weights.
+
+    A dataclass, not a tuple: Keras casts the float tensors found in a layer's
+    arguments to its compute dtype, and the RoPE tables must stay float32.
+    """
+
+    rotary: tuple  # (cos, sin) from `rotary_tables`
+    mask: object  # [batch, 1, 1, queries, keys] booleans, keys as the layer lays them out
+    cache_index: object = None  # first sequence slot of the new tokens (with a cache)
+    ring_write: tuple | None = None  # (source, from_new) of `_ring_layout`, local caches only
+
+
+def _ring_layout(key_mask, cache_index, length, capacity):
+    """Where keys live in a local layer's ring buffer of `capacity` slots (the window, or less).
+
+    Sequence slot `s` lives in ring slot `s % capacity`. The queries attend over
+    the ring as it was followed by the `length` new keys; returns those keys'
+    sequence slots [capacity + length], whether each holds a real token
+    [batch, capacity + length], and the write `(source, from_new)`: after the
+    call ring slot `r` holds new key `source[r]` where `from_new[r]`, else what
+    it held.
+    """
+    ring = ops.arange(capacity, dtype="int32")
+
+    def slot_held(last_written):
+        # Latest sequence slot <= last_written stored in each ring slot (< 0: empty).
+        return last_written - ops.mod(last_written - ring, capacity)
+
+    old_slots = slot_held(cache_index - 1)
+    new_slots = cache_index + ops.arange(length, dtype="int32")
+    old_valid = ops.logical_and(
+        old_slots >= 0,
+        ops.cast(ops.take(key_mask, ops.maximum(old_slots, 0), axis=1), "bool"),
+    )
+    new_valid = ops.cast(ops.take(key_mask, new_slots, axis=1), "bool")
+    key_slots = ops.concatenate([old_slots, new_slots], axis=0)
+    key_valid = ops.concatenate([old_valid, new_valid], axis=1)
+
+    kept_slots = slot_held(cache_index + length - 1)
+    from_new = (kept_slots >= cache_index)[None, :, None, None]
+    source = ops.clip(kept_slots - cache_index, 0, length - 1)
+    return key_slots, key_valid, (source, from_new)

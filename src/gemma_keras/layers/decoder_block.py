@@ -20,8 +20,10 @@ class DecoderBlock(keras.layers.Layer):
     Whether the layer is local (sliding window, local RoPE base) or global
     comes from `config.layer_types[layer_index]`.
 
-    `call(x, key_mask, positions=None, cache=None, cache_index=None)`: see
-    `Attention`; `positions` defaults to `0 ... seq - 1`.
+    `call(x, key_mask=None, plan=None, cache=None)`: `plan` is the
+    `attention.plan(...)` that the backbone shares between the layers of one
+    kind (see `Attention`); without it the block plans an uncached pass over
+    `key_mask` [batch, seq] at positions `0 ... seq - 1`.
     """
 
     def __init__(self, config, layer_index, **kwargs):
@@ -76,15 +78,14 @@ class DecoderBlock(keras.layers.Layer):
             if layer is not None:
                 layer.build(hidden_shape)
 
-    def call(self, x, key_mask, positions=None, cache=None, cache_index=None):
-        if positions is None:
+    def call(self, x, key_mask=None, plan=None, cache=None):
+        if plan is None:
             batch, length = ops.shape(x)[0], ops.shape(x)[1]
             positions = ops.broadcast_to(
                 ops.arange(length, dtype="int32")[None, :], (batch, length)
             )
-        attended = self.attention(
-            self.pre_attention_norm(x), positions, key_mask, cache=cache, cache_index=cache_index
-        )
+            plan = self.attention.plan(positions, key_mask)
+        attended = self.attention(self.pre_attention_norm(x), plan=plan, cache=cache)
         if cache is not None:
             attended, cache = attended
         if self.post_attention_norm is not None:
