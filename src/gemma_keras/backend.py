@@ -146,17 +146,21 @@ def _trace_torch_step(model, step):
     graphs = {}
 
     def traced_step(caches, *inputs):
-        flat_caches = keras.tree.flatten(caches)
+        # `caches` is a list of (key_cache, value_cache) pairs; flattening it by
+        # hand costs microseconds where `keras.tree` took ~2 ms per step.
+        flat_caches = [tensor for pair in caches for tensor in pair]
         inputs = [keras.ops.convert_to_tensor(x) for x in inputs]
-        values = [variable.value.detach() for variable in variables]
+        # Under `no_grad` the trace needs no detached copies of the weights.
+        values = [variable.value for variable in variables]
         key = tuple((tuple(x.shape), x.dtype) for x in [*flat_caches, *inputs])
         with torch.no_grad():
             if key not in graphs:
 
                 def pure_step(values, flat_caches, *inputs):
-                    caches_in = keras.tree.pack_sequence_as(caches, flat_caches)
-                    logits, new_caches = _with_values(variables, values, step, caches_in, *inputs)
-                    return logits, keras.tree.flatten(new_caches)
+                    logits, new_caches = _with_values(
+                        variables, values, step, _pairs(flat_caches), *inputs
+                    )
+                    return logits, [tensor for pair in new_caches for tensor in pair]
 
                 with _quiet_torch_jit():
                     graph = torch.jit.trace(
@@ -169,9 +173,13 @@ def _trace_torch_step(model, step):
             # and the steps after it are no faster (measured on the 270M).
             with torch.jit.optimized_execution(False):
                 logits, flat_caches = graphs[key](values, flat_caches, *inputs)
-        return logits, keras.tree.pack_sequence_as(caches, flat_caches)
+        return logits, _pairs(flat_caches)
 
     return traced_step
+
+
+def _pairs(flat):
+    return list(zip(flat[0::2], flat[1::2], strict=True))
 
 
 def _simplify(graph):

@@ -39,8 +39,9 @@ class Attention(keras.layers.Layer):
 
     Call with `x` [batch, seq, hidden] and `plan=`, the `AttentionPlan` that
     `layer.plan(positions, key_mask, cache, cache_index)` makes from the RoPE
-    `positions` [batch, seq] and `key_mask` (1 for real tokens). Without a cache the keys are `x` itself
-    and the result is the output [batch, seq, hidden].
+    `positions` [batch, seq] and `key_mask` (1 for real tokens). Without a
+    cache the keys are `x` itself and the result is the output
+    [batch, seq, hidden].
 
     With `cache=(key_cache, value_cache)` the new tokens occupy sequence slots
     `cache_index ... cache_index + seq - 1`, `key_mask` [batch, total_slots]
