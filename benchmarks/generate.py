@@ -244,6 +244,27 @@ def run_worker(name, args):
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
+def best_of(rounds):
+    """One engine's rounds merged: each measurement from the round where it ran fastest."""
+    finished = [result for result in rounds if "error" not in result]
+    if not finished:
+        return rounds[-1]
+    best = dict(finished[0], rounds=len(finished))
+    for result in finished[1:]:
+        for key, value in result.items():
+            if key.startswith("batch_") and (
+                value["decode_tokens_per_second"] > best[key]["decode_tokens_per_second"]
+            ):
+                best[key] = value
+        if result.get("prefill_512_tokens_per_second", 0) > best.get(
+            "prefill_512_tokens_per_second", 0
+        ):
+            for key in ("prefill_512_tokens_per_second", "time_to_first_token_512_seconds"):
+                best[key] = result[key]
+        best["peak_rss_gb"] = max(best["peak_rss_gb"], result["peak_rss_gb"])
+    return best
+
+
 def report(args):
     import keras
 
@@ -260,8 +281,14 @@ def report(args):
         "engines": {},
     }
     names = ["ours"] + ([] if args.no_peer else [PEERS[args.model]])
+    # Engines take turns, so a slow minute of the machine (its bandwidth moves
+    # by a third between minutes) falls on both rather than on one of them.
+    rounds = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name in names:
+            rounds[name].append(run_worker(name, args))
     for name in names:
-        results["engines"][name] = run_worker(name, args)
+        results["engines"][name] = best_of(rounds[name])
     # Measured again after the engines ran: the higher reading is the limit.
     for kernel, rate in measure_bandwidth().items():
         bandwidths[kernel] = max(bandwidths[kernel], rate)
@@ -323,6 +350,9 @@ def main(argv=None):
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--no-peer", action="store_true", help="measure gemma_keras only")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="engines take turns this many times; best kept"
+    )
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

@@ -1,0 +1,56 @@
+"""The benchmark's bookkeeping (the timings themselves live in benchmarks/, not in tests)."""
+
+import importlib.util
+import pathlib
+import types
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "generate.py"
+spec = importlib.util.spec_from_file_location("benchmark_generate", SCRIPT)
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+def engine_round(batch_1, batch_8, prefill, rss):
+    return {
+        "engine": "ours",
+        "weight_bytes": 100,
+        "batch_1": {"decode_tokens_per_second": batch_1},
+        "batch_8": {"decode_tokens_per_second": batch_8},
+        "prefill_512_tokens_per_second": prefill,
+        "time_to_first_token_512_seconds": 512 / prefill,
+        "peak_rss_gb": rss,
+    }
+
+
+def test_best_of_takes_each_measurement_from_its_fastest_round():
+    best = benchmark.best_of([engine_round(10, 50, 300, 4.0), engine_round(12, 40, 350, 4.5)])
+    assert best["batch_1"]["decode_tokens_per_second"] == 12
+    assert best["batch_8"]["decode_tokens_per_second"] == 50
+    assert best["prefill_512_tokens_per_second"] == 350
+    assert best["time_to_first_token_512_seconds"] == 512 / 350
+    assert best["peak_rss_gb"] == 4.5
+    assert best["rounds"] == 2
+
+
+def test_best_of_skips_failed_rounds_and_reports_a_failure_when_all_failed():
+    failed = {"engine": "ours", "error": "MemoryError"}
+    best = benchmark.best_of([failed, engine_round(10, 50, 300, 4.0)])
+    assert best["rounds"] == 1 and best["batch_1"]["decode_tokens_per_second"] == 10
+    assert benchmark.best_of([failed, failed]) == failed
+
+
+def test_measure_counts_decode_as_the_extra_time_over_one_token(monkeypatch):
+    clock = {"now": 0.0}
+    seconds_for = {1: 0.5, 9: 2.1}  # prefill + first token 0.5 s, then 0.2 s per token
+
+    def generate_for(count):
+        def generate():
+            clock["now"] += seconds_for[count]
+
+        return generate
+
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    result = benchmark.measure(generate_for, batch=2, new_tokens=9)
+    assert abs(result["decode_steps_per_second"] - 5.0) < 1e-9
+    assert abs(result["decode_tokens_per_second"] - 10.0) < 1e-9
+    assert abs(result["time_to_first_token_seconds"] - 0.5) < 1e-9
