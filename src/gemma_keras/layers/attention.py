@@ -5,7 +5,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from gemma_keras.backend import linear
+from gemma_keras.backend import einsum, linear
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding, rotary_tables
 from gemma_keras.layers.soft_cap import soft_cap
@@ -174,13 +174,11 @@ class Attention(keras.layers.Layer):
         query = ops.reshape(
             query, (batch, length, self.num_key_value_heads, self.num_groups, self.head_dim)
         )
-        logits = ops.einsum("bskgh,btkh->bkgst", query, ops.cast(keys, query.dtype))
+        logits = einsum("bskgh,btkh->bkgst", query, ops.cast(keys, query.dtype))
         logits = soft_cap(ops.cast(logits, "float32"), self.attention_logit_soft_cap)
         logits = ops.where(plan.mask, logits, _MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
-        attended = ops.einsum(
-            "bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype)
-        )
+        attended = einsum("bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype))
         attended = ops.reshape(attended, (batch, length, self.num_query_heads * self.head_dim))
         output = linear(attended, self.output_projection)
         if cache is None:
