@@ -124,8 +124,8 @@ def compile_step(model, step):
     JAX: `jax.jit` over the variables' values (passed as arguments, not baked
     in as constants), the caches donated so XLA updates them in place.
     TensorFlow: `tf.function(jit_compile=True)` (see `_tensorflow_step`).
-    PyTorch: `torch.jit.trace` the same way as JAX (see `_trace_torch_step`). Each backend compiles
-    once per input shape; the caller buckets shapes.
+    PyTorch: `torch.jit.trace` the same way as JAX (see `_trace_torch_step`).
+    Each backend compiles once per input shape; the caller buckets shapes.
     """
     backend = name()
     if backend == "jax":
@@ -169,9 +169,7 @@ def _tensorflow_step(step):
     concrete = {}
 
     def call(caches, *inputs):
-        flat_caches = [tensor for pair in caches for tensor in pair]
-        inputs = [tf.convert_to_tensor(x) for x in inputs]
-        key = tuple((tuple(x.shape), x.dtype) for x in [*flat_caches, *inputs])
+        flat_caches, inputs, key = _flatten(caches, inputs)
         if key not in concrete:
             specs = [tf.TensorSpec(x.shape, x.dtype) for x in inputs]
             cache_specs = [tf.TensorSpec(x.shape, x.dtype) for x in flat_caches]
@@ -200,13 +198,9 @@ def _trace_torch_step(model, step):
     graphs = {}
 
     def traced_step(caches, *inputs):
-        # `caches` is a list of (key_cache, value_cache) pairs; flattening it by
-        # hand costs microseconds where `keras.tree` took ~2 ms per step.
-        flat_caches = [tensor for pair in caches for tensor in pair]
-        inputs = [keras.ops.convert_to_tensor(x) for x in inputs]
+        flat_caches, inputs, key = _flatten(caches, inputs)
         # Under `no_grad` the trace needs no detached copies of the weights.
         values = [variable.value for variable in variables]
-        key = tuple((tuple(x.shape), x.dtype) for x in [*flat_caches, *inputs])
         with torch.no_grad():
             if key not in graphs:
 
@@ -230,6 +224,17 @@ def _trace_torch_step(model, step):
         return logits, _pairs(flat_caches)
 
     return traced_step
+
+
+def _flatten(caches, inputs):
+    """`(flat caches, input tensors, shape key)` for a compiled step's call.
+
+    `caches` is a list of (key_cache, value_cache) pairs; flattening it by
+    hand costs microseconds where `keras.tree` took ~2 ms per step."""
+    flat_caches = [tensor for pair in caches for tensor in pair]
+    inputs = [keras.ops.convert_to_tensor(x) for x in inputs]
+    key = tuple((tuple(x.shape), x.dtype) for x in [*flat_caches, *inputs])
+    return flat_caches, inputs, key
 
 
 def _pairs(flat):
