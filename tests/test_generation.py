@@ -177,6 +177,11 @@ def test_beam_search(model):
         (dict(inputs="ok", sampler="nucleus"), SamplerError, "Unknown sampler 'nucleus'"),
         (dict(inputs="ok", max_new_tokens=5, max_length=9), GenerationError, "not both"),
         (dict(inputs=[2, 99999]), Exception, "outside the vocabulary"),
+        (dict(inputs="ok", stop=5), GenerationError, "stop must be a string"),
+        (dict(inputs="ok", stop=["a", ""]), GenerationError, "non-empty strings"),
+        (dict(inputs="ok", sampler="top_k", seed="x"), GenerationError, "seed must be"),
+        (dict(inputs="ok", sampler="top_k", seed=-1), GenerationError, "seed must be"),
+        (dict(inputs="ok", max_new_tokens=10**9), GenerationError, "ask for at most 8"),
     ],
 )
 def test_bad_requests(tokenizer_proto, kwargs, error, message):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from gemma_keras.samplers import Sampler, SamplerError, get_sampler
+from gemma_keras.samplers import BeamSampler, Sampler, SamplerError, get_sampler
 
 rng = np.random.default_rng(0)
 LOGITS = np.array([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 5.0, 5.0, -3.0, 1.0]], "float32")
@@ -51,7 +51,10 @@ def test_seeded_reproducibility():
     [
         (lambda: Sampler(top_p=0.0), r"top_p must be in \(0, 1\]"),
         (lambda: Sampler(top_p=1.5), r"top_p must be in \(0, 1\]"),
-        (lambda: Sampler(temperature=-0.1), "temperature must be >= 0"),
+        (lambda: Sampler(temperature=-0.1), "temperature must be a finite number >= 0"),
+        (lambda: Sampler(temperature=float("nan")), "temperature must be a finite number"),
+        (lambda: Sampler(temperature=float("inf")), "temperature must be a finite number"),
+        (lambda: Sampler(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
         (lambda: Sampler(top_k=0), "top_k must be a positive integer"),
         (lambda: get_sampler("nucleus"), "Unknown sampler 'nucleus'"),
         (lambda: get_sampler("top_k", q=3), r"takes no option\(s\) \['q'\]"),
@@ -60,3 +63,18 @@ def test_seeded_reproducibility():
 def test_bad_sampler_settings(make, message):
     with pytest.raises(SamplerError, match=message):
         make()
+
+
+def test_keras_hub_sampler_objects_map_to_ours():
+    """KerasHub tutorials pass `keras_hub.samplers.*` objects to `compile`."""
+    keras_hub = pytest.importorskip("keras_hub")
+    samplers = keras_hub.samplers
+    assert get_sampler(samplers.GreedySampler()) == Sampler(temperature=0)
+    assert get_sampler(samplers.TopKSampler(k=7, seed=2)) == Sampler(top_k=7)
+    assert get_sampler(samplers.TopPSampler(p=0.5, k=9, temperature=0.7)) == Sampler(
+        temperature=0.7, top_p=0.5, top_k=9
+    )
+    assert get_sampler(samplers.RandomSampler(temperature=0.3)) == Sampler(temperature=0.3)
+    assert get_sampler(samplers.BeamSampler(num_beams=3)) == BeamSampler(num_beams=3)
+    with pytest.raises(SamplerError, match="ContrastiveSampler has no gemma_keras equivalent"):
+        get_sampler(samplers.ContrastiveSampler())

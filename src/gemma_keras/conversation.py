@@ -9,6 +9,7 @@ from gemma_keras.generation import (
     decode_loop,
     extend,
     prefill,
+    random_generator,
     stop_token_ids,
 )
 from gemma_keras.samplers import BeamSampler, get_sampler
@@ -47,7 +48,7 @@ class Conversation:
         self.token_ids = []  # every token in the cache, in order
         self.reply_ids = []  # the token ids of the last reply
         self._state = None
-        self._rng = np.random.default_rng(self.seed)
+        self._rng = random_generator(self.seed)
 
     def send(self, text, max_new_tokens=256):
         """Adds a user turn and returns the model's reply."""

@@ -82,6 +82,12 @@ def plan_lengths(model, prompt_lengths, max_new_tokens):
     """`(prompt_slots, cache_length)` for a batch; raises if it does not fit."""
     limit = model.config.max_sequence_length
     longest = max(prompt_lengths)
+    if max_new_tokens >= limit:
+        raise GenerationError(
+            f"max_new_tokens={max_new_tokens} does not fit the model's context of {limit} "
+            f"tokens together with a {longest}-token prompt; ask for at most "
+            f"{limit - longest} new tokens."
+        )
     if longest + max_new_tokens > limit:
         raise GenerationError(
             f"The prompt is {longest} tokens; with max_new_tokens={max_new_tokens} that is "
@@ -243,8 +249,9 @@ class _StopStrings:
             stop = []
         elif isinstance(stop, str):
             stop = [stop]
-        stop = list(stop)
-        if any(not isinstance(s, str) or not s for s in stop):
+        if not isinstance(stop, (list, tuple)) or any(
+            not isinstance(s, str) or not s for s in stop
+        ):
             raise GenerationError(
                 f"stop must be a string or a list of non-empty strings: {stop!r}."
             )
@@ -291,10 +298,20 @@ def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng
         logits = extend(model, state, tokens[:, None])
 
 
+def random_generator(seed):
+    """The numpy generator behind every sampled token: the same draws for a
+    seed on every backend. `seed=None` draws fresh entropy."""
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
+    ):
+        raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    return np.random.default_rng(seed)
+
+
 def sample_loop(model, prompts, budgets, sampler, stops, stop_strings, seed):
     """`decode_loop` over freshly prefilled prompts."""
+    rng = random_generator(seed)
     logits, state = prefill(model, prompts, max(budgets))
-    rng = np.random.default_rng(seed)
     yield from decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng)
 
 

@@ -12,6 +12,7 @@ True
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -31,14 +32,22 @@ class Sampler:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
-            raise SamplerError(f"temperature must be >= 0, got {self.temperature!r}.")
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not 0 <= self.temperature < math.inf
+        ):
+            raise SamplerError(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}."
+            )
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
             raise SamplerError(f"top_k must be a positive integer, got {self.top_k!r}.")
         if self.top_p is not None and not (
-            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1
+            isinstance(self.top_p, (int, float))
+            and not isinstance(self.top_p, bool)
+            and 0 < self.top_p <= 1
         ):
             raise SamplerError(f"top_p must be in (0, 1], got {self.top_p!r}.")
 
@@ -111,16 +120,20 @@ SAMPLERS = ("greedy", "random", "top_k", "top_p", "beam")
 
 
 def get_sampler(sampler="greedy", **options):
-    """A sampler from a name (as KerasHub's `compile(sampler=...)` takes) or an object.
+    """A sampler from a name (as KerasHub's `compile(sampler=...)` takes) or an
+    object: ours, or a KerasHub sampler such as `keras_hub.samplers.TopKSampler(k=5)`.
 
     Names: `greedy`; `random` (`temperature`); `top_k` (`k`, default 5,
     `temperature`); `top_p` (`p`, default 0.1, `k`, `temperature`); `beam`
     (`num_beams`, default 4).
     """
-    if isinstance(sampler, (Sampler, BeamSampler)):
+    from_keras_hub = type(sampler).__module__.startswith(("keras_hub.", "keras_nlp."))
+    if isinstance(sampler, (Sampler, BeamSampler)) or from_keras_hub:
         if options:
             raise SamplerError("Options go with a sampler name, not with a sampler object.")
-        return sampler
+        if not from_keras_hub:
+            return sampler
+        sampler, options = _keras_hub_equivalent(sampler)
     if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise SamplerError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
     temperature = options.pop("temperature", 1.0)
@@ -139,3 +152,28 @@ def get_sampler(sampler="greedy", **options):
     if options:
         raise SamplerError(f"Sampler {sampler!r} takes no option(s) {sorted(options)}.")
     return result
+
+
+# KerasHub sampler classes: our name and the options (same-named attributes) that carry over.
+_KERAS_HUB_SAMPLERS = {
+    "GreedySampler": ("greedy", ()),
+    "RandomSampler": ("random", ("temperature",)),
+    "TopKSampler": ("top_k", ("k", "temperature")),
+    "TopPSampler": ("top_p", ("p", "k", "temperature")),
+    "BeamSampler": ("beam", ("num_beams",)),
+}
+
+
+def _keras_hub_equivalent(sampler):
+    """`(name, options)` of our sampler for a KerasHub one, as KerasHub tutorials
+    pass to `compile`. Its `seed` is not carried over (KerasHub's advances
+    between calls); pass `seed=` to `generate` for reproducible sampling."""
+    class_name = type(sampler).__name__
+    if class_name not in _KERAS_HUB_SAMPLERS:
+        raise SamplerError(
+            f"KerasHub's {class_name} has no gemma_keras equivalent; use one of "
+            f"{sorted(_KERAS_HUB_SAMPLERS)} or a name from {SAMPLERS}."
+        )
+    name, attributes = _KERAS_HUB_SAMPLERS[class_name]
+    options = {option: getattr(sampler, option, None) for option in attributes}
+    return name, {option: value for option, value in options.items() if value is not None}
