@@ -23,11 +23,12 @@ def assert_bfloat16_result(result, expected):
     np.testing.assert_allclose(result, expected, rtol=0, atol=0.01 * np.abs(expected).max())
 
 
-# 1 row takes torch's bf16 kernel; 40 rows (a prefill) the float32 route on CPUs without AVX512.
-@pytest.mark.parametrize("rows", [1, 40])
-def test_bfloat16_linear_is_the_product_of_its_inputs(rows):
+# 1 row takes torch's bf16 matrix-vector kernel; 40 rows and more (a prefill) its
+# float32 route on CPUs without AVX512; 2 and 8 rows are batched decoding.
+@pytest.mark.parametrize("batch,length", [(1, 1), (2, 1), (8, 1), (1, 40), (4, 40)])
+def test_bfloat16_linear_is_the_product_of_its_inputs(batch, length):
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
-        np.random.default_rng(0), (2, rows, 64), (48, 64)
+        np.random.default_rng(0), (batch, length, 64), (48, 64)
     )
     assert_bfloat16_result(linear(x, kernel), np.einsum("bri,oi->bro", x_exact, kernel_exact))
 
