@@ -54,3 +54,25 @@ def test_measure_counts_decode_as_the_extra_time_over_one_token(monkeypatch):
     assert abs(result["decode_steps_per_second"] - 5.0) < 1e-9
     assert abs(result["decode_tokens_per_second"] - 10.0) < 1e-9
     assert abs(result["time_to_first_token_seconds"] - 0.5) < 1e-9
+
+
+PROFILE = pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_decode.py"
+profile_spec = importlib.util.spec_from_file_location("benchmark_profile_decode", PROFILE)
+profile = importlib.util.module_from_spec(profile_spec)
+profile_spec.loader.exec_module(profile)
+
+
+def test_profile_counts_an_operation_split_over_threads_once():
+    # Two threads run halves of one operation at once, then one runs it alone.
+    assert profile.union_length([(0, 10), (2, 9), (20, 25)]) == 15
+    assert profile.union_length([(5, 8), (0, 6)]) == 8
+    assert profile.union_length([]) == 0
+
+
+def test_profile_recognises_weight_products_by_operation_name():
+    assert profile.is_weight_product("torch", "mkldnn::_linear_pointwise")
+    assert not profile.is_weight_product("torch", "aten::bmm")  # attention, not a weight
+    assert profile.is_weight_product("jax", "dot")
+    assert profile.is_weight_product("jax", "copy_dot_fusion")
+    assert not profile.is_weight_product("jax", "wrapped_convert")
+    assert not profile.is_weight_product("jax", "dynamic-update-slice")

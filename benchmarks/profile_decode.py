@@ -1,0 +1,179 @@
+"""Where a decode step's time goes, operation by operation, on the current backend.
+
+    KERAS_BACKEND=torch python benchmarks/profile_decode.py --model gemma_2b
+    KERAS_BACKEND=jax python benchmarks/profile_decode.py --model embedded --dtype bfloat16
+
+Prefills a 32-token prompt, then runs `--steps` decode steps (one token each,
+batch 1, exactly the step `generate` runs) under the backend's profiler:
+`torch.profiler` on PyTorch, `jax.profiler` on JAX (TensorFlow's profiler
+writes a format this script does not read). It prints the operations that
+took the most time, the share of the step spent in the weight products, the
+rate at which those read the weights (weight bytes / their time per step),
+and this machine's matrix-vector bandwidth measured in the same process,
+then writes `benchmarks/results/profile-<model>-<backend>-<dtype>.json`.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from generate import BYTES, RESULTS, measure_bandwidth, random_gemma_2b  # noqa: E402
+
+# Operations that multiply by a weight matrix: torch's oneDNN and BLAS calls
+# (attention's products are `aten::bmm`), XLA's dots (named `dot.N`, or fused
+# into `..._dot_fusion.N`; attention's two small dots per layer count here too).
+TORCH_WEIGHT_PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::mv"}
+XLA_WEIGHT_PRODUCT = re.compile(r"(^|_)dot(_|\.|$)")
+
+
+def load_model(name, dtype):
+    from gemma_keras import GemmaCausalLM
+
+    if name == "gemma_2b":
+        return random_gemma_2b(dtype)
+    return GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", dtype=dtype)
+
+
+def decode_steps(model, steps):
+    """A function that runs `steps` decode steps after a fresh prefill."""
+    from gemma_keras.generation import extend, prefill
+
+    prompt = [2] + list(range(1000, 1031))
+    token = np.array([[1000]], np.int32)
+
+    def run():
+        _, state = prefill(model, [prompt], steps + 1)
+        for _ in range(steps):
+            extend(model, state, token)
+
+    return run
+
+
+def timed(run):
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def torch_profile(run):
+    """`{operation: microseconds}` of self time (nested calls counted once)."""
+    import torch
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        run()
+    return {event.key: event.self_cpu_time_total for event in profile.key_averages()}
+
+
+def jax_profile(run):
+    """`{HLO operation: microseconds}`, numbered instances of one kind merged.
+
+    XLA runs a large operation as parts on several threads, so the time is
+    the union of each kind's intervals (wall time), not their sum."""
+    import jax
+
+    with tempfile.TemporaryDirectory() as directory:
+        jax.profiler.start_trace(directory)
+        run()
+        jax.profiler.stop_trace()
+        (path,) = glob.glob(f"{directory}/**/*.trace.json.gz", recursive=True)
+        with gzip.open(path) as file:
+            events = json.load(file)["traceEvents"]
+    intervals = collections.defaultdict(list)
+    for event in events:
+        # Python frames are recorded too (`$file:line name`); thunk bookkeeping is not work.
+        name = event.get("name", "")
+        if event.get("ph") == "X" and not name.startswith(("$", "ThunkExecutor")):
+            start = event["ts"]
+            intervals[re.sub(r"\.\d+$", "", name)].append((start, start + event["dur"]))
+    return {name: union_length(spans) for name, spans in intervals.items()}
+
+
+def union_length(spans):
+    total, reached = 0.0, -float("inf")
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reached))
+        reached = max(reached, end)
+    return total
+
+
+def is_weight_product(backend, operation):
+    if backend == "torch":
+        return operation in TORCH_WEIGHT_PRODUCTS
+    return bool(XLA_WEIGHT_PRODUCT.search(operation))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["gemma_2b", "embedded"], default="embedded")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--top", type=int, default=12)
+    args = parser.parse_args(argv)
+
+    import keras
+
+    backend = keras.config.backend()
+    profilers = {"torch": torch_profile, "jax": jax_profile}
+    if backend not in profilers:
+        parser.error(f"profiles are read on torch and jax, not {backend}")
+    model = load_model(args.model, args.dtype)
+    weight_bytes = sum(int(np.prod(v.shape)) * BYTES[v.dtype] for v in model.weights)
+    run = decode_steps(model, args.steps)
+    run()  # compiles (or traces) the prefill and the decode step
+    prefill_only = decode_steps(model, 0)
+    step_seconds = (timed(run) - timed(prefill_only)) / args.steps
+    # The prefill is profiled alone and subtracted, leaving the decode steps.
+    decode = collections.Counter(profilers[backend](run))
+    decode.subtract(profilers[backend](prefill_only))
+    per_step = {op: us / args.steps / 1e6 for op, us in decode.items() if us > 0}
+    products = sum(s for op, s in per_step.items() if is_weight_product(backend, op))
+    bandwidths = measure_bandwidth()
+
+    print(
+        f"{args.model} on {backend} ({args.dtype}): {step_seconds * 1e3:.1f} ms per decode step "
+        f"({1 / step_seconds:.2f} tok/s), {weight_bytes / 1e9:.2f} GB of weights"
+    )
+    print(f"  top operations (ms per step, share of the step; profiled {args.steps} steps):")
+    for op, seconds in sorted(per_step.items(), key=lambda item: -item[1])[: args.top]:
+        marker = "*" if is_weight_product(backend, op) else " "
+        print(f"   {marker} {seconds * 1e3:8.2f} ms  {seconds / step_seconds:6.1%}  {op[:90]}")
+    print(
+        f"  * weight products: {products * 1e3:.1f} ms per step "
+        f"({products / step_seconds:.0%} of the step), reading "
+        f"{weight_bytes / products / 1e9:.1f} GB/s"
+    )
+    print(
+        "  matrix-vector bandwidth of this machine now: "
+        + ", ".join(f"{kernel} {rate:.1f} GB/s" for kernel, rate in bandwidths.items())
+    )
+    result = {
+        "model": args.model,
+        "backend": backend,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "weight_bytes": weight_bytes,
+        "step_seconds": step_seconds,
+        "weight_product_seconds_per_step": products,
+        "weight_product_gb_per_s": weight_bytes / products / 1e9,
+        "bandwidth_by_kernel": bandwidths,
+        "operations_seconds_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
+    }
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"profile-{args.model}-{backend}-{args.dtype}.json")
+    with open(path, "w") as file:
+        json.dump(result, file, indent=2)
+    print(f"  saved {path}")
+
+
+if __name__ == "__main__":
+    main()
