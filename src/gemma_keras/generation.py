@@ -249,7 +249,7 @@ class _StopStrings:
             stop = []
         elif isinstance(stop, str):
             stop = [stop]
-        if not isinstance(stop, (list, tuple)) or any(
+        if not isinstance(stop, (list, tuple, set, frozenset)) or any(
             not isinstance(s, str) or not s for s in stop
         ):
             raise GenerationError(
@@ -257,7 +257,7 @@ class _StopStrings:
             )
         if stop and tokenizer is None:
             raise GenerationError("Stop strings need a tokenizer; this model has none.")
-        self.strings = stop
+        self.strings = list(stop)
         self.tokenizer = tokenizer
 
     def cut(self, token_ids):
