@@ -1,6 +1,7 @@
 """The benchmark's bookkeeping (the timings themselves live in benchmarks/, not in tests)."""
 
 import importlib.util
+import json
 import pathlib
 import types
 
@@ -76,3 +77,34 @@ def test_profile_recognises_weight_products_by_operation_name():
     assert profile.is_weight_product("jax", "copy_dot_fusion")
     assert not profile.is_weight_product("jax", "wrapped_convert")
     assert not profile.is_weight_product("jax", "dynamic-update-slice")
+
+
+def test_report_holds_decode_to_the_same_minutes_and_to_the_runs_best_bandwidth(
+    monkeypatch, tmp_path
+):
+    def run_worker(name, args):
+        result = engine_round(2.0, 8.0, 100, 4.0)
+        result["weight_bytes"] = 5e9  # 2 steps/s read 10 GB/s
+        result["engine"] = name
+        for key, window in (("batch_1", 12.5), ("batch_8", 40.0)):
+            result[key].update(
+                decode_steps_per_second=2.0,
+                end_to_end_tokens_per_second=1.0,
+                first_call_seconds=1.0,
+                window_bandwidth_gb_per_s=window,
+            )
+        return result
+
+    monkeypatch.setattr(benchmark, "measure_bandwidth", lambda: {"torch": 10.0, "xla": 20.0})
+    monkeypatch.setattr(benchmark, "run_worker", run_worker)
+    monkeypatch.setattr(benchmark, "RESULTS", str(tmp_path))
+    args = types.SimpleNamespace(
+        model="gemma_2b", dtype="float32", prompt=32, new=32, batch=[1, 8], no_peer=True, rounds=1
+    )
+    benchmark.report(args)
+    (path,) = tmp_path.glob("gemma_2b-*-float32.json")
+    results = json.loads(path.read_text())
+    assert results["bandwidth_gb_per_s"] == 40.0  # an engine's window was the run's best
+    batch_1 = results["engines"]["ours"]["batch_1"]
+    assert batch_1["window_bandwidth_fraction"] == 10.0 / 12.5
+    assert batch_1["bandwidth_fraction"] == 10.0 / 40.0
