@@ -82,18 +82,18 @@ def plan_lengths(model, prompt_lengths, max_new_tokens):
     """`(prompt_slots, cache_length)` for a batch; raises if it does not fit."""
     limit = model.config.max_sequence_length
     longest = max(prompt_lengths)
-    if max_new_tokens >= limit:
-        raise GenerationError(
-            f"max_new_tokens={max_new_tokens} does not fit the model's context of {limit} "
-            f"tokens together with a {longest}-token prompt; ask for at most "
-            f"{limit - longest} new tokens."
-        )
     if longest + max_new_tokens > limit:
+        if max_new_tokens < limit:
+            fix = (
+                f"Shorten the prompt to at most {limit - max_new_tokens} tokens or ask for "
+                "fewer new tokens"
+            )
+        else:  # no prompt is short enough
+            fix = f"Ask for at most {limit - longest} new tokens"
         raise GenerationError(
             f"The prompt is {longest} tokens; with max_new_tokens={max_new_tokens} that is "
             f"{longest + max_new_tokens} tokens, more than the model's context of {limit}. "
-            f"Shorten the prompt to at most {limit - max_new_tokens} tokens or ask for fewer "
-            "new tokens (nothing is truncated silently)."
+            f"{fix} (nothing is truncated silently)."
         )
     cache_length = min(_bucket(_bucket(longest, 16) + max_new_tokens, 64), limit)
     prompt_slots = min(_bucket(longest, 16), cache_length - max_new_tokens)
