@@ -70,11 +70,18 @@ def peak_rss_gb():
 # --------------------------------------------------------------------------- workers
 
 
-def random_gemma_2b(dtype):
-    """gemma_keras Gemma 1 2B with Keras' random initialisation."""
+def load_ours(model, dtype):
+    """gemma_keras' model for `--model`: a Gemma 1 2B with Keras' random
+    initialisation, or the embedded Gemma 3 270M GGUF."""
     from gemma_keras import GemmaCausalLM, GemmaConfig
 
-    return GemmaCausalLM.from_gemma_config(GemmaConfig.named("gemma_2b"), dtype=dtype)
+    if model == "gemma_2b":
+        return GemmaCausalLM.from_gemma_config(GemmaConfig.named("gemma_2b"), dtype=dtype)
+    return GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", dtype=dtype)
+
+
+def weight_bytes(model):
+    return sum(int(np.prod(v.shape)) * BYTES[v.dtype] for v in model.weights)
 
 
 def time_generate(generate, repeats=3):
@@ -124,18 +131,13 @@ def random_prompts(rng, batch, length):
 
 
 def worker_ours(args):
-    from gemma_keras import GemmaCausalLM
-
     start = time.perf_counter()
-    if args.model == "gemma_2b":
-        model = random_gemma_2b(args.dtype)
-    else:
-        model = GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", dtype=args.dtype)
+    model = load_ours(args.model, args.dtype)
     load_seconds = time.perf_counter() - start
     result = {
         "engine": "gemma_keras",
         "load_seconds": load_seconds,
-        "weight_bytes": sum(int(np.prod(v.shape)) * BYTES[v.dtype] for v in model.weights),
+        "weight_bytes": weight_bytes(model),
     }
     rng = np.random.default_rng(0)
 

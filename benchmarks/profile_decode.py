@@ -27,21 +27,13 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import BYTES, RESULTS, measure_bandwidth, random_gemma_2b  # noqa: E402
+from generate import RESULTS, load_ours, measure_bandwidth, weight_bytes  # noqa: E402
 
 # Operations that multiply by a weight matrix: torch's oneDNN and BLAS calls
 # (attention's products are `aten::bmm`), XLA's dots (named `dot.N`, or fused
 # into `..._dot_fusion.N`; attention's two small dots per layer count here too).
 TORCH_WEIGHT_PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::mv"}
 XLA_WEIGHT_PRODUCT = re.compile(r"(^|_)dot(_|\.|$)")
-
-
-def load_model(name, dtype):
-    from gemma_keras import GemmaCausalLM
-
-    if name == "gemma_2b":
-        return random_gemma_2b(dtype)
-    return GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", dtype=dtype)
 
 
 def decode_steps(model, steps):
@@ -126,8 +118,8 @@ def main(argv=None):
     profilers = {"torch": torch_profile, "jax": jax_profile}
     if backend not in profilers:
         parser.error(f"profiles are read on torch and jax, not {backend}")
-    model = load_model(args.model, args.dtype)
-    weight_bytes = sum(int(np.prod(v.shape)) * BYTES[v.dtype] for v in model.weights)
+    model = load_ours(args.model, args.dtype)
+    total_bytes = weight_bytes(model)
     run, prefill_only = decode_steps(model, args.steps), decode_steps(model, 0)
     run()  # compiles (or traces) the prefill and the decode step
     prefill_only()  # a shorter budget may take a smaller cache bucket: compiled here too
@@ -141,7 +133,7 @@ def main(argv=None):
 
     print(
         f"{args.model} on {backend} ({args.dtype}): {step_seconds * 1e3:.1f} ms per decode step "
-        f"({1 / step_seconds:.2f} tok/s), {weight_bytes / 1e9:.2f} GB of weights"
+        f"({1 / step_seconds:.2f} tok/s), {total_bytes / 1e9:.2f} GB of weights"
     )
     print(f"  top operations (ms per step, share of the step; profiled {args.steps} steps):")
     for op, seconds in sorted(per_step.items(), key=lambda item: -item[1])[: args.top]:
@@ -150,7 +142,7 @@ def main(argv=None):
     print(
         f"  * weight products: {products * 1e3:.1f} ms per step "
         f"({products / step_seconds:.0%} of the step), reading "
-        f"{weight_bytes / products / 1e9:.1f} GB/s"
+        f"{total_bytes / products / 1e9:.1f} GB/s"
     )
     print(
         "  matrix-vector bandwidth of this machine now: "
@@ -161,10 +153,10 @@ def main(argv=None):
         "backend": backend,
         "dtype": args.dtype,
         "steps": args.steps,
-        "weight_bytes": weight_bytes,
+        "weight_bytes": total_bytes,
         "step_seconds": step_seconds,
         "weight_product_seconds_per_step": products,
-        "weight_product_gb_per_s": weight_bytes / products / 1e9,
+        "weight_product_gb_per_s": total_bytes / products / 1e9,
         "bandwidth_by_kernel": bandwidths,
         "operations_seconds_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
     }
