@@ -31,9 +31,11 @@ from generate import RESULTS, load_ours, measure_bandwidth, weight_bytes  # noqa
 
 # Operations that multiply by a weight matrix: torch's oneDNN and BLAS calls
 # (attention's products are `aten::bmm`), XLA's dots (named `dot.N`, or fused
-# into `..._dot_fusion.N`; attention's two small dots per layer count here too).
+# into `..._dot_fusion.N`) and its YNNPACK fusions (`ynn_fusion`: the bfloat16
+# multiply-and-sums of `gemma_keras.backend.linear`, and dots YNNPACK takes);
+# attention's two small products per layer count here too.
 TORCH_WEIGHT_PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::mv"}
-XLA_WEIGHT_PRODUCT = re.compile(r"(^|_)dot(_|\.|$)")
+XLA_WEIGHT_PRODUCT = re.compile(r"(^|_)dot(_|\.|$)|^ynn_fusion")
 
 
 def decode_steps(model, steps):
@@ -129,6 +131,7 @@ def main(argv=None):
     decode.subtract(profilers[backend](prefill_only))
     per_step = {op: us / args.steps / 1e6 for op, us in decode.items() if us > 0}
     products = sum(s for op, s in per_step.items() if is_weight_product(backend, op))
+    product_rate = total_bytes / products / 1e9 if products else None
     bandwidths = measure_bandwidth()
 
     print(
@@ -141,8 +144,8 @@ def main(argv=None):
         print(f"   {marker} {seconds * 1e3:8.2f} ms  {seconds / step_seconds:6.1%}  {op[:90]}")
     print(
         f"  * weight products: {products * 1e3:.1f} ms per step "
-        f"({products / step_seconds:.0%} of the step), reading "
-        f"{total_bytes / products / 1e9:.1f} GB/s"
+        f"({products / step_seconds:.0%} of the step)"
+        + (f", reading {product_rate:.1f} GB/s" if product_rate else ": none recognised")
     )
     print(
         "  matrix-vector bandwidth of this machine now: "
@@ -156,7 +159,7 @@ def main(argv=None):
         "weight_bytes": total_bytes,
         "step_seconds": step_seconds,
         "weight_product_seconds_per_step": products,
-        "weight_product_gb_per_s": total_bytes / products / 1e9,
+        "weight_product_gb_per_s": product_rate,
         "bandwidth_by_kernel": bandwidths,
         "operations_seconds_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
     }

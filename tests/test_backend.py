@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from keras import ops
 
+from gemma_keras import backend
 from gemma_keras.backend import einsum, linear
 
 
@@ -41,3 +42,45 @@ def test_bfloat16_einsum_is_the_product_of_its_inputs():
     assert_bfloat16_result(
         einsum(equation, query, keys), np.einsum(equation, query_exact, keys_exact)
     )
+
+
+def test_bfloat16_matrix_vector_rounds_as_the_dot_does():
+    """One bfloat16 row takes JAX's multiply-and-sum route: it differs from
+    the dot only in the order of its float32 sums, so by at most one
+    bfloat16 step (2^-8 relative) where a sum lands near a rounding edge."""
+    x, kernel, _ = bfloat16_pair(np.random.default_rng(2), (1, 1, 640), (1000, 640))
+    result = ops.convert_to_numpy(ops.cast(linear(x, kernel), "float32"))
+    dot = ops.convert_to_numpy(ops.cast(ops.einsum("bri,oi->bro", x, kernel), "float32"))
+    np.testing.assert_allclose(result, dot, rtol=2**-8, atol=0)
+    assert np.mean(result == dot) > 0.9
+
+
+@pytest.mark.skipif(backend.name() != "jax", reason="the integer rounding is JAX's route")
+def test_round_to_bfloat16_equals_a_conversion():
+    rng = np.random.default_rng(3)
+    values = np.concatenate(
+        [
+            rng.normal(size=10000) * 10.0 ** rng.integers(-40, 38, size=10000),
+            # exact ties between two bfloat16 values, to both even neighbours
+            np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130 * 3]),
+            np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45]),
+        ]
+    ).astype(np.float32)
+    rounded = backend.round_to_bfloat16(ops.convert_to_tensor(values))
+    expected = ops.cast(ops.convert_to_tensor(values), "bfloat16")
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(ops.cast(rounded, "float32")),
+        ops.convert_to_numpy(ops.cast(expected, "float32")),
+    )
+    nan = backend.round_to_bfloat16(ops.convert_to_tensor(np.array([np.nan], np.float32)))
+    assert np.isnan(ops.convert_to_numpy(ops.cast(nan, "float32"))).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_take_rows_is_an_embedding_lookup(dtype):
+    table = np.random.default_rng(4).normal(size=(50, 8)).astype(np.float32)
+    ids = np.array([[3, 0, 49], [7, 7, 1]])
+    rows = backend.take_rows(ops.cast(table, dtype), ops.convert_to_tensor(ids, "int32"))
+    assert ops.dtype(rows) == dtype
+    expected = ops.convert_to_numpy(ops.cast(ops.cast(table, dtype), "float32"))[ids]
+    np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(rows, "float32")), expected)

@@ -75,6 +75,8 @@ def test_profile_recognises_weight_products_by_operation_name():
     assert not profile.is_weight_product("torch", "aten::bmm")  # attention, not a weight
     assert profile.is_weight_product("jax", "dot")
     assert profile.is_weight_product("jax", "copy_dot_fusion")
+    assert profile.is_weight_product("jax", "ynn_fusion")
+    assert not profile.is_weight_product("jax", "wrapped_ynn_copy")
     assert not profile.is_weight_product("jax", "wrapped_convert")
     assert not profile.is_weight_product("jax", "dynamic-update-slice")
 

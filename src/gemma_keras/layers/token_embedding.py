@@ -74,7 +74,7 @@ class TokenEmbedding(keras.layers.Layer):
             logits = linear(inputs, self.embeddings)
             return soft_cap(ops.cast(logits, "float32"), self.logit_soft_cap)
         check_token_ids(inputs, self.vocabulary_size)
-        embedded = ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
+        embedded = backend.take_rows(self.embeddings, ops.cast(inputs, "int32"))
         return embedded * ops.cast(math.sqrt(self.hidden_dim), self.compute_dtype)
 
     def get_config(self):
