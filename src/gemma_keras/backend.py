@@ -34,13 +34,14 @@ def linear(x, kernel):
       row but runs each row as its own matrix-vector product (16384x2048
       kernel: 4.8 ms for 1 row, 1.8 s for 512), so 32 rows or more (a
       prefill) are computed in float32 (0.36 s for 512 rows).
-    - JAX in bfloat16, one row (a batch-1 decode step): XLA's CPU backend has
-      no bfloat16 dot; it writes a float32 copy of every kernel on every call
-      into freshly mapped memory (a 128 MB copy cost 80 ms, mostly page
-      faults). A multiply-and-sum over the last axis, which XLA hands to
-      YNNPACK with the conversion fused, reads the kernel in place: the 270M
-      decodes 12.8 tokens/s instead of 1.7. With more rows it reads the kernel
-      once per row, so batches and prefills keep the dot.
+    - JAX in bfloat16: XLA's CPU backend has no bfloat16 dot of its own; a
+      plain bfloat16 dot writes a float32 copy of the kernel on every call
+      into freshly mapped memory (a 128 MB copy: 80 ms, mostly page faults).
+      Measured on a 16384x2048 kernel: with float32 accumulation requested,
+      2 to 32 rows go to YNNPACK's bfloat16 dot (8 rows: 20 against 101 ms);
+      one row still takes the copy (86 ms), so it is a multiply-and-sum
+      over the last axis, which YNNPACK reads in place (5.5-8 ms). The 270M
+      decodes 15 tokens/s at batch 1 in bfloat16 instead of 1.7.
     """
     if name() == "torch":
         import torch
@@ -58,17 +59,20 @@ def linear(x, kernel):
         flat = tf.reshape(x, (-1, tf.shape(x)[-1]))
         out = tf.matmul(flat, kernel, transpose_b=True)
         return tf.reshape(out, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[:1]], 0))
-    if x.dtype == "bfloat16" and math.prod(x.shape[:-1]) == 1:
-        return _xla_bfloat16_matvec(x, keras.ops.convert_to_tensor(kernel))
+    if x.dtype == "bfloat16":
+        return _xla_bfloat16_linear(x, keras.ops.convert_to_tensor(kernel))
     return keras.ops.einsum("...i,oi->...o", x, kernel)
 
 
-def _xla_bfloat16_matvec(x, kernel):
-    """`x @ kernel.T` for one bfloat16 row on JAX, accumulated in float32 and
-    rounded to bfloat16 once, as the dot does (see `linear`)."""
-    product = keras.ops.sum(
-        keras.ops.cast(kernel, "float32") * keras.ops.cast(x, "float32")[..., None, :], axis=-1
-    )
+def _xla_bfloat16_linear(x, kernel):
+    """`x @ kernel.T` in bfloat16 on JAX, accumulated in float32 and rounded
+    to bfloat16 once, as a plain dot would be (see `linear`)."""
+    import jax.numpy as jnp
+
+    if math.prod(x.shape[:-1]) == 1:
+        product = jnp.sum(kernel.astype(jnp.float32) * x.astype(jnp.float32)[..., None, :], axis=-1)
+    else:
+        product = jnp.einsum("...i,oi->...o", x, kernel, preferred_element_type=jnp.float32)
     return round_to_bfloat16(product)
 
 
@@ -77,8 +81,8 @@ def round_to_bfloat16(x):
 
     A plain `convert` here gets fused into YNNPACK's multiply-and-sum, which
     then ran 12x slower (the 270M's 262144x640 logits: 358 against 30 ms);
-    YNNPACK takes no integer ops, so the sum ends in float32 and the rounding
-    runs after it. The result equals a `convert`'s, NaN staying NaN.
+    YNNPACK takes no integer ops, so its product ends in float32 and the
+    rounding runs after it. The result equals a `convert`'s, NaN staying NaN.
     """
     import jax.numpy as jnp
     from jax import lax
