@@ -84,3 +84,20 @@ def test_take_rows_is_an_embedding_lookup(dtype):
     assert ops.dtype(rows) == dtype
     expected = ops.convert_to_numpy(ops.cast(ops.cast(table, dtype), "float32"))[ids]
     np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(rows, "float32")), expected)
+
+
+def test_linear_traced_with_an_unknown_batch_size():
+    """A graph traced for any batch size (Keras' `predict`, a SavedModel) has
+    no static row count to choose a product by."""
+    import keras
+
+    x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
+        np.random.default_rng(5), (3, 1, 64), (48, 64)
+    )
+    inputs = keras.Input(shape=(1, 64), dtype="bfloat16")
+    model = keras.Model(
+        inputs, keras.layers.Lambda(lambda t: linear(t, kernel), dtype="bfloat16")(inputs)
+    )
+    assert_bfloat16_result(
+        model.predict(x, verbose=0), np.einsum("bri,oi->bro", x_exact, kernel_exact)
+    )
