@@ -42,10 +42,11 @@ def linear(x, kernel):
       plain bfloat16 dot writes a float32 copy of the kernel on every call
       into freshly mapped memory (a 128 MB copy: 80 ms, mostly page faults).
       Measured on a 16384x2048 kernel: with float32 accumulation requested,
-      2 to 32 rows go to YNNPACK's bfloat16 dot (8 rows: 20 against 101 ms);
-      one row still takes the copy (86 ms), so it is a multiply-and-sum
-      over the last axis, which YNNPACK reads in place (5.5-8 ms). The 270M
-      decodes 15 tokens/s at batch 1 in bfloat16 instead of 1.7.
+      2 rows or more go to YNNPACK's bfloat16 dot (8 rows: 20 against
+      101 ms; 512 rows: 430 against 412 ms, so prefills lose nothing); one
+      row still takes the copy (86 ms), so it is a multiply-and-sum over the
+      last axis, which YNNPACK reads in place (5.5-8 ms). The 270M decodes
+      16 tokens/s at batch 1 in bfloat16 instead of 1.7.
     """
     if name() == "torch":
         import torch
