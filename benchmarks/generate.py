@@ -173,7 +173,7 @@ def worker_keras_hub(args):
     backbone = keras_hub.models.GemmaBackbone(**fields, dtype=args.dtype)
     model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
     model.compile(sampler="greedy")
-    result = {"engine": "keras_hub", "weight_bytes": backbone.count_params() * 4}
+    result = {"engine": "keras_hub", "weight_bytes": weight_bytes(backbone)}
     rng = np.random.default_rng(0)
 
     def generate_for(prompts):

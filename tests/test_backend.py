@@ -24,12 +24,16 @@ def assert_bfloat16_result(result, expected):
     np.testing.assert_allclose(result, expected, rtol=0, atol=0.01 * np.abs(expected).max())
 
 
-# 1 row takes torch's bf16 matrix-vector kernel; 40 rows and more (a prefill) its
-# float32 route on CPUs without AVX512; 2 and 8 rows are batched decoding.
-@pytest.mark.parametrize("batch,length", [(1, 1), (2, 1), (8, 1), (1, 40), (4, 40)])
-def test_bfloat16_linear_is_the_product_of_its_inputs(batch, length):
+# 1 row takes torch's bf16 matrix-vector kernel, and TensorFlow's doubled row
+# from 4096 inputs on; 40 rows and more (a prefill) torch's float32 route on
+# CPUs without AVX512; 2 and 8 rows are batched decoding.
+@pytest.mark.parametrize(
+    "batch,length,width",
+    [(1, 1, 64), (2, 1, 64), (8, 1, 64), (1, 40, 64), (4, 40, 64), (1, 1, 4096)],
+)
+def test_bfloat16_linear_is_the_product_of_its_inputs(batch, length, width):
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
-        np.random.default_rng(0), (batch, length, 64), (48, 64)
+        np.random.default_rng(0), (batch, length, width), (48, width)
     )
     assert_bfloat16_result(linear(x, kernel), np.einsum("bri,oi->bro", x_exact, kernel_exact))
 

@@ -29,8 +29,11 @@ def linear(x, kernel):
       pattern ran the 2B at a sixth of the speed). In bfloat16, 2 to 32 rows
       (batched decoding) ask XLA for float32 accumulation, which takes a
       bfloat16 dot instead of a float32 copy of the kernel (16384x2048, 8
-      rows: 18 against 89 ms); 1 row and 512 rows ran as fast or faster
-      with the `matmul`.
+      rows: 18 against 89 ms); 512 rows ran as fast with the `matmul`. One
+      row is fast with the `matmul` up to 3072 inputs (16384x2048: 11 GB/s)
+      and takes the float32 copy from 4096 on (2048x16384, the 2B's down
+      projection: 0.86 GB/s, 76 ms); there the row is doubled and takes the
+      bfloat16 dot (9.5 GB/s).
     - torch on CPU in float32: oneDNN's inner product, about twice as fast
       as `F.linear` (24 against 12 GB/s on the 270M's embedding); `F.linear`
       elsewhere.
@@ -63,7 +66,11 @@ def linear(x, kernel):
         kernel = keras.ops.convert_to_tensor(kernel)
         flat = tf.reshape(x, (-1, tf.shape(x)[-1]))
         rows = None if None in x.shape[:-1] else math.prod(x.shape[:-1])
-        if x.dtype == tf.bfloat16 and rows is not None and 1 < rows <= 32:
+        if x.dtype == tf.bfloat16 and rows == 1 and x.shape[-1] > 3072:
+            # Two copies of the row, so that XLA takes its bfloat16 dot.
+            twice = _tensorflow_float32_accumulated_dot(tf.concat([flat, flat], 0), kernel)
+            out = tf.cast(twice[:1], tf.bfloat16)
+        elif x.dtype == tf.bfloat16 and rows is not None and 1 < rows <= 32:
             out = tf.cast(_tensorflow_float32_accumulated_dot(flat, kernel), tf.bfloat16)
         else:
             out = tf.matmul(flat, kernel, transpose_b=True)
