@@ -155,6 +155,10 @@ def _extend_chunk(model, state, token_ids):
     return _host_logits(model, logits)
 
 
+def is_token_id(item):
+    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
+
+
 def normalize_inputs(model, inputs):
     """`(list of id lists, was_single, were_strings)` from a string, strings, or ids."""
     if isinstance(inputs, str):
@@ -166,7 +170,7 @@ def normalize_inputs(model, inputs):
             "generate expects a string, a list of strings, or token ids (a list of ints or "
             f"a list of lists); got {type(inputs).__name__} {inputs!r:.80}."
         )
-    if all(isinstance(item, (int, np.integer)) for item in inputs):
+    if all(is_token_id(item) for item in inputs):
         return normalize_inputs(model, [list(inputs)])[0], True, False
     kinds = {
         str
@@ -184,17 +188,24 @@ def normalize_inputs(model, inputs):
                 raise GenerationError(f"Prompt {index} is empty; give at least one character.")
         return [model.tokenizer.encode(text) for text in inputs], False, True
     if kinds == {list}:
-        prompts = [[int(i) for i in item] for item in inputs]
-        for index, prompt in enumerate(prompts):
-            if not prompt:
+        for index, prompt in enumerate(inputs):
+            if len(prompt) == 0:
                 raise GenerationError(f"Prompt {index} has no token ids.")
+            for position, item in enumerate(prompt):
+                if not is_token_id(item):
+                    raise GenerationError(
+                        f"Prompt {index} has {item!r} at position {position}; token ids are "
+                        "integers (encode text with model.tokenizer, or pass the text itself)."
+                    )
+        prompts = [[int(i) for i in item] for item in inputs]
         check_token_ids(
             np.concatenate([np.asarray(p) for p in prompts]), model.config.vocabulary_size
         )
         return prompts, False, False
+    got = sorted(k.__name__ for k in kinds)
     raise GenerationError(
-        "generate takes strings or token-id lists, not a mix "
-        f"(got {sorted(k.__name__ for k in kinds)})."
+        "generate takes strings, token ids (integers) or lists of token ids, "
+        + (f"not a mix (got {got})." if len(got) > 1 else f"got {got[0]} items.")
     )
 
 
