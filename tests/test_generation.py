@@ -146,6 +146,32 @@ def test_chat_with_cache_equals_running_from_scratch(model, opening):
     )
 
 
+def test_max_length_takes_numpy_integers(tokenizer_proto):
+    model = make_model("gemma1_mqa", tokenizer_proto)
+    assert len(model.generate([2, 5, 6], max_length=np.int64(7))) == 7
+
+
+def test_bad_chat_requests(tokenizer_proto):
+    model = make_model("gemma1_mqa", tokenizer_proto)
+    chat = model.start_chat()
+    for text in ["", "  ", 5]:
+        with pytest.raises(GenerationError, match="non-empty string"):
+            chat.send(text)
+    for budget in [0, -1]:
+        with pytest.raises(GenerationError, match="max_new_tokens must be at least 1"):
+            chat.send("Hi", max_new_tokens=budget)
+    with pytest.raises(GenerationError, match="max_new_tokens must be an integer"):
+        chat.send("Hi", max_new_tokens="10")
+    assert chat.messages == [] and chat.token_ids == []  # nothing was half-sent
+    context = model.config.max_sequence_length
+    with pytest.raises(GenerationError, match=f"exceeds the model's context of {context}"):
+        model.start_chat(max_length=context + 1)
+    with pytest.raises(GenerationError, match="max_length must be at least 1"):
+        model.start_chat(max_length=0)
+    with pytest.raises(GenerationError, match="with max_new_tokens=4 it exceeds .*max_length=8"):
+        model.start_chat(max_length=8).send("Hello there, how are you?", max_new_tokens=4)
+
+
 def test_beam_search(model):
     greedy = model.generate(PROMPTS[0], max_new_tokens=6, return_ids=True)
     assert (
@@ -185,6 +211,7 @@ def test_beam_search(model):
         (dict(inputs="ok", sampler="top_k", seed="x"), GenerationError, "seed must be"),
         (dict(inputs="ok", sampler="top_k", seed=-1), GenerationError, "seed must be"),
         (dict(inputs="ok", max_new_tokens=10**9), GenerationError, "Ask for at most 81[0-9]{2} "),
+        (dict(inputs="ok", max_length=5.0), GenerationError, "max_length must be an integer"),
     ],
 )
 def test_bad_requests(tokenizer_proto, kwargs, error, message):

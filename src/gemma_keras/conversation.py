@@ -6,6 +6,7 @@ from gemma_keras.chat_template import apply_chat_template
 from gemma_keras.generation import (
     GenerationError,
     _StopStrings,
+    check_token_count,
     decode_loop,
     extend,
     prefill,
@@ -35,7 +36,14 @@ class Conversation:
             raise GenerationError("Chat needs a tokenizer with <start_of_turn>/<end_of_turn>.")
         self.model = model
         self.system = system
-        self.max_length = max_length or min(model.config.max_sequence_length, 4096)
+        context = model.config.max_sequence_length
+        self.max_length = check_token_count(
+            min(context, 4096) if max_length is None else max_length, "max_length"
+        )
+        if self.max_length > context:
+            raise GenerationError(
+                f"max_length={self.max_length} exceeds the model's context of {context} tokens."
+            )
         self.sampler = get_sampler(sampler if sampler is not None else model.sampler)
         if isinstance(self.sampler, BeamSampler):
             raise GenerationError("Chat samples token by token; beam search is not supported.")
@@ -54,6 +62,7 @@ class Conversation:
         """Adds a user turn and returns the model's reply."""
         if not isinstance(text, str) or not text.strip():
             raise GenerationError("A chat message must be a non-empty string.")
+        max_new_tokens = check_token_count(max_new_tokens, "max_new_tokens")
         tokenizer = self.model.tokenizer
         if self._state is None:
             messages = [{"role": "system", "content": self.system}] if self.system else []

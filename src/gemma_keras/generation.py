@@ -224,11 +224,13 @@ def stop_token_ids(model, prompts):
     return stops
 
 
-def _validate_budget(max_new_tokens):
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-        raise GenerationError(f"max_new_tokens must be an integer, got {max_new_tokens!r}.")
-    if max_new_tokens <= 0:
-        raise GenerationError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+def check_token_count(value, name):
+    """`value` as a positive int, or a `GenerationError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise GenerationError(f"{name} must be an integer, got {value!r}.")
+    if value <= 0:
+        raise GenerationError(f"{name} must be at least 1, got {value}.")
+    return int(value)
 
 
 def new_token_budgets(prompts, max_new_tokens, max_length):
@@ -237,19 +239,15 @@ def new_token_budgets(prompts, max_new_tokens, max_length):
         raise GenerationError("Give max_new_tokens or max_length (total length), not both.")
     if max_length is None:
         max_new_tokens = 64 if max_new_tokens is None else max_new_tokens
-        _validate_budget(max_new_tokens)
-        return [int(max_new_tokens)] * len(prompts)
-    budgets = []
+        return [check_token_count(max_new_tokens, "max_new_tokens")] * len(prompts)
+    max_length = check_token_count(max_length, "max_length")
     for index, prompt in enumerate(prompts):
-        budget = max_length - len(prompt) if isinstance(max_length, int) else max_length
-        if isinstance(budget, int) and budget <= 0:
+        if len(prompt) >= max_length:
             raise GenerationError(
                 f"Prompt {index} is {len(prompt)} tokens, which leaves nothing to generate "
                 f"within max_length={max_length} (max_length counts the prompt)."
             )
-        _validate_budget(budget)
-        budgets.append(int(budget))
-    return budgets
+    return [max_length - len(prompt) for prompt in prompts]
 
 
 class _StopStrings:
