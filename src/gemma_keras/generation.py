@@ -155,8 +155,9 @@ def _extend_chunk(model, state, token_ids):
     return _host_logits(model, logits)
 
 
-def is_token_id(item):
-    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
+def is_integer(value):
+    """A Python or numpy integer; bools are not counts or token ids."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def normalize_inputs(model, inputs):
@@ -170,7 +171,7 @@ def normalize_inputs(model, inputs):
             "generate expects a string, a list of strings, or token ids (a list of ints or "
             f"a list of lists); got {type(inputs).__name__} {inputs!r:.80}."
         )
-    if all(is_token_id(item) for item in inputs):
+    if all(is_integer(item) for item in inputs):
         return normalize_inputs(model, [list(inputs)])[0], True, False
     kinds = {
         str
@@ -192,7 +193,7 @@ def normalize_inputs(model, inputs):
             if len(prompt) == 0:
                 raise GenerationError(f"Prompt {index} has no token ids.")
             for position, item in enumerate(prompt):
-                if not is_token_id(item):
+                if not is_integer(item):
                     raise GenerationError(
                         f"Prompt {index} has {item!r} at position {position}; token ids are "
                         "integers (encode text with model.tokenizer, or pass the text itself)."
@@ -226,7 +227,7 @@ def stop_token_ids(model, prompts):
 
 def check_token_count(value, name):
     """`value` as a positive int, or a `GenerationError` naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not is_integer(value):
         raise GenerationError(f"{name} must be an integer, got {value!r}.")
     if value <= 0:
         raise GenerationError(f"{name} must be at least 1, got {value}.")
@@ -310,9 +311,7 @@ def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng
 def random_generator(seed):
     """The numpy generator behind every sampled token: the same draws for a
     seed on every backend. `seed=None` draws fresh entropy."""
-    if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0
-    ):
+    if seed is not None and (not is_integer(seed) or seed < 0):
         raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}.")
     return np.random.default_rng(seed)
 
