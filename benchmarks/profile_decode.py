@@ -33,9 +33,17 @@ from generate import RESULTS, load_ours, measure_bandwidth, weight_bytes  # noqa
 # (attention's products are `aten::bmm`), XLA's dots (named `dot.N`, or fused
 # into `..._dot_fusion.N`) and its YNNPACK fusions (`ynn_fusion`: the bfloat16
 # multiply-and-sums of `gemma_keras.backend.linear`, and dots YNNPACK takes);
-# attention's two small products per layer count here too.
-TORCH_WEIGHT_PRODUCTS = {"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::mv"}
-XLA_WEIGHT_PRODUCT = re.compile(r"(^|_)dot(_|\.|$)|^ynn_fusion")
+# attention's two small products per layer count here too. In bfloat16 the
+# products are `gemma_keras.native`'s kernel: `ffi_call` on JAX, the
+# `gemma_keras::bf16_linear` operator on torch.
+TORCH_WEIGHT_PRODUCTS = {
+    "mkldnn::_linear_pointwise",
+    "aten::mm",
+    "aten::addmm",
+    "aten::mv",
+    "gemma_keras::bf16_linear",
+}
+XLA_WEIGHT_PRODUCT = re.compile(r"(^|_)dot(_|\.|$)|^ynn_fusion|^ffi_call$")
 
 
 def decode_steps(model, steps):

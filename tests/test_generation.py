@@ -14,10 +14,10 @@ from gemma_keras.samplers import SamplerError
 PROMPTS = ["The capital of", "def add(a, b):\n    return", "Numbers like 12345 and"]
 
 
-def make_model(variant, tokenizer_proto, seed=0):
+def make_model(variant, tokenizer_proto, seed=0, dtype="float32"):
     tokenizer = GemmaTokenizer(tokenizer_proto)
     config = dataclasses.replace(tiny_config(variant), vocabulary_size=tokenizer.vocabulary_size)
-    model = GemmaCausalLM.from_gemma_config(config, dtype="float32")
+    model = GemmaCausalLM.from_gemma_config(config, dtype=dtype)
     # Larger weights than usual make the random model's choices decisive.
     weights = {k: v * 3 for k, v in randomize(model_shapes(model), seed).items()}
     assign_weights(model, weights)

@@ -10,6 +10,8 @@ import warnings
 
 import keras
 
+from gemma_keras import native
+
 
 def name():
     return keras.config.backend()
@@ -44,12 +46,17 @@ def linear(x, kernel):
     - JAX in bfloat16: XLA's CPU backend has no bfloat16 dot of its own; a
       plain bfloat16 dot writes a float32 copy of the kernel on every call
       into freshly mapped memory (a 128 MB copy: 80 ms, mostly page faults).
-      Measured on a 16384x2048 kernel: with float32 accumulation requested,
-      2 rows or more go to YNNPACK's bfloat16 dot (8 rows: 20 against
-      101 ms; 512 rows: 430 against 412 ms, so prefills lose nothing); one
-      row still takes the copy (86 ms), so it is a multiply-and-sum over the
-      last axis, which YNNPACK reads in place (5.5-8 ms). The 270M decodes
-      16 tokens/s at batch 1 in bfloat16 instead of 1.7.
+      Up to 8 rows (decoding) take `gemma_keras.native`'s kernel, an XLA FFI
+      call that widens bfloat16 as it reads (2B decode step: 366 against
+      680 ms). Without it, and for more rows: with float32 accumulation
+      requested, 2 rows or more go to YNNPACK's bfloat16 dot (16384x2048,
+      8 rows: 20 against 101 ms; 512 rows: 430 against 412 ms, so prefills
+      lose nothing); one row would still take the copy (86 ms), so it is a
+      multiply-and-sum over the last axis, which YNNPACK reads in place
+      (5.5-8 ms).
+    - torch in bfloat16 keeps its own product: the native kernel as a torch
+      operator ran a 2B decode step no faster (562 against 516 ms), its
+      threads sharing the two cores with torch's spinning OpenMP workers.
     """
     if name() == "torch":
         import torch
@@ -76,8 +83,67 @@ def linear(x, kernel):
             out = tf.matmul(flat, kernel, transpose_b=True)
         return tf.reshape(out, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[:1]], 0))
     if x.dtype == "bfloat16":
-        return _xla_bfloat16_linear(x, keras.ops.convert_to_tensor(kernel))
+        kernel = keras.ops.convert_to_tensor(kernel)
+        if kernel.dtype == "bfloat16" and _native_fits(x.shape):
+            native_linear = _jax_native_linear()
+            if native_linear is not None:
+                return native_linear(x, kernel)
+        return _xla_bfloat16_linear(x, kernel)
     return keras.ops.einsum("...i,oi->...o", x, kernel)
+
+
+NATIVE_MAX_ROWS = 8
+
+
+def _native_fits(shape):
+    """Whether `native`'s bfloat16 kernel takes a product with `x` of `shape`:
+    decoding (up to 8 rows, where it read 1.1-2x YNNPACK's bytes per second;
+    a prefill's hundreds of rows are compute-bound and go to XLA) with a
+    width its 16-wide blocks divide. A graph traced for any batch size has no
+    row count (None, or one of JAX's symbolic sizes), and takes XLA's product."""
+    if not all(isinstance(size, int) for size in shape) or shape[-1] % 16:
+        return False
+    return math.prod(shape[:-1]) <= NATIVE_MAX_ROWS and native.enabled()
+
+
+@functools.cache
+def _jax_native_linear():
+    """`native`'s kernel as an XLA FFI call on JAX's CPU backend, or None.
+
+    Differentiable: its gradients are the plain product's, so a bfloat16
+    model still trains on JAX with the kernel in its forward pass."""
+    import jax
+    import jax.numpy as jnp
+
+    # `jax.ffi` arrived in JAX 0.4.38; older versions keep XLA's product.
+    if jax.default_backend() != "cpu" or not hasattr(jax, "ffi"):
+        return None
+    library = native.load(jax.ffi.include_dir())
+    if library is None:
+        return None
+    jax.ffi.register_ffi_target(
+        "gemma_bf16_linear", jax.ffi.pycapsule(library.gemma_bf16_linear_ffi), platform="cpu"
+    )
+
+    @jax.custom_vjp
+    def native_linear(x, kernel):
+        flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        result = jax.ShapeDtypeStruct((flat.shape[0], kernel.shape[0]), jnp.float32)
+        out = jax.ffi.ffi_call("gemma_bf16_linear", result)(flat, kernel)
+        return out.astype(jnp.bfloat16).reshape(*x.shape[:-1], kernel.shape[0])
+
+    def forward(x, kernel):
+        return native_linear(x, kernel), (x, kernel)
+
+    def backward(saved, grad):
+        x, kernel = saved
+        f32 = jnp.float32
+        grad_x = jnp.einsum("...o,oi->...i", grad, kernel, preferred_element_type=f32)
+        grad_kernel = jnp.einsum("...o,...i->oi", grad, x, preferred_element_type=f32)
+        return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
+
+    native_linear.defvjp(forward, backward)
+    return native_linear
 
 
 def _xla_bfloat16_linear(x, kernel):
