@@ -54,9 +54,11 @@ def linear(x, kernel):
       lose nothing); one row would still take the copy (86 ms), so it is a
       multiply-and-sum over the last axis, which YNNPACK reads in place
       (5.5-8 ms).
-    - torch in bfloat16 keeps its own product: the native kernel as a torch
-      operator ran a 2B decode step no faster (562 against 516 ms), its
-      threads sharing the two cores with torch's spinning OpenMP workers.
+    - torch in bfloat16 keeps its own product. The native kernel as a torch
+      operator ran a 2B decode step slower: 562 against 516 ms with threads
+      of its own (through ctypes), 680 against 453 ms compiled against ATen
+      and shared out with `at::parallel_for`. Alone in a torch process it
+      read 15-16 GB/s on its own threads and 9-12 on torch's.
     """
     if name() == "torch":
         import torch
