@@ -135,3 +135,18 @@ def test_the_build_is_cached(tmp_path, monkeypatch):
     stamp = built.stat().st_mtime_ns
     assert native._build(command) == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
+
+
+def test_independent_products_in_one_graph():
+    """XLA may run independent products at the same time, each asking its
+    thread pool for help; none may wait on help that never comes."""
+    import jax
+
+    rng = np.random.default_rng(9)
+    x, _, (x_exact, _) = bfloat16_pair(rng, (1, 1, 1024), (1, 1024))
+    kernels = [bfloat16_pair(rng, (1, 1024), (1100, 1024)) for _ in range(4)]
+
+    products = jax.jit(lambda x, *ks: [backend.linear(x, k) for k in ks])
+    results = products(x, *[kernel for _, kernel, _ in kernels])
+    for result, (_, _, (_, kernel_exact)) in zip(results, kernels, strict=True):
+        assert_bfloat16_result(result, np.einsum("bri,oi->bro", x_exact, kernel_exact))
