@@ -3,6 +3,7 @@ matrix-vector products of bfloat16 decoding on JAX's CPU backend."""
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,11 +130,11 @@ def test_the_build_is_cached(tmp_path, monkeypatch):
     import jax
 
     monkeypatch.setenv("GEMMA_KERAS_CACHE", str(tmp_path))
-    command = [shutil.which("c++") or shutil.which("g++"), *native.FLAGS]
-    command.append(f"-I{jax.ffi.include_dir()}")
-    built = native._build(command)
+    compiler = shutil.which("c++") or shutil.which("g++")
+    include_dir = Path(jax.ffi.include_dir())
+    built = native._build(compiler, include_dir)
     stamp = built.stat().st_mtime_ns
-    assert native._build(command) == built and built.stat().st_mtime_ns == stamp
+    assert native._build(compiler, include_dir) == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
 
 

@@ -49,9 +49,8 @@ def load(include_dir):
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if not compiler:
         return _unavailable("no C++ compiler found (set CXX, or install g++)")
-    command = [compiler, *FLAGS, f"-I{include_dir}"]
     try:
-        library = ctypes.CDLL(str(_build(command)))
+        library = ctypes.CDLL(str(_build(compiler, Path(include_dir))))
     except (OSError, subprocess.CalledProcessError) as error:
         details = getattr(error, "stderr", "") or ""
         return _unavailable(f"building {SOURCE.name} failed: {error}\n{details[-2000:]}")
@@ -60,10 +59,10 @@ def load(include_dir):
     return library
 
 
-def _build(command):
-    """Compiles `command` + the source into the cache once; returns the library's path."""
-    version = subprocess.run([command[0], "--version"], capture_output=True, text=True).stdout
-    include_dir = Path(command[-1].removeprefix("-I"))
+def _build(compiler, include_dir):
+    """Compiles the source into the cache once; returns the library's path."""
+    command = [compiler, *FLAGS, f"-I{include_dir}"]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     headers = sorted((include_dir / "xla" / "ffi" / "api").glob("*.h"))
     inputs = [SOURCE.read_bytes(), repr(command).encode(), version.encode()]
     key = hashlib.sha256(b"".join(inputs + [h.read_bytes() for h in headers])).hexdigest()[:16]
