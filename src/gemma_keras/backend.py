@@ -47,8 +47,8 @@ def linear(x, kernel):
       plain bfloat16 dot writes a float32 copy of the kernel on every call
       into freshly mapped memory (a 128 MB copy: 80 ms, mostly page faults).
       Up to 8 rows (decoding) take `gemma_keras.native`'s kernel, an XLA FFI
-      call that widens bfloat16 as it reads (2B decode step: 366 against
-      680 ms). Without it, and for more rows: with float32 accumulation
+      call that widens bfloat16 as it reads (2B decode step: 328 against
+      676 ms). Without it, and for more rows: with float32 accumulation
       requested, 2 rows or more go to YNNPACK's bfloat16 dot (16384x2048,
       8 rows: 20 against 101 ms; 512 rows: 430 against 412 ms, so prefills
       lose nothing); one row would still take the copy (86 ms), so it is a
