@@ -56,6 +56,11 @@ def test_seeded_reproducibility():
         (lambda: Sampler(temperature=float("inf")), "temperature must be a finite number"),
         (lambda: Sampler(top_p=float("nan")), r"top_p must be in \(0, 1\]"),
         (lambda: Sampler(top_k=0), "top_k must be a positive integer"),
+        (lambda: Sampler(top_k=2.0), "top_k must be a positive integer"),
+        (lambda: Sampler(top_k=True), "top_k must be a positive integer"),
+        (lambda: Sampler(temperature="0.7"), "temperature must be a finite number"),
+        (lambda: Sampler(top_p=np.float32(np.nan)), r"top_p must be in \(0, 1\]"),
+        (lambda: BeamSampler(num_beams=np.int64(0)), "num_beams must be a positive integer"),
         (lambda: get_sampler("nucleus"), "Unknown sampler 'nucleus'"),
         (lambda: get_sampler("top_k", q=3), r"takes no option\(s\) \['q'\]"),
     ],
@@ -63,6 +68,15 @@ def test_seeded_reproducibility():
 def test_bad_sampler_settings(make, message):
     with pytest.raises(SamplerError, match=message):
         make()
+
+
+def test_numpy_scalars_are_accepted():
+    """Settings often come out of numpy (a grid of temperatures, an argmax)."""
+    sampler = Sampler(temperature=np.float32(0.5), top_k=np.int64(3), top_p=np.float64(0.9))
+    assert sampler == Sampler(temperature=0.5, top_k=3, top_p=0.9)
+    assert type(sampler.top_k) is int and type(sampler.temperature) is float
+    assert BeamSampler(num_beams=np.int32(2)) == BeamSampler(num_beams=2)
+    assert get_sampler("top_k", k=np.int64(2)).top_k == 2
 
 
 def test_keras_hub_sampler_objects_map_to_ours():

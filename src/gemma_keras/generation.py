@@ -24,7 +24,7 @@ import numpy as np
 
 from gemma_keras import backend
 from gemma_keras.layers.token_embedding import check_token_ids
-from gemma_keras.samplers import BeamSampler, Sampler, get_sampler
+from gemma_keras.samplers import BeamSampler, Sampler, get_sampler, is_integer
 
 
 class GenerationError(ValueError):
@@ -153,11 +153,6 @@ def _extend_chunk(model, state, token_ids):
     state.next_slot += count
     state.lengths += count
     return _host_logits(model, logits)
-
-
-def is_integer(value):
-    """A Python or numpy integer; bools are not counts or token ids."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def normalize_inputs(model, inputs):

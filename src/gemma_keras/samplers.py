@@ -21,6 +21,16 @@ class SamplerError(ValueError):
     """A sampler name or parameter is invalid."""
 
 
+def is_integer(value):
+    """A Python or numpy integer; bools are not counts or token ids."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def is_real(value):
+    """A Python or numpy integer or float (not a bool)."""
+    return is_integer(value) or isinstance(value, (float, np.floating))
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Samples from `softmax(logits / temperature)` restricted to the `top_k`
@@ -32,24 +42,20 @@ class Sampler:
     top_p: float | None = None
 
     def __post_init__(self):
-        if (
-            isinstance(self.temperature, bool)
-            or not isinstance(self.temperature, (int, float))
-            or not 0 <= self.temperature < math.inf
-        ):
+        if not is_real(self.temperature) or not 0 <= self.temperature < math.inf:
             raise SamplerError(
                 f"temperature must be a finite number >= 0, got {self.temperature!r}."
             )
-        if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
-        ):
+        if self.top_k is not None and (not is_integer(self.top_k) or self.top_k < 1):
             raise SamplerError(f"top_k must be a positive integer, got {self.top_k!r}.")
-        if self.top_p is not None and not (
-            isinstance(self.top_p, (int, float))
-            and not isinstance(self.top_p, bool)
-            and 0 < self.top_p <= 1
-        ):
+        if self.top_p is not None and not (is_real(self.top_p) and 0 < self.top_p <= 1):
             raise SamplerError(f"top_p must be in (0, 1], got {self.top_p!r}.")
+        # numpy scalars are stored as Python numbers, so equal samplers compare equal.
+        object.__setattr__(self, "temperature", float(self.temperature))
+        if self.top_k is not None:
+            object.__setattr__(self, "top_k", int(self.top_k))
+        if self.top_p is not None:
+            object.__setattr__(self, "top_p", float(self.top_p))
 
     @property
     def is_greedy(self):
@@ -102,12 +108,9 @@ class BeamSampler:
     num_beams: int = 4
 
     def __post_init__(self):
-        if (
-            isinstance(self.num_beams, bool)
-            or not isinstance(self.num_beams, int)
-            or (self.num_beams < 1)
-        ):
+        if not is_integer(self.num_beams) or self.num_beams < 1:
             raise SamplerError(f"num_beams must be a positive integer, got {self.num_beams!r}.")
+        object.__setattr__(self, "num_beams", int(self.num_beams))
 
 
 def _softmax(x):
