@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import randomize, tiny_config
-from gemma_keras import GemmaCausalLM, GemmaTokenizer, GenerationError
+from gemma_keras import GemmaCausalLM, GemmaTokenizer, GenerationError, generation
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
 from gemma_keras.samplers import SamplerError
 
@@ -57,6 +57,34 @@ def test_greedy_equals_uncached_argmax_for_a_ragged_batch(model):
     assert outputs == argmax_loop(model, prompts, 12)
     # A single prompt gives the same as its row in the batch.
     assert model.generate(prompts[1], max_new_tokens=12) == outputs[1]
+
+
+def test_finished_rows_leave_the_batch(model):
+    """With `max_length`, shorter prompts get longer budgets, so rows finish at
+    different steps; the batch shrinks to the unfinished rows, and every row's
+    tokens stay those it gets in a batch that never shrinks."""
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    assert len(set(map(len, prompts))) == len(prompts)
+    max_length = max(map(len, prompts)) + 6
+    budgets = [max_length - len(p) for p in prompts]
+    step = generation.compiled_step(model)
+    batch_sizes = []
+
+    def recording_step(caches, token_ids, *inputs):
+        batch_sizes.append(token_ids.shape[0])
+        return step(caches, token_ids, *inputs)
+
+    model._compiled_step = recording_step
+    try:
+        greedy = model.generate(prompts, max_length=max_length)
+        sampled = model.generate(prompts, max_length=max_length, sampler="top_k", seed=5)
+    finally:
+        model._compiled_step = step
+    assert greedy == [argmax_loop(model, [p], n)[0] for p, n in zip(prompts, budgets, strict=True)]
+    assert batch_sizes[0] == 3 and 1 in batch_sizes and set(batch_sizes) <= {1, 2, 3}
+    unshrunk = model.generate(prompts, max_new_tokens=max(budgets), sampler="top_k", seed=5)
+    for row, prompt in enumerate(prompts):
+        assert sampled[row] == unshrunk[row][: len(prompt) + budgets[row]]
 
 
 def test_text_in_text_out(model):

@@ -15,7 +15,8 @@ least 16) and the cache length to a power of two (at least 64) holding the
 prompt slots plus `max_new_tokens`, capped at the model's
 `max_sequence_length`. A new prompt length or `max_new_tokens` therefore
 compiles again only when it crosses into a new bucket; a new batch size
-compiles too.
+compiles too, including the power-of-two sizes a batch shrinks to as its
+rows finish.
 """
 
 import dataclasses
@@ -277,12 +278,24 @@ class _StopStrings:
 def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng):
     """Samples from `logits`, feeds the tokens back, and repeats. Yields after each
     step each row's new token ids so far (stop tokens excluded) and which rows
-    are finished. A finished row is fed padding until every row is done."""
+    are finished.
+
+    A finished row is fed padding while the rest of its batch runs on; once
+    the unfinished rows fit a smaller power-of-two batch, the batch is cut
+    down to it (`_drop_finished_rows`), so finished rows stop costing work.
+    """
     batch = len(budgets)
     generated = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
+    rows = np.arange(batch)  # the request row of each row of `state` and `logits`
     pad = model.tokenizer.pad_id if model.tokenizer is not None else 0
     while True:
+        if len(rows) < batch:
+            # The sampler sees every request row, so that a row draws the same
+            # random numbers however early the other rows finish.
+            every_row = np.zeros((batch, logits.shape[-1]), np.float32)
+            every_row[rows] = logits
+            logits = every_row
         tokens = sampler(logits, rng)
         for row in range(batch):
             if finished[row]:
@@ -299,8 +312,26 @@ def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng
         yield generated, finished
         if finished.all():
             return
-        tokens = np.where(finished, pad, tokens).astype(np.int32)
+        rows = _drop_finished_rows(state, rows, finished)
+        tokens = np.where(finished[rows], pad, tokens[rows]).astype(np.int32)
         logits = extend(model, state, tokens[:, None])
+
+
+def _drop_finished_rows(state, rows, finished):
+    """Cuts `state` down to the smallest power-of-two batch that holds its
+    unfinished rows (topped up with finished ones), when that is smaller than
+    it is: the returned `rows` say which request row each row of it is. Batch
+    sizes stay few, so each compiles its decode step once."""
+    unfinished = int((~finished[rows]).sum())
+    size = _bucket(unfinished, 1)
+    if size >= len(rows):
+        return rows
+    # Unfinished rows first (stable, so request order is kept among them).
+    keep = np.sort(np.argsort(finished[rows], kind="stable")[:size])
+    state.caches = _reorder(state.caches, keep)
+    state.key_mask = state.key_mask[keep]
+    state.lengths = state.lengths[keep]
+    return rows[keep]
 
 
 def random_generator(seed):
