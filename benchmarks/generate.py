@@ -63,6 +63,15 @@ def _best_rate(run, nbytes, repeats):
     return nbytes / best / 1e9
 
 
+def save_result(name, result):
+    """Writes `result` to `benchmarks/results/<name>.json`."""
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    with open(path, "w") as file:
+        json.dump(result, file, indent=2)
+    print(f"  saved {path}")
+
+
 def peak_rss_gb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
@@ -361,11 +370,7 @@ def report(args):
     for engine in results["engines"].values():
         if "error" in engine:
             print(f"  {engine['engine']} failed: {engine['error'][-300:]}")
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{args.model}-{results['backend']}-{args.dtype}.json")
-    with open(path, "w") as file:
-        json.dump(results, file, indent=2)
-    print(f"  saved {path}")
+    save_result(f"{args.model}-{results['backend']}-{args.dtype}", results)
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ import time
 
 import keras
 import numpy as np
-from generate import RESULTS, measure_bandwidth, weight_bytes
+from generate import RESULTS, measure_bandwidth, save_result, weight_bytes
 
 
 def build(dtype):
@@ -117,11 +117,7 @@ def main(argv=None):
         result["gemma_keras_decode_tokens_per_second"] = ours
         result["ratio"] = ours / result["decode_tokens_per_second"]
         print(f"  gemma_keras (from {ours_path}): {ours:.2f} tok/s -> {result['ratio']:.1f}x")
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"keras_hub_step-{backend}-{args.dtype}.json")
-    with open(path, "w") as file:
-        json.dump(result, file, indent=2)
-    print(f"  saved {path}")
+    save_result(f"keras_hub_step-{backend}-{args.dtype}", result)
 
 
 if __name__ == "__main__":

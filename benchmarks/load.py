@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from generate import save_result
 
 
 def load_once():
@@ -64,15 +64,10 @@ def main():
             f"  repeated load: {run['seconds']:.1f} s (goal < 10 s), peak RSS "
             f"{run['peak_rss_gb']:.2f} GB ({run['peak_rss_gb'] / float32_gb:.2f}x, goal < 2x)"
         )
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"load-{keras.config.backend()}.json")
-    with open(path, "w") as file:
-        json.dump(
-            {"backend": keras.config.backend(), "first": first, "repeated": repeated},
-            file,
-            indent=2,
-        )
-    print(f"  saved {path}")
+    save_result(
+        f"load-{keras.config.backend()}",
+        {"backend": keras.config.backend(), "first": first, "repeated": repeated},
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import RESULTS, load_ours, measure_bandwidth, weight_bytes  # noqa: E402
+from generate import load_ours, measure_bandwidth, save_result, weight_bytes  # noqa: E402
 
 # Operations that multiply by a weight matrix: torch's oneDNN and BLAS calls
 # (attention's products are `aten::bmm`), XLA's dots (named `dot.N`, or fused
@@ -171,11 +171,7 @@ def main(argv=None):
         "bandwidth_by_kernel": bandwidths,
         "operations_seconds_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"profile-{args.model}-{backend}-{args.dtype}.json")
-    with open(path, "w") as file:
-        json.dump(result, file, indent=2)
-    print(f"  saved {path}")
+    save_result(f"profile-{args.model}-{backend}-{args.dtype}", result)
 
 
 if __name__ == "__main__":
