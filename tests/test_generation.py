@@ -81,7 +81,8 @@ def test_finished_rows_leave_the_batch(model):
     finally:
         model._compiled_step = step
     assert greedy == [argmax_loop(model, [p], n)[0] for p, n in zip(prompts, budgets, strict=True)]
-    assert batch_sizes[0] == 3 and 1 in batch_sizes and set(batch_sizes) <= {1, 2, 3}
+    # A batch is cut only when that at least halves it: 3 rows go straight to 1.
+    assert batch_sizes[0] == 3 and batch_sizes[-1] == 1 and set(batch_sizes) == {1, 3}
     unshrunk = model.generate(prompts, max_new_tokens=max(budgets), sampler="top_k", seed=5)
     for row, prompt in enumerate(prompts):
         assert sampled[row] == unshrunk[row][: len(prompt) + budgets[row]]

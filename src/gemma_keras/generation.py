@@ -281,8 +281,9 @@ def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng
     are finished.
 
     A finished row is fed padding while the rest of its batch runs on; once
-    the unfinished rows fit a smaller power-of-two batch, the batch is cut
-    down to it (`_drop_finished_rows`), so finished rows stop costing work.
+    the unfinished rows fit a power-of-two batch of at most half the size,
+    the batch is cut down to it (`_drop_finished_rows`), so finished rows
+    stop costing work.
     """
     batch = len(budgets)
     generated = [[] for _ in range(batch)]
@@ -319,12 +320,13 @@ def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng
 
 def _drop_finished_rows(state, rows, finished):
     """Cuts `state` down to the smallest power-of-two batch that holds its
-    unfinished rows (topped up with finished ones), when that is smaller than
-    it is: the returned `rows` say which request row each row of it is. Batch
-    sizes stay few, so each compiles its decode step once."""
+    unfinished rows (topped up with finished ones), when that at least halves
+    it: the returned `rows` say which request row each row of it is. Each cut
+    saves at least half of the work for the compile of one more decode step,
+    and a batch of n compiles at most log2(n) of them."""
     unfinished = int((~finished[rows]).sum())
     size = _bucket(unfinished, 1)
-    if size >= len(rows):
+    if size > len(rows) // 2:
         return rows
     # Unfinished rows first (stable, so request order is kept among them).
     keep = np.sort(np.argsort(finished[rows], kind="stable")[:size])
