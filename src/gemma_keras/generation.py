@@ -78,6 +78,18 @@ class DecodeState:
     def cache_length(self):
         return self.key_mask.shape[1]
 
+    def select(self, rows):
+        """Keeps `rows` of the batch, in that order (a row may repeat)."""
+        from keras import ops
+
+        rows = np.asarray(rows, np.int32)
+        self.caches = [
+            (ops.take(key, rows, axis=0), ops.take(value, rows, axis=0))
+            for key, value in self.caches
+        ]
+        self.key_mask = self.key_mask[rows]
+        self.lengths = self.lengths[rows]
+
 
 def plan_lengths(model, prompt_lengths, max_new_tokens):
     """`(prompt_slots, cache_length)` for a batch; raises if it does not fit."""
@@ -328,11 +340,9 @@ def _drop_finished_rows(state, rows, finished):
     size = _bucket(unfinished, 1)
     if size > len(rows) // 2:
         return rows
-    # Unfinished rows first (stable, so request order is kept among them).
-    keep = np.sort(np.argsort(finished[rows], kind="stable")[:size])
-    state.caches = _reorder(state.caches, keep)
-    state.key_mask = state.key_mask[keep]
-    state.lengths = state.lengths[keep]
+    # Every unfinished row, topped up with finished ones, in request order.
+    keep = np.sort(np.argsort(finished[rows])[:size])
+    state.select(keep)
     return rows[keep]
 
 
@@ -395,18 +405,11 @@ def beam_search(model, prompts, budgets, beam, stops):
         if done.all():
             break
         order = (np.arange(batch)[:, None] * width + parents).reshape(-1)
-        state.caches = _reorder(state.caches, order)
+        state.select(order)
         feed = np.where(done.reshape(-1), pad, tokens.reshape(-1)).astype(np.int32)
         logits = extend(model, state, feed[:, None])
     best_beam = np.argmax(scores, axis=-1)
     return [beams[row][best_beam[row]] for row in range(batch)]
-
-
-def _reorder(caches, order):
-    from keras import ops
-
-    order = np.asarray(order, np.int32)
-    return [(ops.take(key, order, axis=0), ops.take(value, order, axis=0)) for key, value in caches]
 
 
 def generate(
