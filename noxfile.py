@@ -5,6 +5,9 @@ nox -s tests-jax         # one backend
 nox -s tests-torch -- -k parity   # extra arguments go to pytest
 """
 
+import os
+import shutil
+
 import nox
 
 nox.options.sessions = ["lint", "tests-jax", "tests-tensorflow", "tests-torch", "tests-keras-min"]
@@ -23,16 +26,27 @@ CORE_TESTS = [
 ]
 nox.options.reuse_existing_virtualenvs = True
 
-BACKENDS = ("jax", "tensorflow", "torch")
+
+def drop_environment_if_asked(session):
+    """Deletes the session's environment when NOX_DROP_ENVIRONMENTS=1 (as .ci/run sets).
+
+    Each test environment holds TensorFlow, PyTorch and JAX, a few GB; a CI machine
+    with little free disk then needs room for one at a time, not four.
+    """
+    if os.environ.get("NOX_DROP_ENVIRONMENTS") == "1":
+        shutil.rmtree(session.virtualenv.location, ignore_errors=True)
 
 
 def run_tests(session, backend):
-    session.install("-c", "constraints.txt", "-e", f".[test,{backend}]")
-    session.run(
-        "pytest",
-        *(session.posargs or ["tests"]),
-        env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    try:
+        session.install("-c", "constraints.txt", "-e", f".[test,{backend}]")
+        session.run(
+            "pytest",
+            *(session.posargs or ["tests"]),
+            env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
+    finally:
+        drop_environment_if_asked(session)
 
 
 @nox.session(name="tests-jax")
@@ -52,8 +66,11 @@ def tests_torch(session):
 
 @nox.session(name="tests-keras-min")
 def tests_keras_min(session):
-    session.install("-c", "constraints.txt", "-e", ".[jax]", "pytest", LOWEST_KERAS)
-    session.run("pytest", *(session.posargs or CORE_TESTS), env={"KERAS_BACKEND": "jax"})
+    try:
+        session.install("-c", "constraints.txt", "-e", ".[jax]", "pytest", LOWEST_KERAS)
+        session.run("pytest", *(session.posargs or CORE_TESTS), env={"KERAS_BACKEND": "jax"})
+    finally:
+        drop_environment_if_asked(session)
 
 
 @nox.session
