@@ -35,10 +35,12 @@ def test_the_kernel_builds_here():
 
 
 # Rows 1-9 cover every x-row block (8 at a time, then the rest); 1030 kernel
-# rows with 1024 inputs are split between threads and leave a tail of rows
-# that no 4-row block covers; 48x32 runs on one thread.
+# rows with 1024 inputs are split between threads into shares whose quarters
+# (one row of x reads four at once) leave tails of rows; 48x32 and 6x16 run
+# on one thread, 6 rows as one quarter row each and a tail of two.
 @pytest.mark.parametrize(
-    "rows,n_out,n_in", [(1, 48, 32), (1, 1030, 1024), (3, 1030, 1024), (8, 1030, 1024), (5, 7, 16)]
+    "rows,n_out,n_in",
+    [(1, 48, 32), (1, 6, 16), (1, 1030, 1024), (3, 1030, 1024), (8, 1030, 1024), (5, 7, 16)],
 )
 def test_kernel_is_the_product_of_its_inputs(rows, n_out, n_in):
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(

@@ -49,16 +49,16 @@ inline float sum_lanes(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// R kernel rows against M rows of x, from kernel row `o` and x row `r`.
-// R * M accumulators stay in registers; each kernel value is read once.
+// Kernel rows o[0..R) against M rows of x from x row `r`. R * M
+// accumulators stay in registers; each kernel value is read once.
 template <int R, int M>
-void block(const Problem& p, int64_t o, int64_t r) {
+void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
   __m256 acc[R][M];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < M; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.n_in; k += 16) {
     __m256 even[R], odd[R];
-    for (int i = 0; i < R; ++i) widen(p.kernel + (o + i) * p.n_in + k, even[i], odd[i]);
+    for (int i = 0; i < R; ++i) widen(p.kernel + o[i] * p.n_in + k, even[i], odd[i]);
     for (int j = 0; j < M; ++j) {
       const float* x = p.x + (r + j) * p.n_in + k;
       __m256 x_even = _mm256_loadu_ps(x), x_odd = _mm256_loadu_ps(x + 8);
@@ -69,31 +69,42 @@ void block(const Problem& p, int64_t o, int64_t r) {
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < M; ++j) p.out[(r + j) * p.n_out + o + i] = sum_lanes(acc[i][j]);
+    for (int j = 0; j < M; ++j) p.out[(r + j) * p.n_out + o[i]] = sum_lanes(acc[i][j]);
 }
 
-// Kernel rows [o, o + R) against every row of x, 8 x rows at a time.
-template <int R>
-void kernel_rows(const Problem& p, int64_t o) {
+// Kernel row `o` against every row of x, 8 x rows at a time.
+void kernel_row(const Problem& p, int64_t o) {
+  const int64_t rows[1] = {o};
   int64_t r = 0;
-  for (; r + 8 <= p.rows; r += 8) block<R, 8>(p, o, r);
+  for (; r + 8 <= p.rows; r += 8) block<1, 8>(p, rows, r);
   switch (p.rows - r) {
-    case 7: block<R, 7>(p, o, r); break;
-    case 6: block<R, 6>(p, o, r); break;
-    case 5: block<R, 5>(p, o, r); break;
-    case 4: block<R, 4>(p, o, r); break;
-    case 3: block<R, 3>(p, o, r); break;
-    case 2: block<R, 2>(p, o, r); break;
-    case 1: block<R, 1>(p, o, r); break;
+    case 7: block<1, 7>(p, rows, r); break;
+    case 6: block<1, 6>(p, rows, r); break;
+    case 5: block<1, 5>(p, rows, r); break;
+    case 4: block<1, 4>(p, rows, r); break;
+    case 3: block<1, 3>(p, rows, r); break;
+    case 2: block<1, 2>(p, rows, r); break;
+    case 1: block<1, 1>(p, rows, r); break;
   }
 }
 
+// Kernel rows [begin, end). With one row of x, four kernel rows go at once,
+// one from each quarter of the range: the core then reads four long
+// sequential streams, which its prefetchers keep ahead of, where four
+// neighbouring rows are four streams that end after one row (a 2048-wide
+// row is one 4 KB page): 1 GB of kernel, 2 threads, median of 6 rounds,
+// 17.2 against 14.5 GB/s.
 void run_rows(const Problem& p, int64_t begin, int64_t end) {
-  int64_t o = begin;
   if (p.rows == 1) {
-    for (; o + 4 <= end; o += 4) kernel_rows<4>(p, o);
+    const int64_t quarter = (end - begin) / 4;
+    for (int64_t j = 0; j < quarter; ++j) {
+      const int64_t rows[4] = {begin + j, begin + quarter + j, begin + 2 * quarter + j,
+                               begin + 3 * quarter + j};
+      block<4, 1>(p, rows, 0);
+    }
+    begin += 4 * quarter;
   }
-  for (; o < end; ++o) kernel_rows<1>(p, o);
+  for (int64_t o = begin; o < end; ++o) kernel_row(p, o);
 }
 
 // The product with x reordered for `block`, cut into `parts` shares of
