@@ -94,7 +94,10 @@ int64_t in_streams(const Problem& p, int64_t begin, int64_t end) {
   for (int64_t j = 0; j < part; ++j) {
     int64_t o[R];
     for (int i = 0; i < R; ++i) o[i] = begin + i * part + j;
-    x_rows<R>(p, o);
+    if (p.rows == 1)
+      block<R, 1>(p, o, 0);
+    else
+      x_rows<R>(p, o);
   }
   return begin + R * part;
 }
