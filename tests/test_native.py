@@ -34,13 +34,22 @@ def test_the_kernel_builds_here():
     assert backend._jax_native_linear() is not None
 
 
-# Rows 1-9 cover every x-row block (8 at a time, then the rest); 1030 kernel
-# rows with 1024 inputs are split between threads into shares whose quarters
-# (one row of x reads four at once) leave tails of rows; 48x32 and 6x16 run
-# on one thread, 6 rows as one quarter row each and a tail of two.
+# Rows 1, 2, 3, 5 and 8 cover every x-row block (4 at a time, then 3, 2 or 1).
+# 1030 kernel rows with 1024 inputs are split between threads into shares
+# whose quarters (one row of x) or halves (more rows) leave tails of rows;
+# 48x32, 6x16 and 7x16 run on one thread, 6 rows as one row from each
+# quarter and a tail of two, 7 as three from each half and a tail of one.
 @pytest.mark.parametrize(
     "rows,n_out,n_in",
-    [(1, 48, 32), (1, 6, 16), (1, 1030, 1024), (3, 1030, 1024), (8, 1030, 1024), (5, 7, 16)],
+    [
+        (1, 48, 32),
+        (1, 6, 16),
+        (1, 1030, 1024),
+        (2, 1030, 1024),
+        (3, 1030, 1024),
+        (8, 1030, 1024),
+        (5, 7, 16),
+    ],
 )
 def test_kernel_is_the_product_of_its_inputs(rows, n_out, n_in):
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(

@@ -72,9 +72,9 @@ void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
     for (int j = 0; j < M; ++j) p.out[(r + j) * p.n_out + o[i]] = sum_lanes(acc[i][j]);
 }
 
-// Kernel rows o[0..R) against every row of x, 4 x rows at a time: R * 4
-// accumulators, 2 * R widened kernel vectors and one x pair fill 14 of the
-// 16 vector registers for R = 2 (and for R = 4 with one x row).
+// Kernel rows o[0..R) against every row of x, 4 x rows at a time: for R = 2,
+// 8 accumulators, 4 widened kernel vectors and one x pair fill 14 of the 16
+// vector registers (as do 4 accumulators and 8 kernel vectors in block<4, 1>).
 template <int R>
 void x_rows(const Problem& p, const int64_t (&o)[R]) {
   int64_t r = 0;
@@ -86,18 +86,15 @@ void x_rows(const Problem& p, const int64_t (&o)[R]) {
   }
 }
 
-// R kernel rows at once, one from each R-th part of [begin, end); returns
-// where the rows that no R-row step covers begin.
-template <int R>
-int64_t in_streams(const Problem& p, int64_t begin, int64_t end) {
+// Calls step(o) with R kernel rows o at a time, one from each R-th part of
+// [begin, end); returns where the rows that no step covers begin.
+template <int R, typename Step>
+int64_t in_streams(int64_t begin, int64_t end, Step step) {
   const int64_t part = (end - begin) / R;
   for (int64_t j = 0; j < part; ++j) {
     int64_t o[R];
     for (int i = 0; i < R; ++i) o[i] = begin + i * part + j;
-    if (p.rows == 1)
-      block<R, 1>(p, o, 0);
-    else
-      x_rows<R>(p, o);
+    step(o);
   }
   return begin + R * part;
 }
@@ -111,7 +108,10 @@ int64_t in_streams(const Problem& p, int64_t begin, int64_t end) {
 // x vector loaded serves two kernel rows (16384x2048 kernel, 8 rows of x:
 // 10.0-11.0 against 20.9 ms for one kernel row at a time).
 void run_rows(const Problem& p, int64_t begin, int64_t end) {
-  begin = p.rows == 1 ? in_streams<4>(p, begin, end) : in_streams<2>(p, begin, end);
+  if (p.rows == 1)
+    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { block<4, 1>(p, o, 0); });
+  else
+    begin = in_streams<2>(begin, end, [&](const int64_t (&o)[2]) { x_rows<2>(p, o); });
   for (int64_t o = begin; o < end; ++o) x_rows<1>(p, {o});
 }
 
