@@ -37,12 +37,13 @@ def drop_environment_if_asked(session):
         shutil.rmtree(session.virtualenv.location, ignore_errors=True)
 
 
-def run_tests(session, backend):
+def run_tests(session, backend, requirements, tests=("tests",)):
+    """Installs `requirements` and runs pytest on `backend` (extra arguments replace `tests`)."""
     try:
-        session.install("-c", "constraints.txt", "-e", f".[test,{backend}]")
+        session.install("-c", "constraints.txt", *requirements)
         session.run(
             "pytest",
-            *(session.posargs or ["tests"]),
+            *(session.posargs or tests),
             env={"KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"},
         )
     finally:
@@ -51,26 +52,22 @@ def run_tests(session, backend):
 
 @nox.session(name="tests-jax")
 def tests_jax(session):
-    run_tests(session, "jax")
+    run_tests(session, "jax", ["-e", ".[test,jax]"])
 
 
 @nox.session(name="tests-tensorflow")
 def tests_tensorflow(session):
-    run_tests(session, "tensorflow")
+    run_tests(session, "tensorflow", ["-e", ".[test,tensorflow]"])
 
 
 @nox.session(name="tests-torch")
 def tests_torch(session):
-    run_tests(session, "torch")
+    run_tests(session, "torch", ["-e", ".[test,torch]"])
 
 
 @nox.session(name="tests-keras-min")
 def tests_keras_min(session):
-    try:
-        session.install("-c", "constraints.txt", "-e", ".[jax]", "pytest", LOWEST_KERAS)
-        session.run("pytest", *(session.posargs or CORE_TESTS), env={"KERAS_BACKEND": "jax"})
-    finally:
-        drop_environment_if_asked(session)
+    run_tests(session, "jax", ["-e", ".[jax]", "pytest", LOWEST_KERAS], CORE_TESTS)
 
 
 @nox.session
