@@ -1,8 +1,10 @@
 """The native bfloat16 kernel (`gemma_keras.native`, `bf16_linear.cc`): the
-matrix-vector products of bfloat16 decoding on JAX's CPU backend."""
+matrix-vector products of bfloat16 decoding on JAX's CPU backend (an XLA FFI
+call) and on torch's (the operator `gemma_keras::bf16_linear`)."""
 
 import logging
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,25 +15,66 @@ from gemma_keras import backend, native
 from test_backend import assert_bfloat16_result, bfloat16_pair
 
 pytestmark = [
-    pytest.mark.skipif(backend.name() != "jax", reason="the kernel is an XLA FFI call (JAX)"),
+    pytest.mark.skipif(
+        backend.name() not in ("jax", "torch"), reason="JAX and torch call the kernel"
+    ),
     pytest.mark.skipif(
         not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler to build it"
     ),
 ]
 
 
-def jitted_linear():
-    import jax
+def skip_unless_torch_takes_it():
+    import torch
 
-    return jax.jit(lambda x, kernel: backend.linear(x, kernel))
+    if backend.name() == "torch" and not backend._slow_bfloat16_matmul(torch.ones(1).bfloat16()):
+        pytest.skip("torch's own bfloat16 product is fast on a CPU with AVX512")
 
 
-def lowered_text(x, kernel):
-    return jitted_linear().lower(x, kernel).as_text()
+@pytest.fixture(autouse=True)
+def _torch_needs_a_cpu_without_avx512():
+    if backend.name() == "torch":
+        skip_unless_torch_takes_it()
+
+
+def include_dir():
+    """What the backend builds the kernel with: XLA's FFI headers on JAX."""
+    if backend.name() == "jax":
+        import jax
+
+        return jax.ffi.include_dir()
+    return None
+
+
+def compiled_linear():
+    """`backend.linear` as decoding runs it: jitted on JAX, without autograd on torch."""
+    if backend.name() == "jax":
+        import jax
+
+        return jax.jit(lambda x, kernel: backend.linear(x, kernel))
+    import torch
+
+    return torch.no_grad()(backend.linear)
+
+
+def takes_the_kernel(x, kernel):
+    if backend.name() == "jax":
+        import jax
+
+        text = jax.jit(lambda x, kernel: backend.linear(x, kernel)).lower(x, kernel).as_text()
+        return "gemma_bf16_linear" in text
+    import torch
+
+    with torch.no_grad(), backend._quiet_torch_jit():
+        graph = torch.jit.trace(backend.linear, (x, kernel), check_trace=False).graph
+    return any(node.kind() == backend.TORCH_NATIVE_OPERATOR for node in graph.nodes())
 
 
 def test_the_kernel_builds_here():
-    assert backend._jax_native_linear() is not None
+    if backend.name() == "jax":
+        assert backend._jax_native_linear() is not None
+    else:
+        assert backend._torch_native_linear() is not None
 
 
 # Rows 1, 2, 3, 5 and 8 cover every x-row block (4 at a time, then 3, 2 or 1).
@@ -55,17 +98,17 @@ def test_kernel_is_the_product_of_its_inputs(rows, n_out, n_in):
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
         np.random.default_rng(rows + n_out), (rows, 1, n_in), (n_out, n_in)
     )
-    assert "gemma_bf16_linear" in lowered_text(x, kernel)
+    assert takes_the_kernel(x, kernel)
     assert_bfloat16_result(
-        jitted_linear()(x, kernel), np.einsum("rsi,oi->rso", x_exact, kernel_exact)
+        compiled_linear()(x, kernel), np.einsum("rsi,oi->rso", x_exact, kernel_exact)
     )
 
 
 def test_kernel_rounds_as_the_dot_does():
     """Float32 sums in another order: each result within one bfloat16 step
-    (2^-8 relative) of XLA's, and most of them equal."""
+    (2^-8 relative) of the backend's own dot, and most of them equal."""
     x, kernel, _ = bfloat16_pair(np.random.default_rng(5), (1, 1, 2048), (4096, 2048))
-    result = ops.convert_to_numpy(ops.cast(jitted_linear()(x, kernel), "float32"))
+    result = ops.convert_to_numpy(ops.cast(compiled_linear()(x, kernel), "float32"))
     dot = ops.convert_to_numpy(ops.cast(ops.einsum("bri,oi->bro", x, kernel), "float32"))
     np.testing.assert_allclose(result, dot, rtol=2**-8, atol=0)
     assert np.mean(result == dot) > 0.9
@@ -77,7 +120,7 @@ def test_infinities_and_nans_propagate():
     x[0, 0, 5] = np.inf
     kernel[1, 5] = -1.0
     kernel[2, 7] = np.nan
-    result = jitted_linear()(ops.cast(x, "bfloat16"), ops.cast(kernel, "bfloat16"))
+    result = compiled_linear()(ops.cast(x, "bfloat16"), ops.cast(kernel, "bfloat16"))
     result = ops.convert_to_numpy(ops.cast(result, "float32"))[0, 0]
     assert result[0] == np.inf and result[1] == -np.inf and np.isnan(result[2])
 
@@ -86,18 +129,37 @@ def test_infinities_and_nans_propagate():
     "shape,reason",
     [((9, 1, 64), "more than 8 rows"), ((1, 1, 40), "a width 16 does not divide")],
 )
-def test_other_products_take_xla(shape, reason):
-    x, kernel, _ = bfloat16_pair(np.random.default_rng(6), shape, (24, shape[-1]))
-    assert "gemma_bf16_linear" not in lowered_text(x, kernel), reason
+def test_other_products_take_the_backends(shape, reason):
+    x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
+        np.random.default_rng(6), shape, (24, shape[-1])
+    )
+    assert not takes_the_kernel(x, kernel), reason
+    assert_bfloat16_result(
+        compiled_linear()(x, kernel), np.einsum("rsi,oi->rso", x_exact, kernel_exact)
+    )
 
 
 def test_turned_off_by_the_environment(monkeypatch):
     x, kernel, _ = bfloat16_pair(np.random.default_rng(7), (1, 1, 64), (24, 64))
     monkeypatch.setenv(native.DISABLE_ENV, "0")
-    assert "gemma_bf16_linear" not in lowered_text(x, kernel)
+    assert not takes_the_kernel(x, kernel)
 
 
 def test_gradients_are_the_plain_products():
+    """On JAX the kernel's gradients are the plain products'; on torch a
+    product that autograd records takes torch's own, which has them."""
+    if backend.name() == "torch":
+        import torch
+
+        x, kernel, _ = bfloat16_pair(np.random.default_rng(8), (2, 1, 64), (24, 64))
+        kernel.requires_grad_()
+        with torch.jit.optimized_execution(False):
+            ops.sum(ops.cast(backend.linear(x, kernel), "float32") ** 2).backward()
+        expected = torch.autograd.grad(
+            ops.sum(ops.cast(torch.nn.functional.linear(x, kernel), "float32") ** 2), kernel
+        )[0]
+        torch.testing.assert_close(kernel.grad, expected)
+        return
     import jax
 
     x, kernel, _ = bfloat16_pair(np.random.default_rng(8), (2, 1, 64), (24, 64))
@@ -123,14 +185,12 @@ def test_greedy_bfloat16_generation_equals_the_uncached_argmax(tokenizer_proto):
 
 
 def test_a_failed_build_warns_and_leaves_nothing(tmp_path, monkeypatch, caplog):
-    import jax
-
     monkeypatch.setenv("GEMMA_KERAS_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", shutil.which("false"))
     native.load.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="gemma_keras.native"):
-            assert native.load(jax.ffi.include_dir()) is None
+            assert native.load(include_dir()) is None
     finally:
         native.load.cache_clear()
     assert "bf16_linear.cc failed" in caplog.text
@@ -138,20 +198,20 @@ def test_a_failed_build_warns_and_leaves_nothing(tmp_path, monkeypatch, caplog):
 
 
 def test_the_build_is_cached(tmp_path, monkeypatch):
-    import jax
-
     monkeypatch.setenv("GEMMA_KERAS_CACHE", str(tmp_path))
     compiler = shutil.which("c++") or shutil.which("g++")
-    include_dir = Path(jax.ffi.include_dir())
-    built = native._build(compiler, include_dir)
+    headers = include_dir() and Path(include_dir())
+    built = native._build(compiler, headers)
     stamp = built.stat().st_mtime_ns
-    assert native._build(compiler, include_dir) == built and built.stat().st_mtime_ns == stamp
+    assert native._build(compiler, headers) == built and built.stat().st_mtime_ns == stamp
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
 
 
 def test_independent_products_in_one_graph():
     """XLA may run independent products at the same time, each asking its
     thread pool for help; none may wait on help that never comes."""
+    if backend.name() != "jax":
+        pytest.skip("XLA's thread pool")
     import jax
 
     rng = np.random.default_rng(9)
@@ -162,3 +222,53 @@ def test_independent_products_in_one_graph():
     results = products(x, *[kernel for _, kernel, _ in kernels])
     for result, (_, _, (_, kernel_exact)) in zip(results, kernels, strict=True):
         assert_bfloat16_result(result, np.einsum("bri,oi->bro", x_exact, kernel_exact))
+
+
+def test_products_from_several_threads():
+    """Products called from several Python threads at once (the kernel's own
+    threads serve one product at a time) each get their own result."""
+    if backend.name() != "torch":
+        pytest.skip("torch calls the kernel on threads of its own")
+    rng = np.random.default_rng(10)
+    x, _, (x_exact, _) = bfloat16_pair(rng, (1, 1, 1024), (1, 1024))
+    kernels = [bfloat16_pair(rng, (1, 1024), (1100 + 8 * i, 1024)) for i in range(4)]
+    results = [None] * len(kernels)
+
+    def multiply(i):
+        for _ in range(20):
+            results[i] = compiled_linear()(x, kernels[i][1])
+
+    threads = [threading.Thread(target=multiply, args=(i,)) for i in range(len(kernels))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for result, (_, _, (_, kernel_exact)) in zip(results, kernels, strict=True):
+        assert_bfloat16_result(result, np.einsum("bri,oi->bro", x_exact, kernel_exact))
+
+
+def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monkeypatch):
+    """The step that calls the kernel runs torch on one thread (the kernel
+    has its own) and gives torch its thread count back afterwards."""
+    if backend.name() != "torch":
+        pytest.skip("torch's thread count")
+    import torch
+
+    from test_generation import make_model
+
+    model = make_model("gemma1_mqa", tokenizer_proto, dtype="bfloat16")
+    seen = []
+    before = torch.get_num_threads()
+    original = backend._torch_threads
+
+    def recording(count):
+        seen.append(count)
+        return original(count)
+
+    monkeypatch.setattr(backend, "_torch_threads", recording)
+    prompt = "the cat sat on the mat " * 3
+    assert len(model.tokenizer.encode(prompt)) > backend.NATIVE_MAX_ROWS
+    model.generate(prompt, max_new_tokens=3)
+    assert torch.get_num_threads() == before
+    # The prefill's rows take torch's product, on torch's threads; each decode step, the kernel.
+    assert seen == [None, 1, 1]

@@ -54,11 +54,15 @@ def linear(x, kernel):
       lose nothing); one row would still take the copy (86 ms), so it is a
       multiply-and-sum over the last axis, which YNNPACK reads in place
       (5.5-8 ms).
-    - torch in bfloat16 keeps its own product. The native kernel as a torch
-      operator ran a 2B decode step slower: 562 against 516 ms with threads
-      of its own (through ctypes), 680 against 453 ms compiled against ATen
-      and shared out with `at::parallel_for`. Alone in a torch process it
-      read 15-16 GB/s on its own threads and 9-12 on torch's.
+    - torch in bfloat16 on a CPU without AVX512, decoding (up to 8 rows):
+      `native`'s kernel, as the operator `gemma_keras::bf16_linear` on
+      threads of its own, while torch runs the rest of the step on one
+      thread (see `_trace_torch_step`). The 2B's weight products at batch
+      1: 357 against 473 ms (13.6 against 10.2 GB/s) for `F.linear`; with
+      torch's two threads beside the kernel, 490 ms. Whole decode steps:
+      the 2B at batch 1, 364-472 against 542-621 ms; the 270M at batch 8,
+      246-287 against 393-430 ms (`F.linear` runs each row on its own);
+      the 270M at batch 1, 78-100 ms either way.
     """
     if name() == "torch":
         import torch
@@ -66,8 +70,16 @@ def linear(x, kernel):
         kernel = keras.ops.convert_to_tensor(kernel)
         if x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32:
             return _onednn_linear()(x, kernel)
-        if _slow_bfloat16_matmul(x, kernel) and x.numel() // x.shape[-1] >= 32:
-            return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
+        if _slow_bfloat16_matmul(x, kernel):
+            # While `torch.jit.trace` records, sizes are tensors; each graph has one shape.
+            shape = tuple(int(size) for size in x.shape)
+            native_linear = _torch_native_linear() if _native_fits(shape) else None
+            # The kernel has no gradient: a product autograd records takes torch's.
+            recorded = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
+            if native_linear is not None and not recorded:
+                return native_linear(x, kernel)
+            if math.prod(shape[:-1]) >= 32:
+                return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
         return torch.nn.functional.linear(x, kernel)
     if name() == "tensorflow":
         import tensorflow as tf
@@ -100,9 +112,10 @@ NATIVE_MAX_ROWS = 8
 def _native_fits(shape):
     """Whether `native`'s bfloat16 kernel takes a product with `x` of `shape`:
     decoding (up to 8 rows, where it read 1.1-2x YNNPACK's bytes per second;
-    a prefill's hundreds of rows are compute-bound and go to XLA) with a
-    width its 16-wide blocks divide. A graph traced for any batch size has no
-    row count (None, or one of JAX's symbolic sizes), and takes XLA's product."""
+    a prefill's hundreds of rows are compute-bound and take the backend's
+    product) with a width its 16-wide blocks divide. A graph traced for any
+    batch size has no row count (None, or one of JAX's symbolic sizes), and
+    takes the backend's product."""
     if not all(isinstance(size, int) for size in shape) or shape[-1] % 16:
         return False
     return math.prod(shape[:-1]) <= NATIVE_MAX_ROWS and native.enabled()
@@ -145,6 +158,43 @@ def _jax_native_linear():
         return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
     native_linear.defvjp(forward, backward)
+    return native_linear
+
+
+TORCH_NATIVE_OPERATOR = "gemma_keras::bf16_linear"
+
+
+@functools.cache
+def _torch_native_linear():
+    """`native`'s kernel as the torch operator `gemma_keras::bf16_linear`, or None.
+
+    An operator, not a plain call, so that `torch.jit.trace` records it in
+    a step's graph. It runs on the kernel's own threads, as many as torch
+    had when the call was recorded (`torch.get_num_threads()`)."""
+    import torch
+
+    library = native.load()
+    if library is None:
+        return None
+    namespace = torch.library.Library("gemma_keras", "DEF")
+    namespace.define("bf16_linear(Tensor x, Tensor kernel, int threads) -> Tensor")
+
+    def bf16_linear(x, kernel, threads):
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+        kernel = kernel.contiguous()
+        (rows, n_in), n_out = flat.shape, kernel.shape[0]
+        out = torch.empty(rows, n_out)
+        pointers = kernel.data_ptr(), flat.data_ptr(), out.data_ptr()
+        library.gemma_bf16_linear(*pointers, rows, n_out, n_in, threads)
+        return out.to(x.dtype).reshape(*x.shape[:-1], n_out)
+
+    namespace.impl("bf16_linear", bf16_linear, "CPU")
+
+    def native_linear(x, kernel):
+        # Reads `namespace`, which must stay alive: dropping it unregisters the operator.
+        operator = getattr(torch.ops, namespace.ns).bf16_linear
+        return operator(x, kernel, torch.get_num_threads())
+
     return native_linear
 
 
@@ -374,15 +424,46 @@ def _trace_torch_step(model, step):
                         pure_step, (values, flat_caches, *inputs), check_trace=False
                     )
                 _simplify(graph.graph)
-                graphs[key] = graph
+                graphs[key] = graph, _only_native_products(graph.graph)
+            graph, serial = graphs[key]
             # Without optimisation TorchScript runs the traced ops as recorded;
             # with it, the second call of every graph spends ~1-2 s profiling
             # and the steps after it are no faster (measured on the 270M).
-            with torch.jit.optimized_execution(False):
-                logits, flat_caches = graphs[key](values, flat_caches, *inputs)
+            with torch.jit.optimized_execution(False), _torch_threads(1 if serial else None):
+                logits, flat_caches = graph(values, flat_caches, *inputs)
         return logits, _pairs(flat_caches)
 
     return traced_step
+
+
+def _only_native_products(graph):
+    """Whether every weight product in a traced graph is the native kernel's
+    (a decode step), so that torch may run the rest on one thread. A prefill
+    also has one: its last position's logits."""
+    kinds = {node.kind() for node in graph.nodes()}
+    # `_onednn_linear` is a scripted function: the trace records a call to it.
+    torch_products = {"aten::linear", "prim::CallFunction"}
+    return TORCH_NATIVE_OPERATOR in kinds and not kinds & torch_products
+
+
+@contextlib.contextmanager
+def _torch_threads(count):
+    """torch on `count` threads (None: as it is) inside the block.
+
+    A graph that calls the native kernel runs torch on one thread: the
+    kernel brings threads of its own, and torch's idle OpenMP workers keep
+    spinning on the cores it needs after each of torch's own operations
+    (the 2B's weight products: 490 ms with torch's two threads beside the
+    kernel, 357 with one). What torch runs between the products at batch
+    1 or 8 is small enough for one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _flatten(caches, inputs):

@@ -4,14 +4,17 @@
 // Why it exists: decoding reads every weight once per token, so its speed is
 // the rate at which the kernel streams from memory. XLA's CPU backend has no
 // bfloat16 dot (it reads bfloat16 at 8-12 GB/s through YNNPACK or writes a
-// float32 copy), on a CPU whose float32 product reads 20-35 GB/s. Widening
-// bfloat16 to float32 is a 16-bit shift, so a plain loop of shifts and fused multiply-adds reads the
-// kernel at close to the memory's speed.
+// float32 copy), and torch's bfloat16 product on a CPU without AVX512 read
+// 9-10 GB/s, on a CPU whose float32 product reads 20-35 GB/s. Widening
+// bfloat16 to float32 is a 16-bit shift, so a plain loop of shifts and fused
+// multiply-adds reads the kernel at close to the memory's speed.
 //
 // Layout: kernel [n_out, n_in] (bfloat16 bits), x [rows, n_in], out [rows,
 // n_out]; n_in is a multiple of 16. Sums run in float32, 8 lanes each, and
-// the caller rounds `out` to bfloat16. Built by gemma_keras/native.py and
-// called from JAX as the XLA FFI handler `gemma_bf16_linear_ffi`.
+// the caller rounds `out` to bfloat16. Built by gemma_keras/native.py, with
+// two entry points: `gemma_bf16_linear_ffi`, an XLA FFI handler for JAX
+// (compiled where GEMMA_KERAS_XLA_FFI is defined, against jaxlib's headers),
+// and `gemma_bf16_linear`, a plain C function on threads of its own (torch).
 
 #include <immintrin.h>
 
@@ -21,9 +24,12 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <vector>
 
+#ifdef GEMMA_KERAS_XLA_FFI
 #include "xla/ffi/api/ffi.h"
+#endif
 
 namespace {
 
@@ -145,24 +151,14 @@ class Product {
   int64_t share_, parts_;
 };
 
-}  // namespace
-
-extern "C" int gemma_bf16_linear_supported() {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-}
-
-namespace ffi = xla::ffi;
-
-// The XLA FFI handler: the shares run on XLA's own intra-op threads. Threads
-// of its own beside them read less (a 2B decode step: 442 against 366 ms), as
-// XLA's idle workers keep spinning on the cores for a while.
-//
-// XLA may run independent products at once, each from a pool thread, so no
-// thread may wait for a share still queued behind it: every thread, the
-// caller included, claims shares until none is left, and the caller then
-// waits only for shares that other threads are running. A task that starts
-// after all shares are claimed returns at once; it owns a reference to the
-// counters, which outlive the call.
+// A product's shares, claimed by whichever thread is free. A thread pool may
+// run tasks late or run several products at once (XLA runs independent ones
+// side by side), so no thread may wait for a share still queued behind it:
+// every thread, the caller included, claims shares until none is left, and
+// the caller then waits only for shares that other threads are running. A
+// task that starts after all shares are claimed returns at once, never
+// reading the product; it owns a reference to the counters, which outlive
+// the call.
 struct Shares {
   explicit Shares(int64_t count) : count(count) {}
   const int64_t count;
@@ -170,6 +166,7 @@ struct Shares {
   std::mutex mutex;
   std::condition_variable all_finished;
 
+  // Runs shares until none is left.
   void work(const Product& product) {
     for (int64_t part; (part = next++) < count;) {
       product.run(part);
@@ -179,8 +176,79 @@ struct Shares {
       }
     }
   }
+
+  // Waits until every claimed share has finished.
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    all_finished.wait(lock, [&] { return finished == count; });
+  }
 };
 
+// Helper threads of the library's own, for callers without a thread pool
+// (torch): started on first use, asleep between products. One product runs
+// at a time; a helper that wakes after its product is done finds no share.
+class OwnThreads {
+ public:
+  void run(const Product& product, int64_t threads) {
+    std::lock_guard<std::mutex> one_at_a_time(calls_);
+    auto shares = std::make_shared<Shares>(product.parts());
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (; helpers_ + 1 < std::min(threads, product.parts()); ++helpers_)
+        std::thread([this] { serve(); }).detach();
+      shares_ = shares;
+      product_ = &product;
+      ++generation_;
+    }
+    wake_.notify_all();
+    shares->work(product);
+    shares->wait();
+  }
+
+ private:
+  void serve() {
+    for (uint64_t seen = 0;;) {
+      std::shared_ptr<Shares> shares;
+      const Product* product;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        shares = shares_;
+        product = product_;
+      }
+      shares->work(*product);
+    }
+  }
+
+  std::mutex calls_, mutex_;
+  std::condition_variable wake_;
+  std::shared_ptr<Shares> shares_;
+  const Product* product_ = nullptr;
+  uint64_t generation_ = 0;
+  int64_t helpers_ = 0;
+};
+
+}  // namespace
+
+extern "C" int gemma_bf16_linear_supported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// x @ kernel.T on the calling thread and up to `threads - 1` helpers.
+extern "C" void gemma_bf16_linear(const uint16_t* kernel, const float* x, float* out,
+                                  int64_t rows, int64_t n_out, int64_t n_in, int64_t threads) {
+  // Never freed: detached helpers wait on it until the process exits.
+  static OwnThreads* own_threads = new OwnThreads;
+  own_threads->run(Product(kernel, x, out, rows, n_out, n_in, threads), threads);
+}
+
+#ifdef GEMMA_KERAS_XLA_FFI
+namespace ffi = xla::ffi;
+
+// The XLA FFI handler: the shares run on XLA's own intra-op threads. Threads
+// of its own beside them read less (a 2B decode step: 442 against 366 ms), as
+// XLA's idle workers keep spinning on the cores for a while.
 static ffi::Error Bf16Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                              ffi::Buffer<ffi::BF16> kernel, ffi::ResultBuffer<ffi::F32> out) {
   auto kernel_dims = kernel.dimensions();
@@ -194,8 +262,7 @@ static ffi::Error Bf16Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
       shares->work(product);
     });
   shares->work(product);
-  std::unique_lock<std::mutex> lock(shares->mutex);
-  shares->all_finished.wait(lock, [&] { return shares->finished == shares->count; });
+  shares->wait();
   return ffi::Error::Success();
 }
 
@@ -205,3 +272,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_bf16_linear_ffi, Bf16Linear,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+#endif  // GEMMA_KERAS_XLA_FFI

@@ -1,15 +1,16 @@
 """Builds and loads the one native kernel: `bf16_linear.cc`, the bfloat16
-matrix-vector product of decoding on JAX's CPU backend, for x86-64 CPUs with
-AVX2 (see the file, and `gemma_keras.backend.linear`).
+matrix-vector product of decoding on JAX's CPU backend and on torch's, for
+x86-64 CPUs with AVX2 (see the file, and `gemma_keras.backend.linear`).
 
 It is compiled on first use with the system's C++ compiler (`$CXX`, else
-`c++` or `g++`) against the XLA FFI headers that jaxlib ships, into the cache
-(`$GEMMA_KERAS_CACHE/kernels`): one library per source, flags, headers and
-compiler, written under a temporary name and renamed into place, so an
-interrupted build leaves nothing half-written. Where it cannot be built or
-run (no compiler, another CPU) `load` returns None after one warning, and
-bfloat16 takes XLA's own product: the same numbers up to the order of the
-float32 sums, about half as fast. `GEMMA_KERAS_NATIVE=0` turns the kernel off.
+`c++` or `g++`), for JAX against the XLA FFI headers that jaxlib ships, into
+the cache (`$GEMMA_KERAS_CACHE/kernels`): one library per source, flags,
+headers and compiler, written under a temporary name and renamed into place,
+so an interrupted build leaves nothing half-written. Where it cannot be
+built or run (no compiler, another CPU) `load` returns None after one
+warning, and bfloat16 takes the backend's own product: the same numbers up
+to the order of the float32 sums, slower. `GEMMA_KERAS_NATIVE=0` turns the
+kernel off.
 """
 
 import ctypes
@@ -38,11 +39,12 @@ def enabled():
 
 
 @functools.cache
-def load(include_dir):
-    """The kernel library (ctypes), exporting the XLA FFI handler
-    `gemma_bf16_linear_ffi`, or None where it cannot be built or run here.
+def load(include_dir=None):
+    """The kernel library (ctypes), or None where it cannot be built or run here.
 
-    `include_dir`: where XLA's FFI headers are (`jax.ffi.include_dir()`).
+    It exports `gemma_bf16_linear`, a C function (see `bf16_linear.cc`), and,
+    given `include_dir` (where XLA's FFI headers are: `jax.ffi.include_dir()`),
+    the XLA FFI handler `gemma_bf16_linear_ffi`.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return _unavailable(f"the kernel is written for x86-64, not {platform.machine()}")
@@ -50,20 +52,25 @@ def load(include_dir):
     if not compiler:
         return _unavailable("no C++ compiler found (set CXX, or install g++)")
     try:
-        library = ctypes.CDLL(str(_build(compiler, Path(include_dir))))
+        library = ctypes.CDLL(str(_build(compiler, include_dir and Path(include_dir))))
     except (OSError, subprocess.CalledProcessError) as error:
         details = getattr(error, "stderr", "") or ""
         return _unavailable(f"building {SOURCE.name} failed: {error}\n{details[-2000:]}")
     if not library.gemma_bf16_linear_supported():
         return _unavailable("this CPU lacks AVX2 or FMA")
+    library.gemma_bf16_linear.restype = None
+    library.gemma_bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     return library
 
 
 def _build(compiler, include_dir):
     """Compiles the source into the cache once; returns the library's path."""
-    command = [compiler, *FLAGS, f"-I{include_dir}"]
+    command = [compiler, *FLAGS]
+    headers = []
+    if include_dir is not None:
+        command += ["-DGEMMA_KERAS_XLA_FFI", f"-I{include_dir}"]
+        headers = sorted((include_dir / "xla" / "ffi" / "api").glob("*.h"))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    headers = sorted((include_dir / "xla" / "ffi" / "api").glob("*.h"))
     inputs = [SOURCE.read_bytes(), repr(command).encode(), version.encode()]
     key = hashlib.sha256(b"".join(inputs + [h.read_bytes() for h in headers])).hexdigest()[:16]
     directory = resolve.cache_dir() / "kernels"
@@ -82,7 +89,7 @@ def _build(compiler, include_dir):
 
 def _unavailable(reason):
     logger.warning(
-        "gemma_keras: bfloat16 decoding on JAX takes XLA's slower product (about half as fast): %s",
+        "gemma_keras: bfloat16 decoding takes the backend's own, slower product: %s",
         reason,
     )
     return None
