@@ -425,11 +425,12 @@ def _trace_torch_step(model, step):
                     )
                 _simplify(graph.graph)
                 graphs[key] = graph, _only_native_products(graph.graph)
-            graph, serial = graphs[key]
+            graph, only_native_products = graphs[key]
+            threads = _torch_on_one_thread() if only_native_products else contextlib.nullcontext()
             # Without optimisation TorchScript runs the traced ops as recorded;
             # with it, the second call of every graph spends ~1-2 s profiling
             # and the steps after it are no faster (measured on the 270M).
-            with torch.jit.optimized_execution(False), _torch_threads(1 if serial else None):
+            with torch.jit.optimized_execution(False), threads:
                 logits, flat_caches = graph(values, flat_caches, *inputs)
         return logits, _pairs(flat_caches)
 
@@ -447,19 +448,19 @@ def _only_native_products(graph):
 
 
 @contextlib.contextmanager
-def _torch_threads(count):
-    """torch on `count` threads (None: as it is) inside the block.
+def _torch_on_one_thread():
+    """torch on one thread inside the block, for a graph whose products are
+    all the native kernel's.
 
-    A graph that calls the native kernel runs torch on one thread: the
-    kernel brings threads of its own, and torch's idle OpenMP workers keep
-    spinning on the cores it needs after each of torch's own operations
+    The kernel brings threads of its own, and torch's idle OpenMP workers
+    keep spinning on the cores it needs after each of torch's own operations
     (the 2B's weight products: 490 ms with torch's two threads beside the
     kernel, 357 with one). What torch runs between the products at batch
     1 or 8 is small enough for one thread."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(count or before)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
