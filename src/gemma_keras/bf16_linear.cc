@@ -33,6 +33,13 @@
 
 namespace {
 
+// How far ahead of its reads each kernel row stream asks for memory, in
+// bfloat16 values (256: 512 bytes, 8 cache lines). The hardware prefetchers
+// stop at each 4 KB page; asking ahead carries a stream across pages (1 GB
+// kernel, 2 threads, medians of 12 alternating rounds: 13.2 and 14.9 GB/s
+// against 10.6 and 12.9 without; 128 to 384 values ahead read alike).
+constexpr int64_t kPrefetchAhead = 256;
+
 struct Problem {
   const uint16_t* kernel;
   const float* x;  // x with each 16-wide block reordered: 8 even, then 8 odd columns
@@ -64,7 +71,12 @@ void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
     for (int j = 0; j < M; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.n_in; k += 16) {
     __m256 even[R], odd[R];
-    for (int i = 0; i < R; ++i) widen(p.kernel + o[i] * p.n_in + k, even[i], odd[i]);
+    for (int i = 0; i < R; ++i) {
+      const uint16_t* row = p.kernel + o[i] * p.n_in + k;
+      // Once per 64-byte line; a prefetch past the kernel's end never faults.
+      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchAhead), _MM_HINT_T0);
+      widen(row, even[i], odd[i]);
+    }
     for (int j = 0; j < M; ++j) {
       const float* x = p.x + (r + j) * p.n_in + k;
       __m256 x_even = _mm256_loadu_ps(x), x_odd = _mm256_loadu_ps(x + 8);
