@@ -30,10 +30,12 @@ def model(request, tokenizer_proto):
     return make_model(request.param, tokenizer_proto)
 
 
-def argmax_loop(model, prompts, steps):
-    """The reference: the uncached forward pass, argmax at each row's last position,
-    repeated. Rows are right-padded to one fixed width (causal attention makes
-    the padding invisible), so every call has the same shape."""
+def argmax_loop(model, prompts, steps, forward=None):
+    """The reference: the uncached forward pass (`forward`, by default the
+    model), argmax at each row's last position, repeated. Rows are right-padded
+    to one fixed width (causal attention makes the padding invisible), so every
+    call has the same shape."""
+    forward = forward or model
     sequences = [list(p) for p in prompts]
     done = [False] * len(prompts)
     width = max(map(len, prompts)) + steps
@@ -42,7 +44,7 @@ def argmax_loop(model, prompts, steps):
         for row, sequence in enumerate(sequences):
             token_ids[row, : len(sequence)] = sequence
         inputs = {"token_ids": token_ids, "padding_mask": (token_ids != 0).astype("int32")}
-        logits = keras.ops.convert_to_numpy(model(inputs))
+        logits = keras.ops.convert_to_numpy(forward(inputs))
         for row, sequence in enumerate(sequences):
             token = int(logits[row, len(sequence) - 1].argmax())
             done[row] = done[row] or token == model.tokenizer.eos_id

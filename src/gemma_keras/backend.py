@@ -6,6 +6,7 @@ Everything else in gemma_keras uses `keras.ops` only.
 import contextlib
 import functools
 import math
+import threading
 import warnings
 
 import keras
@@ -35,7 +36,9 @@ def linear(x, kernel):
       row is fast with the `matmul` up to 3072 inputs (16384x2048: 11 GB/s)
       and takes the float32 copy from 4096 on (2048x16384, the 2B's down
       projection: 0.86 GB/s, 76 ms); there the row is doubled and takes the
-      bfloat16 dot (9.5 GB/s).
+      bfloat16 dot (9.5 GB/s). A decode step in bfloat16 (up to 8 rows)
+      runs without XLA, its products on `native`'s kernel (see
+      `_tensorflow_step`).
     - torch on CPU in float32: oneDNN's inner product, about twice as fast
       as `F.linear` (24 against 12 GB/s on the 270M's embedding); `F.linear`
       elsewhere.
@@ -85,6 +88,11 @@ def linear(x, kernel):
         import tensorflow as tf
 
         kernel = keras.ops.convert_to_tensor(kernel)
+        native_products = getattr(_tensorflow_tracing, "native_products", None)
+        if native_products is not None and x.dtype == kernel.dtype == tf.bfloat16:
+            native_products.append(_native_fits(tuple(x.shape)))
+            if native_products[-1]:
+                return _tensorflow_native_linear()(x, kernel)
         flat = tf.reshape(x, (-1, tf.shape(x)[-1]))
         rows = None if None in x.shape[:-1] else math.prod(x.shape[:-1])
         if x.dtype == tf.bfloat16 and rows == 1 and x.shape[-1] > 3072:
@@ -198,6 +206,29 @@ def _torch_native_linear():
     return native_linear
 
 
+@functools.cache
+def _tensorflow_native_linear():
+    """`native`'s kernel as the TensorFlow operation `GemmaBf16Linear`, or None.
+    TensorFlow's XLA takes no custom calls, so a graph with it runs without XLA."""
+    import tensorflow as tf
+
+    library = native.load_tensorflow() if native.enabled() else None
+    if library is None:
+        return None
+
+    def native_linear(x, kernel):
+        flat = tf.cast(tf.reshape(x, (-1, x.shape[-1])), tf.float32)
+        out = tf.cast(library.gemma_bf16_linear(flat, kernel), x.dtype)
+        return tf.reshape(out, [*x.shape[:-1], kernel.shape[0]])
+
+    return native_linear
+
+
+# While `_tensorflow_native_step` traces: `native_products`, one entry per
+# bfloat16 product, whether it took the native kernel.
+_tensorflow_tracing = threading.local()
+
+
 def _xla_bfloat16_linear(x, kernel):
     """`x @ kernel.T` in bfloat16 on JAX, accumulated in float32 and rounded
     to bfloat16 once, as a plain dot would be (see `linear`)."""
@@ -263,12 +294,18 @@ def take_rows(table, ids):
 
 
 def einsum(equation, a, b):
-    """`keras.ops.einsum`, except in bfloat16 on torch on a CPU without AVX512,
-    where it is computed in float32: torch's bf16 `bmm` there took 19 of the
-    20 s of a 512-token 270M prefill (float32: under 1 s). Both accumulate in
-    float32 and round the result to bfloat16 once."""
+    """`keras.ops.einsum`, computed in float32 and rounded to bfloat16 once
+    where a bfloat16 einsum would be slow or inexact:
+    - torch on a CPU without AVX512: torch's bf16 `bmm` there took 19 of the
+      20 s of a 512-token 270M prefill (float32: under 1 s);
+    - TensorFlow without XLA (a decode step on `native`'s kernel): its own
+      bfloat16 einsum rounds partial sums to bfloat16, XLA's does not."""
     if name() == "torch" and _slow_bfloat16_matmul(a, b):
         return keras.ops.einsum(equation, a.float(), b.float()).to(a.dtype)
+    tracing_without_xla = getattr(_tensorflow_tracing, "native_products", None) is not None
+    if name() == "tensorflow" and tracing_without_xla and a.dtype == "bfloat16":
+        product = keras.ops.einsum(equation, keras.ops.cast(a, "float32"), keras.ops.cast(b, "float32"))
+        return keras.ops.cast(product, a.dtype)
     return keras.ops.einsum(equation, a, b)
 
 
@@ -332,7 +369,8 @@ def compile_step(model, step):
 
     JAX: `jax.jit` over the variables' values (passed as arguments, not baked
     in as constants), the caches donated so XLA updates them in place.
-    TensorFlow: `tf.function(jit_compile=True)` (see `_tensorflow_step`).
+    TensorFlow: `tf.function(jit_compile=True)`, or without XLA for a bfloat16
+    decode step on `native`'s kernel (see `_tensorflow_step`).
     PyTorch: `torch.jit.trace` the same way as JAX (see `_trace_torch_step`).
     Each backend compiles once per input shape; the caller buckets shapes.
     """
@@ -348,7 +386,7 @@ def compile_step(model, step):
         jitted = jax.jit(pure_step, donate_argnums=(1,))
         return lambda caches, *inputs: jitted([v.value for v in variables], caches, *inputs)
     if backend == "tensorflow":
-        return _tensorflow_step(step)
+        return _tensorflow_step(model, step)
     if backend == "torch":
         return _trace_torch_step(model, step)
     return step
@@ -361,13 +399,17 @@ def _with_values(variables, values, step, *inputs):
         return step(*inputs)
 
 
-def _tensorflow_step(step):
+def _tensorflow_step(model, step):
     """TensorFlow: `tf.function(jit_compile=True)`, called through one concrete
     function per input shape with the caches as flat tensors.
 
     Matching the nested `(caches, *inputs)` against `tf.function`'s trace cache
     took ~7 ms per call (18 layers, 40 tensors); a concrete function skips
-    that lookup (measured ~2 ms less per decode step)."""
+    that lookup (measured ~2 ms less per decode step).
+
+    A bfloat16 decode step (up to 8 rows) whose products all take `native`'s
+    kernel runs without XLA instead (see `_tensorflow_native_step`).
+    """
     import tensorflow as tf
 
     def flat_step(flat_caches, *inputs):
@@ -375,18 +417,43 @@ def _tensorflow_step(step):
         return logits, [tensor for pair in new_caches for tensor in pair]
 
     compiled = tf.function(flat_step, jit_compile=True)
+    without_xla = tf.function(flat_step)
+    bfloat16 = any(v.dtype == "bfloat16" for v in model.weights)
     concrete = {}
 
     def call(caches, *inputs):
         flat_caches, inputs, key = _flatten(caches, inputs)
         if key not in concrete:
-            specs = [tf.TensorSpec(x.shape, x.dtype) for x in inputs]
-            cache_specs = [tf.TensorSpec(x.shape, x.dtype) for x in flat_caches]
-            concrete[key] = compiled.get_concrete_function(cache_specs, *specs)
+            specs = [[tf.TensorSpec(x.shape, x.dtype) for x in flat_caches]]
+            specs += [tf.TensorSpec(x.shape, x.dtype) for x in inputs]
+            token_ids = inputs[0]
+            if bfloat16 and math.prod(token_ids.shape) <= NATIVE_MAX_ROWS:
+                concrete[key] = _tensorflow_native_step(without_xla, specs)
+            if concrete.get(key) is None:
+                concrete[key] = compiled.get_concrete_function(*specs)
         logits, flat_caches = concrete[key](flat_caches, *inputs)
         return logits, _pairs(flat_caches)
 
     return call
+
+
+def _tensorflow_native_step(function, specs):
+    """`function` traced for `specs` without XLA, its bfloat16 products on
+    `native`'s kernel, or None where any of them cannot take it (the step is
+    then faster compiled by XLA).
+
+    TensorFlow's XLA takes no custom call, and its own bfloat16 products are
+    slower: a 2B decode step took 489-584 ms compiled by XLA against 315-367
+    ms without it, in the same minutes.
+    """
+    if _tensorflow_native_linear() is None:
+        return None
+    _tensorflow_tracing.native_products = native_products = []
+    try:
+        traced = function.get_concrete_function(*specs)
+    finally:
+        del _tensorflow_tracing.native_products
+    return traced if native_products and all(native_products) else None
 
 
 def _trace_torch_step(model, step):

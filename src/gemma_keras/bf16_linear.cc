@@ -30,6 +30,11 @@
 #ifdef GEMMA_KERAS_XLA_FFI
 #include "xla/ffi/api/ffi.h"
 #endif
+#ifdef GEMMA_KERAS_TF_OP
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#endif
 
 namespace {
 
@@ -285,3 +290,48 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_bf16_linear_ffi, Bf16Linear,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 #endif  // GEMMA_KERAS_XLA_FFI
+
+#ifdef GEMMA_KERAS_TF_OP
+// The TensorFlow operation GemmaBf16Linear(x: float32 [rows, n_in], kernel:
+// bfloat16 [n_out, n_in]) -> float32 [rows, n_out], for decode steps that run
+// without XLA (TensorFlow's XLA takes no custom calls). Its shares run on
+// TensorFlow's intra-op threads, as the FFI handler's run on XLA's.
+namespace tf = tensorflow;
+
+REGISTER_OP("GemmaBf16Linear")
+    .Input("x: float")
+    .Input("kernel: bfloat16")
+    .Output("out: float")
+    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
+      c->set_output(0, c->Matrix(c->Dim(c->input(0), 0), c->Dim(c->input(1), 0)));
+      return tf::OkStatus();
+    });
+
+class GemmaBf16LinearOp : public tf::OpKernel {
+ public:
+  using OpKernel::OpKernel;
+  void Compute(tf::OpKernelContext* context) override {
+    const tf::Tensor& x = context->input(0);
+    const tf::Tensor& kernel = context->input(1);
+    OP_REQUIRES(context, x.dims() == 2 && kernel.dims() == 2 && x.dim_size(1) == kernel.dim_size(1) &&
+                             x.dim_size(1) % 16 == 0,
+                tf::errors::InvalidArgument("GemmaBf16Linear takes x [rows, n_in] and kernel [n_out, n_in] "
+                                            "with n_in a multiple of 16, not ",
+                                            x.shape().DebugString(), " and ", kernel.shape().DebugString()));
+    tf::Tensor* out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(
+                                0, tf::TensorShape({x.dim_size(0), kernel.dim_size(0)}), &out));
+    auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+    Product product(reinterpret_cast<const uint16_t*>(kernel.tensor_data().data()),
+                    x.flat<float>().data(), out->flat<float>().data(), x.dim_size(0),
+                    kernel.dim_size(0), kernel.dim_size(1), pool->NumThreads());
+    auto shares = std::make_shared<Shares>(product.parts());
+    for (int64_t helper = 1; helper < product.parts(); ++helper)
+      pool->Schedule([shares, &product] { shares->work(product); });
+    shares->work(product);
+    shares->wait();
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("GemmaBf16Linear").Device(tf::DEVICE_CPU), GemmaBf16LinearOp);
+#endif  // GEMMA_KERAS_TF_OP

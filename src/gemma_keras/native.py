@@ -1,9 +1,10 @@
 """Builds and loads the one native kernel: `bf16_linear.cc`, the bfloat16
-matrix-vector product of decoding on JAX's CPU backend and on torch's, for
-x86-64 CPUs with AVX2 (see the file, and `gemma_keras.backend.linear`).
+matrix-vector product of decoding on the CPU for every backend, for x86-64
+CPUs with AVX2 (see the file, and `gemma_keras.backend.linear`).
 
 It is compiled on first use with the system's C++ compiler (`$CXX`, else
-`c++` or `g++`), for JAX against the XLA FFI headers that jaxlib ships, into
+`c++` or `g++`), for JAX against the XLA FFI headers that jaxlib ships, for
+TensorFlow against its headers and library as an op library, into
 the cache (`$GEMMA_KERAS_CACHE/kernels`): one library per source, flags,
 headers and compiler, written under a temporary name and renamed into place,
 so an interrupted build leaves nothing half-written. Where it cannot be
@@ -48,14 +49,17 @@ def load(include_dir=None):
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return _unavailable(f"the kernel is written for x86-64, not {platform.machine()}")
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    compiler = _compiler()
     if not compiler:
         return _unavailable("no C++ compiler found (set CXX, or install g++)")
+    flags, headers = [], []
+    if include_dir is not None:
+        flags = ["-DGEMMA_KERAS_XLA_FFI", f"-I{include_dir}"]
+        headers = sorted((Path(include_dir) / "xla" / "ffi" / "api").glob("*.h"))
     try:
-        library = ctypes.CDLL(str(_build(compiler, include_dir and Path(include_dir))))
+        library = ctypes.CDLL(str(_build(compiler, flags, key=[h.read_bytes() for h in headers])))
     except (OSError, subprocess.CalledProcessError) as error:
-        details = getattr(error, "stderr", "") or ""
-        return _unavailable(f"building {SOURCE.name} failed: {error}\n{details[-2000:]}")
+        return _build_failed(error)
     if not library.gemma_bf16_linear_supported():
         return _unavailable("this CPU lacks AVX2 or FMA")
     library.gemma_bf16_linear.restype = None
@@ -63,28 +67,61 @@ def load(include_dir=None):
     return library
 
 
-def _build(compiler, include_dir):
-    """Compiles the source into the cache once; returns the library's path."""
-    command = [compiler, *FLAGS]
-    headers = []
-    if include_dir is not None:
-        command += ["-DGEMMA_KERAS_XLA_FFI", f"-I{include_dir}"]
-        headers = sorted((include_dir / "xla" / "ffi" / "api").glob("*.h"))
+@functools.cache
+def load_tensorflow():
+    """The kernel as the TensorFlow operation `GemmaBf16Linear` (the module that
+    `tf.load_op_library` returns), or None where it cannot be built or run here.
+
+    Built against the installed TensorFlow's headers and library, once per
+    TensorFlow version (about 20 s).
+    """
+    import tensorflow as tf
+
+    if load() is None:  # another CPU, no compiler: already warned
+        return None
+    flags = ["-DGEMMA_KERAS_TF_OP", *tf.sysconfig.get_compile_flags()]
+    try:
+        built = _build(
+            _compiler(), flags, tf.sysconfig.get_link_flags(), key=[tf.__version__.encode()]
+        )
+        return tf.load_op_library(str(built))
+    except (OSError, subprocess.CalledProcessError, tf.errors.NotFoundError) as error:
+        return _build_failed(error)
+
+
+def _compiler():
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+
+
+def _build(compiler, flags=(), link_flags=(), key=()):
+    """Compiles the source into the cache once; returns the library's path.
+
+    `key`: bytes that the library depends on beyond the source, the command
+    and the compiler (the headers it includes, the version it links to)."""
+    command = [compiler, *FLAGS, *flags]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    inputs = [SOURCE.read_bytes(), repr(command).encode(), version.encode()]
-    key = hashlib.sha256(b"".join(inputs + [h.read_bytes() for h in headers])).hexdigest()[:16]
+    inputs = [SOURCE.read_bytes(), repr([command, link_flags]).encode(), version.encode(), *key]
+    digest = hashlib.sha256(b"".join(inputs)).hexdigest()[:16]
     directory = resolve.cache_dir() / "kernels"
-    target = directory / f"bf16_linear-{key}.so"
+    target = directory / f"bf16_linear-{digest}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         built = Path(scratch) / target.name
         subprocess.run(
-            [*command, str(SOURCE), "-o", str(built)], check=True, capture_output=True, text=True
+            [*command, str(SOURCE), *link_flags, "-o", str(built)],
+            check=True,
+            capture_output=True,
+            text=True,
         )
         os.replace(built, target)
     return target
+
+
+def _build_failed(error):
+    details = getattr(error, "stderr", "") or ""
+    return _unavailable(f"building {SOURCE.name} failed: {error}\n{details[-2000:]}")
 
 
 def _unavailable(reason):
