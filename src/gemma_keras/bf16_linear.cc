@@ -12,9 +12,11 @@
 // Layout: kernel [n_out, n_in] (bfloat16 bits), x [rows, n_in], out [rows,
 // n_out]; n_in is a multiple of 16. Sums run in float32, 8 lanes each, and
 // the caller rounds `out` to bfloat16. Built by gemma_keras/native.py, with
-// two entry points: `gemma_bf16_linear_ffi`, an XLA FFI handler for JAX
+// three entry points: `gemma_bf16_linear_ffi`, an XLA FFI handler for JAX
 // (compiled where GEMMA_KERAS_XLA_FFI is defined, against jaxlib's headers),
-// and `gemma_bf16_linear`, a plain C function on threads of its own (torch).
+// the TensorFlow operation `GemmaBf16Linear` (where GEMMA_KERAS_TF_OP is
+// defined, against TensorFlow's), and `gemma_bf16_linear`, a plain C
+// function on threads of its own (torch).
 
 #include <immintrin.h>
 
