@@ -27,6 +27,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifdef GEMMA_KERAS_XLA_FFI
@@ -203,6 +204,20 @@ struct Shares {
   }
 };
 
+// Runs `product` on the calling thread and on a thread pool's (XLA's or
+// TensorFlow's), whose `schedule(task)` runs a task on one of its threads.
+template <typename Schedule>
+void run_on_pool(const Product& product, Schedule schedule) {
+  auto shares = std::make_shared<Shares>(product.parts());
+  for (int64_t helper = 1; helper < product.parts(); ++helper)
+    schedule([shares, &product] {
+      // Reads `product` only after claiming a share, while the caller waits.
+      shares->work(product);
+    });
+  shares->work(product);
+  shares->wait();
+}
+
 // Helper threads of the library's own, for callers without a thread pool
 // (torch): started on first use, asleep between products. One product runs
 // at a time; a helper that wakes after its product is done finds no share.
@@ -274,14 +289,7 @@ static ffi::Error Bf16Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   Product product(reinterpret_cast<const uint16_t*>(kernel.typed_data()), x.typed_data(),
                   out->typed_data(), x.dimensions()[0], kernel_dims[0], kernel_dims[1],
                   pool.num_threads());
-  auto shares = std::make_shared<Shares>(product.parts());
-  for (int64_t helper = 1; helper < product.parts(); ++helper)
-    pool.Schedule([shares, &product] {
-      // Reads `product` only after claiming a share, while the caller waits.
-      shares->work(product);
-    });
-  shares->work(product);
-  shares->wait();
+  run_on_pool(product, [&](auto task) { pool.Schedule(std::move(task)); });
   return ffi::Error::Success();
 }
 
@@ -327,11 +335,7 @@ class GemmaBf16LinearOp : public tf::OpKernel {
     Product product(reinterpret_cast<const uint16_t*>(kernel.tensor_data().data()),
                     x.flat<float>().data(), out->flat<float>().data(), x.dim_size(0),
                     kernel.dim_size(0), kernel.dim_size(1), pool->NumThreads());
-    auto shares = std::make_shared<Shares>(product.parts());
-    for (int64_t helper = 1; helper < product.parts(); ++helper)
-      pool->Schedule([shares, &product] { shares->work(product); });
-    shares->work(product);
-    shares->wait();
+    run_on_pool(product, [&](auto task) { pool->Schedule(std::move(task)); });
   }
 };
 
