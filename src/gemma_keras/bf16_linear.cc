@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <memory>
@@ -47,6 +48,29 @@ namespace {
 // kernel, 2 threads, medians of 12 alternating rounds: 13.2 and 14.9 GB/s
 // against 10.6 and 12.9 without; 128 to 384 values ahead read alike).
 constexpr int64_t kPrefetchAhead = 256;
+
+// Shares of kernel rows per thread. A thread that starts late (a sleeping
+// thread takes tens to hundreds of microseconds to wake on this VM) or runs
+// slow leaves its shares to the others, where with one share per thread
+// every other thread waits for it. And how long a thread with nothing to do
+// keeps checking for work before it sleeps: a decode step runs a product
+// every few hundred microseconds. The 2B's 127 products of one decode step
+// on 2 threads, alternating in one process, medians of 8: 311 ms with one
+// share per thread and no spinning, 259 with 8 shares, 233 with 8 shares
+// and 2 ms of spinning.
+constexpr int64_t kSharesPerThread = 8;
+constexpr auto kSpin = std::chrono::milliseconds(2);
+
+// Whether `done()` became true within kSpin, checking without sleeping.
+template <typename Done>
+bool spin_until(Done done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    _mm_pause();
+  }
+  return true;
+}
 
 struct Problem {
   const uint16_t* kernel;
@@ -142,7 +166,7 @@ void run_rows(const Problem& p, int64_t begin, int64_t end) {
 }
 
 // The product with x reordered for `block`, cut into `parts` shares of
-// kernel rows (multiples of 8) that run on separate threads.
+// kernel rows (multiples of 8) for `threads` threads.
 class Product {
  public:
   Product(const uint16_t* kernel, const float* x, float* out, int64_t rows, int64_t n_out,
@@ -155,11 +179,14 @@ class Product {
           x_blocked_[r * n_in + k + 8 + i] = x[r * n_in + k + 2 * i + 1];
         }
     // Small kernels (under 1M values) are not worth a second thread.
-    if (n_out * n_in < (int64_t(1) << 20) || threads < 1) threads = 1;
-    share_ = std::max<int64_t>(8, ((n_out + threads - 1) / threads + 7) / 8 * 8);
+    threads_ = n_out * n_in < (int64_t(1) << 20) || threads < 1 ? 1 : threads;
+    const int64_t wanted = threads_ == 1 ? 1 : threads_ * kSharesPerThread;
+    share_ = std::max<int64_t>(8, ((n_out + wanted - 1) / wanted + 7) / 8 * 8);
     parts_ = std::max<int64_t>(1, (n_out + share_ - 1) / share_);
+    threads_ = std::min(threads_, parts_);
   }
   int64_t parts() const { return parts_; }
+  int64_t threads() const { return threads_; }
   void run(int64_t part) const {
     int64_t begin = part * share_;
     run_rows(problem_, begin, std::min(problem_.n_out, begin + share_));
@@ -168,7 +195,7 @@ class Product {
  private:
   std::vector<float> x_blocked_;
   Problem problem_;
-  int64_t share_, parts_;
+  int64_t threads_, share_, parts_;
 };
 
 // A product's shares, claimed by whichever thread is free. A thread pool may
@@ -199,6 +226,7 @@ struct Shares {
 
   // Waits until every claimed share has finished.
   void wait() {
+    if (spin_until([&] { return finished == count; })) return;
     std::unique_lock<std::mutex> lock(mutex);
     all_finished.wait(lock, [&] { return finished == count; });
   }
@@ -209,7 +237,7 @@ struct Shares {
 template <typename Schedule>
 void run_on_pool(const Product& product, Schedule schedule) {
   auto shares = std::make_shared<Shares>(product.parts());
-  for (int64_t helper = 1; helper < product.parts(); ++helper)
+  for (int64_t helper = 1; helper < product.threads(); ++helper)
     schedule([shares, &product] {
       // Reads `product` only after claiming a share, while the caller waits.
       shares->work(product);
@@ -219,16 +247,17 @@ void run_on_pool(const Product& product, Schedule schedule) {
 }
 
 // Helper threads of the library's own, for callers without a thread pool
-// (torch): started on first use, asleep between products. One product runs
-// at a time; a helper that wakes after its product is done finds no share.
+// (torch): started on first use, asleep between products after kSpin. One
+// product runs at a time; a helper that wakes after its product is done
+// finds no share.
 class OwnThreads {
  public:
-  void run(const Product& product, int64_t threads) {
+  void run(const Product& product) {
     std::lock_guard<std::mutex> one_at_a_time(calls_);
     auto shares = std::make_shared<Shares>(product.parts());
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      for (; helpers_ + 1 < std::min(threads, product.parts()); ++helpers_)
+      for (; helpers_ + 1 < product.threads(); ++helpers_)
         std::thread([this] { serve(); }).detach();
       shares_ = shares;
       product_ = &product;
@@ -245,6 +274,7 @@ class OwnThreads {
       std::shared_ptr<Shares> shares;
       const Product* product;
       {
+        spin_until([&] { return generation_ != seen; });
         std::unique_lock<std::mutex> lock(mutex_);
         wake_.wait(lock, [&] { return generation_ != seen; });
         seen = generation_;
@@ -259,7 +289,7 @@ class OwnThreads {
   std::condition_variable wake_;
   std::shared_ptr<Shares> shares_;
   const Product* product_ = nullptr;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   int64_t helpers_ = 0;
 };
 
@@ -274,7 +304,7 @@ extern "C" void gemma_bf16_linear(const uint16_t* kernel, const float* x, float*
                                   int64_t rows, int64_t n_out, int64_t n_in, int64_t threads) {
   // Never freed: detached helpers wait on it until the process exits.
   static OwnThreads* own_threads = new OwnThreads;
-  own_threads->run(Product(kernel, x, out, rows, n_out, n_in, threads), threads);
+  own_threads->run(Product(kernel, x, out, rows, n_out, n_in, threads));
 }
 
 #ifdef GEMMA_KERAS_XLA_FFI
