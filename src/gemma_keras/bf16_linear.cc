@@ -49,15 +49,15 @@ namespace {
 // against 10.6 and 12.9 without; 128 to 384 values ahead read alike).
 constexpr int64_t kPrefetchAhead = 256;
 
-// Shares of kernel rows per thread. A thread that starts late (a sleeping
-// thread takes tens to hundreds of microseconds to wake on this VM) or runs
-// slow leaves its shares to the others, where with one share per thread
-// every other thread waits for it. And how long a thread with nothing to do
-// keeps checking for work before it sleeps: a decode step runs a product
-// every few hundred microseconds. The 2B's 127 products of one decode step
-// on 2 threads, alternating in one process, medians of 8: 311 ms with one
-// share per thread and no spinning, 259 with 8 shares, 233 with 8 shares
-// and 2 ms of spinning.
+// Shares of kernel rows per thread, claimed by whichever thread is free: a
+// thread that starts late (woken from sleep) or runs slow leaves its shares
+// to the others, where with one share per thread the others wait for it.
+// kSpin: how long a thread with nothing to do keeps checking for work before
+// it sleeps, since waking a sleeping thread is slow on a VM and a decode step
+// starts its next product well within 2 ms. The 2B's 127 products of one
+// decode step on 2 threads, alternating in one process, medians of 8: 311 ms
+// with one share per thread and no spinning, 259 with 8 shares, 233 with 8
+// shares and 2 ms of spinning.
 constexpr int64_t kSharesPerThread = 8;
 constexpr auto kSpin = std::chrono::milliseconds(2);
 
