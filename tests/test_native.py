@@ -332,3 +332,19 @@ def test_tensorflow_decodes_without_xla_on_the_kernel(tokenizer_proto, monkeypat
     assert len(traced) == 1
     operations = {operation.type for operation in traced[0].graph.get_operations()}
     assert "GemmaBf16Linear" in operations
+
+
+def test_the_torch_operator_names_what_it_takes():
+    """The operator checks its inputs itself, so a wrong call fails with a
+    message rather than reading past a tensor."""
+    if backend.name() != "torch":
+        pytest.skip("the torch operator")
+    import torch
+
+    operator = native.load_torch()
+    kernel = torch.zeros(32, 24, dtype=torch.bfloat16)
+    shapes = r"n_in a multiple of 16.*\[1, 24\] and BFloat16 \[32, 24\]"
+    with pytest.raises(RuntimeError, match=shapes):
+        operator(torch.zeros(1, 24, dtype=torch.bfloat16), kernel, 1)
+    with pytest.raises(RuntimeError, match="takes bfloat16 x"):
+        operator(torch.zeros(1, 32), torch.zeros(8, 32, dtype=torch.bfloat16), 1)

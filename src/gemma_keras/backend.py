@@ -181,29 +181,10 @@ def _torch_native_linear():
     had when the call was recorded (`torch.get_num_threads()`)."""
     import torch
 
-    library = native.load()
-    if library is None:
+    operator = native.load_torch() if native.enabled() else None
+    if operator is None:
         return None
-    namespace = torch.library.Library("gemma_keras", "DEF")
-    namespace.define("bf16_linear(Tensor x, Tensor kernel, int threads) -> Tensor")
-
-    def bf16_linear(x, kernel, threads):
-        flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-        kernel = kernel.contiguous()
-        (rows, n_in), n_out = flat.shape, kernel.shape[0]
-        out = torch.empty(rows, n_out)
-        pointers = kernel.data_ptr(), flat.data_ptr(), out.data_ptr()
-        library.gemma_bf16_linear(*pointers, rows, n_out, n_in, threads)
-        return out.to(x.dtype).reshape(*x.shape[:-1], n_out)
-
-    namespace.impl("bf16_linear", bf16_linear, "CPU")
-
-    def native_linear(x, kernel):
-        # Reads `namespace`, which must stay alive: dropping it unregisters the operator.
-        operator = getattr(torch.ops, namespace.ns).bf16_linear
-        return operator(x, kernel, torch.get_num_threads())
-
-    return native_linear
+    return lambda x, kernel: operator(x, kernel, torch.get_num_threads())
 
 
 @functools.cache

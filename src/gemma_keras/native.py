@@ -43,9 +43,9 @@ def enabled():
 def load(include_dir=None):
     """The kernel library (ctypes), or None where it cannot be built or run here.
 
-    It exports `gemma_bf16_linear`, a C function (see `bf16_linear.cc`), and,
-    given `include_dir` (where XLA's FFI headers are: `jax.ffi.include_dir()`),
-    the XLA FFI handler `gemma_bf16_linear_ffi`.
+    It exports `gemma_bf16_linear_supported()`, whether this CPU runs the
+    kernel, and, given `include_dir` (where XLA's FFI headers are:
+    `jax.ffi.include_dir()`), the XLA FFI handler `gemma_bf16_linear_ffi`.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return _unavailable(f"the kernel is written for x86-64, not {platform.machine()}")
@@ -62,8 +62,6 @@ def load(include_dir=None):
         return _build_failed(error)
     if not library.gemma_bf16_linear_supported():
         return _unavailable("this CPU lacks AVX2 or FMA")
-    library.gemma_bf16_linear.restype = None
-    library.gemma_bf16_linear.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     return library
 
 
@@ -87,6 +85,31 @@ def load_tensorflow():
         return tf.load_op_library(str(built))
     except (OSError, subprocess.CalledProcessError, tf.errors.NotFoundError) as error:
         return _build_failed(error)
+
+
+@functools.cache
+def load_torch():
+    """The kernel as the torch operator `gemma_keras::bf16_linear` (the
+    `torch.ops` handle), or None where it cannot be built or run here.
+
+    Built against the installed torch's headers and libraries, once per
+    torch version (about 15 s).
+    """
+    import torch
+
+    if load() is None:  # another CPU, no compiler: already warned
+        return None
+    root = Path(torch.__file__).parent
+    abi = int(torch.compiled_with_cxx11_abi())
+    flags = ["-DGEMMA_KERAS_TORCH_OP", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}"]
+    libraries = root / "lib"
+    link_flags = [f"-L{libraries}", f"-Wl,-rpath,{libraries}", "-lc10", "-ltorch", "-ltorch_cpu"]
+    try:
+        built = _build(_compiler(), flags, link_flags, key=[torch.__version__.encode()])
+        torch.ops.load_library(str(built))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        return _build_failed(error)
+    return torch.ops.gemma_keras.bf16_linear
 
 
 def _compiler():
