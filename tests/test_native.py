@@ -108,6 +108,7 @@ def test_the_kernel_builds_here():
         (2, 1030, 1024),
         (3, 1030, 1024),
         (8, 1030, 1024),
+        (backend.NATIVE_MAX_ROWS, 1030, 1024),
         (5, 7, 16),
     ],
 )
@@ -152,7 +153,10 @@ def test_infinities_and_nans_propagate():
 
 @pytest.mark.parametrize(
     "shape,reason",
-    [((9, 1, 64), "more than 8 rows"), ((1, 1, 40), "a width 16 does not divide")],
+    [
+        ((backend.NATIVE_MAX_ROWS + 1, 1, 64), "more rows than a short prefill"),
+        ((1, 1, 40), "a width 16 does not divide"),
+    ],
 )
 def test_other_products_take_the_backends(shape, reason):
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
@@ -280,8 +284,9 @@ def test_products_from_several_threads():
 
 
 def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monkeypatch):
-    """The step that calls the kernel runs torch on one thread (the kernel
-    has its own) and gives torch its thread count back afterwards."""
+    """A step whose products all take the kernel (decoding, a prefill of up
+    to `NATIVE_MAX_ROWS` tokens) runs torch on one thread (the kernel has its
+    own) and gives torch its thread count back afterwards."""
     if backend.name() != "torch":
         pytest.skip("torch's thread count")
     import torch
@@ -300,18 +305,25 @@ def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monk
             yield
 
     monkeypatch.setattr(backend, "_torch_on_one_thread", recording)
+    model.generate("the cat", max_new_tokens=3)
+    assert torch.get_num_threads() == before
+    # The prefill and the two decode steps after it.
+    assert threads_in_steps == [1, 1, 1]
+
+    threads_in_steps.clear()
+    monkeypatch.setattr(backend, "NATIVE_MAX_ROWS", 8)
     prompt = "the cat sat on the mat " * 3
     assert len(model.tokenizer.encode(prompt)) > backend.NATIVE_MAX_ROWS
     model.generate(prompt, max_new_tokens=3)
     assert torch.get_num_threads() == before
-    # The prefill's rows take torch's product, on torch's threads; the two
-    # decode steps after it, the kernel.
+    # The longer prefill's rows take torch's product, on torch's threads.
     assert threads_in_steps == [1, 1]
 
 
-def test_tensorflow_decodes_without_xla_on_the_kernel(tokenizer_proto, monkeypatch):
-    """On TensorFlow the prefill (more than 8 rows) is compiled by XLA; each
-    decode step is traced without XLA, on the kernel."""
+def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch):
+    """On TensorFlow a step of up to `NATIVE_MAX_ROWS` tokens (each decode
+    step, a short prefill) is traced without XLA, on the kernel; a longer
+    prefill is compiled by XLA."""
     if backend.name() != "tensorflow":
         pytest.skip("TensorFlow's XLA takes no custom call")
     from test_generation import make_model
@@ -325,13 +337,22 @@ def test_tensorflow_decodes_without_xla_on_the_kernel(tokenizer_proto, monkeypat
         return traced[-1]
 
     monkeypatch.setattr(backend, "_tensorflow_native_step", recording)
+    monkeypatch.setattr(backend, "NATIVE_MAX_ROWS", 8)
     prompt = "the cat sat on the mat " * 3
     assert len(model.tokenizer.encode(prompt)) > backend.NATIVE_MAX_ROWS
     model.generate([prompt, "the cat"], max_new_tokens=3)
-    # One decode step shape (batch 2, one token), traced once.
+    # One step shape without XLA (batch 2, one token), traced once.
     assert len(traced) == 1
     operations = {operation.type for operation in traced[0].graph.get_operations()}
     assert "GemmaBf16Linear" in operations
+
+    traced.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(backend, "_tensorflow_native_step", recording)
+    assert len(model.tokenizer.encode(prompt)) <= backend.NATIVE_MAX_ROWS
+    model.generate(prompt, max_new_tokens=3)
+    # The prefill and the decode step (batch 1), both on the kernel.
+    assert len(traced) == 2 and all(traced)
 
 
 def test_the_torch_operator_names_what_it_takes():

@@ -36,9 +36,9 @@ def linear(x, kernel):
       row is fast with the `matmul` up to 3072 inputs (16384x2048: 11 GB/s)
       and takes the float32 copy from 4096 on (2048x16384, the 2B's down
       projection: 0.86 GB/s, 76 ms); there the row is doubled and takes the
-      bfloat16 dot (9.5 GB/s). A decode step in bfloat16 (up to 8 rows)
-      runs without XLA, its products on `native`'s kernel (see
-      `_tensorflow_step`).
+      bfloat16 dot (9.5 GB/s). A bfloat16 step of up to `NATIVE_MAX_ROWS`
+      rows (decoding, short prefills) runs without XLA, its products on
+      `native`'s kernel (see `_tensorflow_step`).
     - torch on CPU in float32: oneDNN's inner product, about twice as fast
       as `F.linear` (24 against 12 GB/s on the 270M's embedding); `F.linear`
       elsewhere.
@@ -49,18 +49,19 @@ def linear(x, kernel):
     - JAX in bfloat16: XLA's CPU backend has no bfloat16 dot of its own; a
       plain bfloat16 dot writes a float32 copy of the kernel on every call
       into freshly mapped memory (a 128 MB copy: 80 ms, mostly page faults).
-      Up to 8 rows (decoding) take `gemma_keras.native`'s kernel, an XLA FFI
-      call that widens bfloat16 as it reads (2B decode step: 328 against
-      676 ms). Without it, and for more rows: with float32 accumulation
+      Up to `NATIVE_MAX_ROWS` rows (decoding, short prefills) take
+      `gemma_keras.native`'s kernel, an XLA FFI call that widens bfloat16 as
+      it reads (2B decode step: 328 against 676 ms). Without it, and for
+      more rows: with float32 accumulation
       requested, 2 rows or more go to YNNPACK's bfloat16 dot (16384x2048,
       8 rows: 20 against 101 ms; 512 rows: 430 against 412 ms, so prefills
       lose nothing); one row would still take the copy (86 ms), so it is a
       multiply-and-sum over the last axis, which YNNPACK reads in place
       (5.5-8 ms).
-    - torch in bfloat16 on a CPU without AVX512, decoding (up to 8 rows):
-      `native`'s kernel, as the operator `gemma_keras::bf16_linear` on
-      threads of its own, while torch runs the rest of the step on one
-      thread (see `_trace_torch_step`). The 2B's weight products at batch
+    - torch in bfloat16 on a CPU without AVX512, up to `NATIVE_MAX_ROWS`
+      rows (decoding, short prefills): `native`'s kernel, as the operator
+      `gemma_keras::bf16_linear` on threads of its own, while torch runs the
+      rest of the step on one thread (see `_trace_torch_step`). The 2B's weight products at batch
       1: 357 against 473 ms (13.6 against 10.2 GB/s) for `F.linear`; with
       torch's two threads beside the kernel, 490 ms. Whole decode steps:
       the 2B at batch 1, 364-472 against 542-621 ms; the 270M at batch 8,
@@ -114,16 +115,24 @@ def linear(x, kernel):
     return keras.ops.einsum("...i,oi->...o", x, kernel)
 
 
-NATIVE_MAX_ROWS = 8
+# The most rows (tokens in a step) whose bfloat16 products take `native`'s
+# kernel: it reads the kernel once for all of them and ran faster than each
+# backend's own product up to 128 rows. A 16384x2048 kernel, best of 3:
+#   rows        8     32    128    256    512
+#   native    5.8     22     90    170    335 ms  (torch; JAX and TF alike)
+#   torch      62     73    111    170    302 ms  (float32 copy, oneDNN)
+#   JAX XLA    11     26     86    168    341 ms
+#   TF XLA     14     30    117    166    272 ms
+# So decode steps and prefills of up to 128 tokens take it; longer prefills,
+# compute-bound, take the backend's product.
+NATIVE_MAX_ROWS = 128
 
 
 def _native_fits(shape):
     """Whether `native`'s bfloat16 kernel takes a product with `x` of `shape`:
-    decoding (up to 8 rows, where it read 1.1-2x YNNPACK's bytes per second;
-    a prefill's hundreds of rows are compute-bound and take the backend's
-    product) with a width its 16-wide blocks divide. A graph traced for any
-    batch size has no row count (None, or one of JAX's symbolic sizes), and
-    takes the backend's product."""
+    up to `NATIVE_MAX_ROWS` rows, with a width its 16-wide blocks divide. A
+    graph traced for any batch size has no row count (None, or one of JAX's
+    symbolic sizes), and takes the backend's product."""
     if not all(isinstance(size, int) for size in shape) or shape[-1] % 16:
         return False
     return math.prod(shape[:-1]) <= NATIVE_MAX_ROWS and native.enabled()
@@ -388,8 +397,9 @@ def _tensorflow_step(model, step):
     took ~7 ms per call (18 layers, 40 tensors); a concrete function skips
     that lookup (measured ~2 ms less per decode step).
 
-    A bfloat16 decode step (up to 8 rows) whose products all take `native`'s
-    kernel runs without XLA instead (see `_tensorflow_native_step`).
+    A bfloat16 step of up to `NATIVE_MAX_ROWS` rows (decoding, a short
+    prefill) whose products all take `native`'s kernel runs without XLA
+    instead (see `_tensorflow_native_step`).
     """
     import tensorflow as tf
 
@@ -489,8 +499,8 @@ def _trace_torch_step(model, step):
 
 def _only_native_products(graph):
     """Whether every weight product in a traced graph is the native kernel's
-    (a decode step), so that torch may run the rest on one thread. A prefill
-    also has one: its last position's logits."""
+    (a decode step, a short prefill), so that torch may run the rest on one
+    thread. A longer prefill also has one: its last position's logits."""
     kinds = {node.kind() for node in graph.nodes()}
     # `_onednn_linear` is a scripted function: the trace records a call to it.
     torch_products = {"aten::linear", "prim::CallFunction"}
@@ -505,8 +515,8 @@ def _torch_on_one_thread():
     The kernel brings threads of its own, and torch's idle OpenMP workers
     keep spinning on the cores it needs after each of torch's own operations
     (the 2B's weight products: 490 ms with torch's two threads beside the
-    kernel, 357 with one). What torch runs between the products at batch
-    1 or 8 is small enough for one thread."""
+    kernel, 357 with one). What torch runs between the products of up to
+    `NATIVE_MAX_ROWS` rows is small enough for one thread."""
     import torch
 
     before = torch.get_num_threads()
