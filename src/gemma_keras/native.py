@@ -75,16 +75,10 @@ def load_tensorflow():
     """
     import tensorflow as tf
 
-    if load() is None:  # another CPU, no compiler: already warned
-        return None
     flags = ["-DGEMMA_KERAS_TF_OP", *tf.sysconfig.get_compile_flags()]
-    try:
-        built = _build(
-            _compiler(), flags, tf.sysconfig.get_link_flags(), key=[tf.__version__.encode()]
-        )
-        return tf.load_op_library(str(built))
-    except (OSError, subprocess.CalledProcessError, tf.errors.NotFoundError) as error:
-        return _build_failed(error)
+    link_flags = tf.sysconfig.get_link_flags()
+    errors = (tf.errors.NotFoundError,)
+    return _build_for(flags, link_flags, tf.__version__, tf.load_op_library, errors)
 
 
 @functools.cache
@@ -97,19 +91,31 @@ def load_torch():
     """
     import torch
 
-    if load() is None:  # another CPU, no compiler: already warned
-        return None
     root = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
     flags = ["-DGEMMA_KERAS_TORCH_OP", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}"]
     libraries = root / "lib"
     link_flags = [f"-L{libraries}", f"-Wl,-rpath,{libraries}", "-lc10", "-ltorch", "-ltorch_cpu"]
+
+    def load_operator(path):
+        torch.ops.load_library(path)
+        return torch.ops.gemma_keras.bf16_linear
+
+    return _build_for(flags, link_flags, torch.__version__, load_operator, (RuntimeError,))
+
+
+def _build_for(flags, link_flags, version, load_library, errors):
+    """The kernel built against a framework (`flags`, `link_flags`; one build
+    per framework `version`) and loaded by `load_library(path)`, or None after
+    one warning where building or loading fails (`errors`: the framework's
+    own loading errors)."""
+    if load() is None:  # another CPU, no compiler: already warned
+        return None
     try:
-        built = _build(_compiler(), flags, link_flags, key=[torch.__version__.encode()])
-        torch.ops.load_library(str(built))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as error:
+        built = _build(_compiler(), flags, link_flags, key=[version.encode()])
+        return load_library(str(built))
+    except (OSError, subprocess.CalledProcessError, *errors) as error:
         return _build_failed(error)
-    return torch.ops.gemma_keras.bf16_linear
 
 
 def _compiler():
