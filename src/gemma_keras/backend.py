@@ -52,21 +52,21 @@ def linear(x, kernel):
       Up to `NATIVE_MAX_ROWS` rows (decoding, short prefills) take
       `gemma_keras.native`'s kernel, an XLA FFI call that widens bfloat16 as
       it reads (2B decode step: 328 against 676 ms). Without it, and for
-      more rows: with float32 accumulation
-      requested, 2 rows or more go to YNNPACK's bfloat16 dot (16384x2048,
-      8 rows: 20 against 101 ms; 512 rows: 430 against 412 ms, so prefills
-      lose nothing); one row would still take the copy (86 ms), so it is a
-      multiply-and-sum over the last axis, which YNNPACK reads in place
-      (5.5-8 ms).
+      more rows: with float32 accumulation requested, 2 rows or more go to
+      YNNPACK's bfloat16 dot (16384x2048, 8 rows: 20 against 101 ms; 512
+      rows: 430 against 412 ms, so prefills lose nothing); one row would
+      still take the copy (86 ms), so it is a multiply-and-sum over the last
+      axis, which YNNPACK reads in place (5.5-8 ms).
     - torch in bfloat16 on a CPU without AVX512, up to `NATIVE_MAX_ROWS`
       rows (decoding, short prefills): `native`'s kernel, as the operator
       `gemma_keras::bf16_linear` on threads of its own, while torch runs the
-      rest of the step on one thread (see `_trace_torch_step`). The 2B's weight products at batch
-      1: 357 against 473 ms (13.6 against 10.2 GB/s) for `F.linear`; with
-      torch's two threads beside the kernel, 490 ms. Whole decode steps:
-      the 2B at batch 1, 364-472 against 542-621 ms; the 270M at batch 8,
-      246-287 against 393-430 ms (`F.linear` runs each row on its own);
-      the 270M at batch 1, 78-100 ms either way.
+      rest of the step on one thread (see `_trace_torch_step`). The 2B's
+      weight products at batch 1: 357 against 473 ms (13.6 against 10.2
+      GB/s) for `F.linear`; with torch's two threads beside the kernel,
+      490 ms. Whole decode steps: the 2B at batch 1, 364-472 against
+      542-621 ms; the 270M at batch 8, 246-287 against 393-430 ms
+      (`F.linear` runs each row on its own); the 270M at batch 1, 78-100 ms
+      either way.
     """
     if name() == "torch":
         import torch
