@@ -1,6 +1,7 @@
 """generate / stream / chat on tiny random models with a real SentencePiece tokenizer."""
 
 import dataclasses
+import logging
 
 import keras
 import numpy as np
@@ -259,3 +260,17 @@ def test_prompt_longer_than_the_context_is_refused(tokenizer_proto):
         model.generate(prompt, max_new_tokens=4)
     with pytest.raises(GenerationError, match="context of 32"):
         model.generate([2, 5, 6], max_new_tokens=40)
+
+
+def test_a_mixed_dtype_policy_warns_that_generation_is_slow(tokenizer_proto, caplog):
+    """mixed_bfloat16 keeps float32 weights and casts them on every step: the
+    user hears which dtype to load instead, once per model."""
+    mixed = make_model("gemma1_mqa", tokenizer_proto, dtype="mixed_bfloat16")
+    plain = make_model("gemma1_mqa", tokenizer_proto, dtype="bfloat16")
+    with caplog.at_level(logging.WARNING, logger="gemma_keras.generation"):
+        plain.generate("the cat", max_new_tokens=2)
+        assert caplog.text == ""
+        mixed.generate("the cat", max_new_tokens=2)
+        mixed.generate("the mat", max_new_tokens=2)
+    assert caplog.text.count("mixed_bfloat16 dtype policy casts the float32 weights") == 1
+    assert "dtype='bfloat16'" in caplog.text
