@@ -25,13 +25,20 @@ def test_top_level_imports():
     assert gemma_keras.GemmaBackbone is GemmaBackbone
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "mixed_bfloat16"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_get_config_round_trip(variant):
+def test_get_config_round_trip(variant, dtype):
     config = tiny_config(variant)
-    model = GemmaCausalLM.from_gemma_config(config)
+    model = GemmaCausalLM.from_gemma_config(config, dtype=dtype)
+    # Keras' functional models drop a `dtype` argument; the policy must survive.
+    for holder in (model, model.backbone):
+        assert holder.dtype_policy.name == dtype
+    compute_dtype = model.backbone.token_embedding.compute_dtype
+    assert keras.ops.dtype(model.backbone.init_cache(1, 4)[0][0]) == compute_dtype
     assign_weights(model, randomize(model_shapes(model)))
     clone = GemmaCausalLM.from_config(model.get_config())
     assert clone.get_config() == model.get_config()
+    assert clone.backbone.token_embedding.dtype_policy.name == dtype
     assert clone.config == config
     assign_weights(clone, get_weights(model))
     inputs = inputs_for(config)
@@ -77,6 +84,21 @@ def test_bfloat16_close_to_float32(variant, dtype):
     error = np.abs(logits - logits_of(reference, inputs)).max()
     print(f"{variant} {dtype}: max |logit difference| vs float32 = {error:.3f}")
     assert error <= BFLOAT16_TOLERANCE
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_mixed_bfloat16_computes_what_bfloat16_computes_on_the_cast_weights(variant):
+    """mixed_bfloat16 keeps float32 weights and multiplies them in bfloat16
+    without casting them first (see `backend.linear`): its logits are still
+    bit for bit those of a bfloat16 model holding the cast weights."""
+    config = tiny_config(variant)
+    weights = randomize(model_shapes(GemmaCausalLM.from_gemma_config(config)))
+    mixed = GemmaCausalLM.from_gemma_config(config, dtype="mixed_bfloat16")
+    assign_weights(mixed, weights)
+    cast = GemmaCausalLM.from_gemma_config(config, dtype="bfloat16")
+    assign_weights(cast, weights)
+    inputs = inputs_for(config)
+    np.testing.assert_array_equal(logits_of(mixed, inputs), logits_of(cast, inputs))
 
 
 def test_embedding_scale_is_rounded_to_compute_dtype():

@@ -140,15 +140,55 @@ def test_kernel_rounds_as_the_dot_does():
     assert np.mean(result == dot) > 0.9
 
 
-def test_infinities_and_nans_propagate():
+@pytest.mark.parametrize("kernel_dtype", ["bfloat16", "float32"])
+def test_infinities_and_nans_propagate(kernel_dtype):
     x = np.ones((1, 1, 32), "float32")
-    kernel = np.ones((3, 32), "float32")
+    kernel = np.ones((4, 32), "float32")
     x[0, 0, 5] = np.inf
     kernel[1, 5] = -1.0
     kernel[2, 7] = np.nan
-    result = compiled_linear()(ops.cast(x, "bfloat16"), ops.cast(kernel, "bfloat16"))
+    # A signalling NaN whose payload lies in the bits that rounding drops.
+    kernel.view("uint32")[3, 9] = 0x7F800001
+    kernel = ops.cast(kernel, kernel_dtype)
+    result = compiled_linear()(ops.cast(x, "bfloat16"), kernel)
     result = ops.convert_to_numpy(ops.cast(result, "float32"))[0, 0]
-    assert result[0] == np.inf and result[1] == -np.inf and np.isnan(result[2])
+    assert result[0] == np.inf and result[1] == -np.inf and np.isnan(result[2:]).all()
+
+
+def float32_kernel(rng, n_out, n_in):
+    """Random float32 values and every case of rounding them to bfloat16: exact
+    ties (which go to the even neighbour, up or down), values either side of
+    a tie, subnormals, and in row 0 the largest float, which rounds to infinity."""
+    kernel = rng.normal(size=(n_out, n_in)).astype("float32")
+    bits = kernel.view("uint32")
+    for column, low_half in enumerate([0x8000, 0x7FFF, 0x8001]):
+        bits[:, column] = (bits[:, column] & 0xFFFF0000) | low_half
+    bits[:, 3] = rng.choice([0x00008000, 0x00018000, 0x80007FFF, 0x0001FFFF], size=n_out)
+    bits[0, 4] = 0x7F7FFFFF
+    return kernel
+
+
+@pytest.mark.parametrize(
+    "rows,n_out,n_in",
+    [(1, 1030, 1024), (3, 1030, 1024), (8, 48, 32), (backend.NATIVE_MAX_ROWS, 64, 64)],
+)
+def test_a_float32_kernel_multiplies_as_its_bfloat16_cast(rows, n_out, n_in, monkeypatch):
+    """mixed_bfloat16 keeps float32 weights; the kernel rounds each as it reads
+    it, as the backend's cast rounds it, so the product has the very bits of
+    the cast kernel's, on the kernel and off it (where `linear` casts)."""
+    rng = np.random.default_rng(rows)
+    x = ops.cast(rng.normal(size=(rows, 1, n_in)), "bfloat16")
+    kernel = ops.convert_to_tensor(float32_kernel(rng, n_out, n_in))
+    cast = ops.cast(kernel, "bfloat16")
+    for native_on in ["1", "0"]:
+        monkeypatch.setenv(native.DISABLE_ENV, native_on)
+        assert takes_the_kernel(x, kernel) == (native_on == "1")
+        result = compiled_linear()(x, kernel)
+        assert ops.dtype(result) == "bfloat16"
+        result = ops.convert_to_numpy(ops.cast(result, "float32"))
+        expected = ops.convert_to_numpy(ops.cast(compiled_linear()(x, cast), "float32"))
+        assert np.isinf(expected[:, 0, 0]).all() and np.isfinite(expected[:, 0, 1:]).all()
+        np.testing.assert_array_equal(result, expected)
 
 
 @pytest.mark.parametrize(

@@ -58,9 +58,10 @@ class GemmaBackbone(keras.Model):
         super().__init__(
             inputs={"token_ids": token_ids, "padding_mask": padding_mask},
             outputs=hidden,
-            dtype=policy,
             **kwargs,
         )
+        # Functional models drop a `dtype` argument; the layers above hold it.
+        self.dtype_policy = policy
         self.config = config
         self.token_embedding = token_embedding
         self.decoder_blocks = decoder_blocks

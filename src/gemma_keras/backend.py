@@ -67,33 +67,37 @@ def linear(x, kernel):
       542-621 ms; the 270M at batch 8, 246-287 against 393-430 ms
       (`F.linear` runs each row on its own); the 270M at batch 1, 78-100 ms
       either way.
+    - A float32 kernel with bfloat16 `x`: a mixed_bfloat16 model, whose
+      kernels are not autocast (see `Attention.build`). Casting them on every
+      call wrote a bfloat16 copy of every weight per token (the 270M on JAX:
+      2.83 against 49.94 tokens/s in bfloat16). Where the bfloat16 kernel
+      would take `native`'s kernel, the float32 kernel does, rounding each
+      weight to bfloat16 as it reads it; elsewhere it is cast first. Either
+      way the result has the bits of the cast kernel's.
     """
+    kernel = keras.ops.convert_to_tensor(kernel)
+    native_linear = _native_linear_for(x, kernel)
+    if native_linear is not None:
+        return native_linear(x, kernel)
+    if kernel.dtype != x.dtype:
+        # Float32 weights of a mixed policy's model, cast as Keras' autocast
+        # does. XLA on JAX would fold a plain bfloat16 cast back to float32
+        # into the product, skipping the rounding; its integer form is kept.
+        if name() == "jax" and x.dtype == "bfloat16":
+            kernel = round_to_bfloat16(kernel)
+        else:
+            kernel = keras.ops.cast(kernel, x.dtype)
     if name() == "torch":
         import torch
 
-        kernel = keras.ops.convert_to_tensor(kernel)
         if x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32:
             return _onednn_linear()(x, kernel)
-        if _slow_bfloat16_matmul(x, kernel):
-            # While `torch.jit.trace` records, sizes are tensors; each graph has one shape.
-            shape = tuple(int(size) for size in x.shape)
-            native_linear = _torch_native_linear() if _native_fits(shape) else None
-            # The kernel has no gradient: a product autograd records takes torch's.
-            recorded = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
-            if native_linear is not None and not recorded:
-                return native_linear(x, kernel)
-            if math.prod(shape[:-1]) >= 32:
-                return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
+        if _slow_bfloat16_matmul(x, kernel) and math.prod(x.shape[:-1]) >= 32:
+            return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
         return torch.nn.functional.linear(x, kernel)
     if name() == "tensorflow":
         import tensorflow as tf
 
-        kernel = keras.ops.convert_to_tensor(kernel)
-        native_products = getattr(_tensorflow_tracing, "native_products", None)
-        if native_products is not None and x.dtype == kernel.dtype == tf.bfloat16:
-            native_products.append(_native_fits(tuple(x.shape)))
-            if native_products[-1]:
-                return _tensorflow_native_linear()(x, kernel)
         flat = tf.reshape(x, (-1, tf.shape(x)[-1]))
         rows = None if None in x.shape[:-1] else math.prod(x.shape[:-1])
         if x.dtype == tf.bfloat16 and rows == 1 and x.shape[-1] > 3072:
@@ -106,13 +110,37 @@ def linear(x, kernel):
             out = tf.matmul(flat, kernel, transpose_b=True)
         return tf.reshape(out, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[:1]], 0))
     if x.dtype == "bfloat16":
-        kernel = keras.ops.convert_to_tensor(kernel)
-        if kernel.dtype == "bfloat16" and _native_fits(x.shape):
-            native_linear = _jax_native_linear()
-            if native_linear is not None:
-                return native_linear(x, kernel)
         return _xla_bfloat16_linear(x, kernel)
     return keras.ops.einsum("...i,oi->...o", x, kernel)
+
+
+def _native_linear_for(x, kernel):
+    """`native`'s kernel as this backend calls it, where it takes `x @ kernel.T`
+    (see `linear`), else None: bfloat16 `x` of up to `NATIVE_MAX_ROWS` rows and
+    a bfloat16 kernel, or a float32 one (mixed_bfloat16), which it rounds to
+    bfloat16 as it reads, as Keras' cast would."""
+    dtypes = keras.backend.standardize_dtype(x.dtype), keras.backend.standardize_dtype(kernel.dtype)
+    if dtypes not in (("bfloat16", "bfloat16"), ("bfloat16", "float32")):
+        return None
+    backend = name()
+    if backend == "torch":
+        import torch
+
+        on_cpu = x.device.type == kernel.device.type == "cpu"
+        # The kernel has no gradient: a product autograd records takes torch's.
+        recorded = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
+        if not on_cpu or recorded or not _slow_bfloat16_matmul(x):
+            return None
+        # While `torch.jit.trace` records, sizes are tensors; each graph has one shape.
+        shape = tuple(int(size) for size in x.shape)
+        return _torch_native_linear() if _native_fits(shape) else None
+    if backend == "tensorflow":
+        native_products = getattr(_tensorflow_tracing, "native_products", None)
+        if native_products is None:
+            return None
+        native_products.append(_native_fits(tuple(x.shape)))
+        return _tensorflow_native_linear() if native_products[-1] else None
+    return _jax_native_linear() if _native_fits(x.shape) else None
 
 
 # The most rows (tokens in a step) whose bfloat16 products take `native`'s
@@ -170,7 +198,9 @@ def _jax_native_linear():
     def backward(saved, grad):
         x, kernel = saved
         f32 = jnp.float32
-        grad_x = jnp.einsum("...o,oi->...i", grad, kernel, preferred_element_type=f32)
+        # A float32 kernel (mixed_bfloat16) multiplies as the bfloat16 cast of it.
+        rounded = kernel.astype(jnp.bfloat16)
+        grad_x = jnp.einsum("...o,oi->...i", grad, rounded, preferred_element_type=f32)
         grad_kernel = jnp.einsum("...o,...i->oi", grad, x, preferred_element_type=f32)
         return grad_x.astype(x.dtype), grad_kernel.astype(kernel.dtype)
 
@@ -247,7 +277,7 @@ def _tensorflow_float32_accumulated_dot(flat, kernel):
 
 
 def round_to_bfloat16(x):
-    """float32 -> bfloat16, rounding to nearest even, written with integer ops.
+    """float32 -> bfloat16 on JAX, rounding to nearest even, written with integer ops.
 
     A plain `convert` here gets fused into YNNPACK's multiply-and-sum, which
     then ran 12x slower (the 270M's 262144x640 logits: 358 against 30 ms);
@@ -409,7 +439,7 @@ def _tensorflow_step(model, step):
 
     compiled = tf.function(flat_step, jit_compile=True)
     without_xla = tf.function(flat_step)
-    bfloat16 = any(v.dtype == "bfloat16" for v in model.weights)
+    bfloat16 = model.dtype_policy.compute_dtype == "bfloat16"
     concrete = {}
 
     def call(caches, *inputs):

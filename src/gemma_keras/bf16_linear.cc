@@ -1,5 +1,9 @@
-// out = x @ kernel.T with a bfloat16 kernel, float32 x and float32 out: the
-// matrix-vector products of bfloat16 decoding on an x86-64 CPU with AVX2.
+// out = x @ kernel.T in bfloat16 precision, with float32 x and float32 out:
+// the matrix-vector products of bfloat16 decoding on an x86-64 CPU with AVX2.
+// The kernel is held in bfloat16, or in float32 (Keras' mixed_bfloat16 policy,
+// whose layers cast each float32 weight to bfloat16 before multiplying): then
+// each value is rounded to bfloat16 as it is read, as that cast rounds it, and
+// the result is the one of the bfloat16 kernel the cast would have written.
 //
 // Why it exists: decoding reads every weight once per token, so its speed is
 // the rate at which the kernel streams from memory. XLA's CPU backend has no
@@ -7,17 +11,19 @@
 // float32 copy), and torch's bfloat16 product on a CPU without AVX512 read
 // 9-10 GB/s, on a CPU whose float32 product reads 20-35 GB/s. Widening
 // bfloat16 to float32 is a 16-bit shift, so a plain loop of shifts and fused
-// multiply-adds reads the kernel at close to the memory's speed.
+// multiply-adds reads the kernel at close to the memory's speed. A float32
+// kernel cast to bfloat16 on every step instead writes a new bfloat16 copy
+// of every weight per token (the 270M on JAX: 2.8 against 50 tokens/s).
 //
-// Layout: kernel [n_out, n_in] (bfloat16 bits), x [rows, n_in], out [rows,
-// n_out]; n_in is a multiple of 16. Sums run in float32, 8 lanes each, and
-// the caller rounds `out` to bfloat16. Built by gemma_keras/native.py, with
-// one entry point per backend: `gemma_bf16_linear_ffi`, an XLA FFI handler
-// for JAX (compiled where GEMMA_KERAS_XLA_FFI is defined, against jaxlib's
-// headers), the TensorFlow operation `GemmaBf16Linear` (where
-// GEMMA_KERAS_TF_OP is defined, against TensorFlow's), and the torch
-// operator `gemma_keras::bf16_linear` (GEMMA_KERAS_TORCH_OP, against
-// torch's), on threads of the library's own.
+// Layout: kernel [n_out, n_in] (bfloat16 bits or float32), x [rows, n_in],
+// out [rows, n_out]; n_in is a multiple of 16. Sums run in float32, 8 lanes
+// each, and the caller rounds `out` to bfloat16. Built by
+// gemma_keras/native.py, with one entry point per backend:
+// `gemma_bf16_linear_ffi`, an XLA FFI handler for JAX (compiled where
+// GEMMA_KERAS_XLA_FFI is defined, against jaxlib's headers), the TensorFlow
+// operation `GemmaBf16Linear` (where GEMMA_KERAS_TF_OP is defined, against
+// TensorFlow's), and the torch operator `gemma_keras::bf16_linear`
+// (GEMMA_KERAS_TORCH_OP, against torch's), on threads of the library's own.
 
 #include <immintrin.h>
 
@@ -48,11 +54,11 @@
 namespace {
 
 // How far ahead of its reads each kernel row stream asks for memory, in
-// bfloat16 values (256: 512 bytes, 8 cache lines). The hardware prefetchers
-// stop at each 4 KB page; asking ahead carries a stream across pages (1 GB
-// kernel, 2 threads, medians of 12 alternating rounds: 13.2 and 14.9 GB/s
-// against 10.6 and 12.9 without; 128 to 384 values ahead read alike).
-constexpr int64_t kPrefetchAhead = 256;
+// bytes (8 cache lines). The hardware prefetchers stop at each 4 KB page;
+// asking ahead carries a stream across pages (1 GB bfloat16 kernel, 2
+// threads, medians of 12 alternating rounds: 13.2 and 14.9 GB/s against 10.6
+// and 12.9 without; 256 to 768 bytes ahead read alike).
+constexpr int64_t kPrefetchBytes = 512;
 
 // Shares of kernel rows per thread, claimed by whichever thread is free: a
 // thread that starts late (woken from sleep) or runs slow leaves its shares
@@ -78,18 +84,45 @@ bool spin_until(Done done) {
 }
 
 struct Problem {
-  const uint16_t* kernel;
-  const float* x;  // x with each 16-wide block reordered: 8 even, then 8 odd columns
+  const void* kernel;  // uint16_t (bfloat16 bits) or float values
+  const float* x;      // x with each 16-wide block reordered: 8 even, then 8 odd columns
   float* out;
   int64_t rows, n_out, n_in;
 };
 
-// 16 bfloat16 values as two float32 vectors: the even columns (the low half
-// of each 32-bit lane, shifted up) and the odd ones (the high half, masked).
-inline void widen(const uint16_t* p, __m256& even, __m256& odd) {
-  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+// 16 bfloat16 values, packed in order, as two float32 vectors: the even
+// columns (the low half of each 32-bit lane, shifted up) and the odd ones
+// (the high half, masked).
+inline void widen_bits(__m256i v, __m256& even, __m256& odd) {
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
+}
+
+inline void widen(const uint16_t* p, __m256& even, __m256& odd) {
+  widen_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), even, odd);
+}
+
+// 8 float32 values rounded to bfloat16 (to nearest, ties to even, as a cast
+// rounds them), each in the low half of its 32-bit lane. A NaN stays a
+// (quiet) NaN, where the rounding's carry could turn it into an infinity.
+inline __m256i bfloat16_bits(const float* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lowest_kept));
+  const __m256 value = _mm256_castsi256_ps(bits);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
+  rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)), nan);
+  return _mm256_srli_epi32(rounded, 16);
+}
+
+// 16 float32 values rounded to bfloat16 and widened exactly as the bfloat16
+// kernel's values are, so that the sums run in the same order and a float32
+// kernel gives the bits its bfloat16 cast gives.
+inline void widen(const float* p, __m256& even, __m256& odd) {
+  // The pack interleaves 128-bit halves (columns 0-3, 8-11 | 4-7, 12-15);
+  // the permute puts the four 64-bit groups back in order.
+  const __m256i packed = _mm256_packus_epi32(bfloat16_bits(p), bfloat16_bits(p + 8));
+  widen_bits(_mm256_permute4x64_epi64(packed, 0xD8), even, odd);
 }
 
 inline float sum_lanes(__m256 v) {
@@ -101,17 +134,19 @@ inline float sum_lanes(__m256 v) {
 
 // Kernel rows o[0..R) against M rows of x from x row `r`. R * M
 // accumulators stay in registers; each kernel value is read once.
-template <int R, int M>
+template <typename Weight, int R, int M>
 void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
+  const Weight* kernel = static_cast<const Weight*>(p.kernel);
+  constexpr int64_t ahead = kPrefetchBytes / sizeof(Weight), per_line = 64 / sizeof(Weight);
   __m256 acc[R][M];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < M; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.n_in; k += 16) {
     __m256 even[R], odd[R];
     for (int i = 0; i < R; ++i) {
-      const uint16_t* row = p.kernel + o[i] * p.n_in + k;
+      const Weight* row = kernel + o[i] * p.n_in + k;
       // Once per 64-byte line; a prefetch past the kernel's end never faults.
-      if (k % 32 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchAhead), _MM_HINT_T0);
+      if (k % per_line == 0) _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
       widen(row, even[i], odd[i]);
     }
     for (int j = 0; j < M; ++j) {
@@ -130,14 +165,14 @@ void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
 // Kernel rows o[0..R) against every row of x, 4 x rows at a time: for R = 2,
 // 8 accumulators, 4 widened kernel vectors and one x pair fill 14 of the 16
 // vector registers (as do 4 accumulators and 8 kernel vectors in block<4, 1>).
-template <int R>
+template <typename Weight, int R>
 void x_rows(const Problem& p, const int64_t (&o)[R]) {
   int64_t r = 0;
-  for (; r + 4 <= p.rows; r += 4) block<R, 4>(p, o, r);
+  for (; r + 4 <= p.rows; r += 4) block<Weight, R, 4>(p, o, r);
   switch (p.rows - r) {
-    case 3: block<R, 3>(p, o, r); break;
-    case 2: block<R, 2>(p, o, r); break;
-    case 1: block<R, 1>(p, o, r); break;
+    case 3: block<Weight, R, 3>(p, o, r); break;
+    case 2: block<Weight, R, 2>(p, o, r); break;
+    case 1: block<Weight, R, 1>(p, o, r); break;
   }
 }
 
@@ -162,21 +197,25 @@ int64_t in_streams(int64_t begin, int64_t end, Step step) {
 // 14.5 GB/s for four neighbouring rows). More rows of x: two, so that each
 // x vector loaded serves two kernel rows (16384x2048 kernel, 8 rows of x:
 // 10.0-11.0 against 20.9 ms for one kernel row at a time).
+template <typename Weight>
 void run_rows(const Problem& p, int64_t begin, int64_t end) {
   if (p.rows == 1)
-    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { block<4, 1>(p, o, 0); });
+    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { block<Weight, 4, 1>(p, o, 0); });
   else
-    begin = in_streams<2>(begin, end, [&](const int64_t (&o)[2]) { x_rows<2>(p, o); });
-  for (int64_t o = begin; o < end; ++o) x_rows<1>(p, {o});
+    begin = in_streams<2>(begin, end, [&](const int64_t (&o)[2]) { x_rows<Weight, 2>(p, o); });
+  for (int64_t o = begin; o < end; ++o) x_rows<Weight, 1>(p, {o});
 }
 
 // The product with x reordered for `block`, cut into `parts` shares of
-// kernel rows (multiples of 8) for `threads` threads.
+// kernel rows (multiples of 8) for `threads` threads. `kernel` holds float32
+// values where `float32_kernel`, else bfloat16 bits.
 class Product {
  public:
-  Product(const uint16_t* kernel, const float* x, float* out, int64_t rows, int64_t n_out,
-          int64_t n_in, int64_t threads)
-      : x_blocked_(rows * n_in), problem_{kernel, x_blocked_.data(), out, rows, n_out, n_in} {
+  Product(const void* kernel, bool float32_kernel, const float* x, float* out, int64_t rows,
+          int64_t n_out, int64_t n_in, int64_t threads)
+      : x_blocked_(rows * n_in),
+        problem_{kernel, x_blocked_.data(), out, rows, n_out, n_in},
+        run_rows_(float32_kernel ? run_rows<float> : run_rows<uint16_t>) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < n_in; k += 16)
         for (int64_t i = 0; i < 8; ++i) {
@@ -194,12 +233,13 @@ class Product {
   int64_t threads() const { return threads_; }
   void run(int64_t part) const {
     int64_t begin = part * share_;
-    run_rows(problem_, begin, std::min(problem_.n_out, begin + share_));
+    run_rows_(problem_, begin, std::min(problem_.n_out, begin + share_));
   }
 
  private:
   std::vector<float> x_blocked_;
   Problem problem_;
+  void (*run_rows_)(const Problem&, int64_t, int64_t);
   int64_t threads_, share_, parts_;
 };
 
@@ -307,15 +347,18 @@ extern "C" int gemma_bf16_linear_supported() {
 #ifdef GEMMA_KERAS_XLA_FFI
 namespace ffi = xla::ffi;
 
-// The XLA FFI handler: the shares run on XLA's own intra-op threads. Threads
-// of its own beside them read less (a 2B decode step: 442 against 366 ms), as
-// XLA's idle workers keep spinning on the cores for a while.
-static ffi::Error Bf16Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::BF16> kernel, ffi::ResultBuffer<ffi::F32> out) {
+// The XLA FFI handler, for a bfloat16 or float32 kernel: the shares run on
+// XLA's own intra-op threads. Threads of its own beside them read less (a 2B
+// decode step: 442 against 366 ms), as XLA's idle workers keep spinning on
+// the cores for a while.
+static ffi::Error Bf16Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer kernel,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  const bool float32_kernel = kernel.element_type() == ffi::DataType::F32;
+  if (!float32_kernel && kernel.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("gemma_bf16_linear takes a bfloat16 or float32 kernel");
   auto kernel_dims = kernel.dimensions();
-  Product product(reinterpret_cast<const uint16_t*>(kernel.typed_data()), x.typed_data(),
-                  out->typed_data(), x.dimensions()[0], kernel_dims[0], kernel_dims[1],
-                  pool.num_threads());
+  Product product(kernel.untyped_data(), float32_kernel, x.typed_data(), out->typed_data(),
+                  x.dimensions()[0], kernel_dims[0], kernel_dims[1], pool.num_threads());
   run_on_pool(product, [&](auto task) { pool.Schedule(std::move(task)); });
   return ffi::Error::Success();
 }
@@ -324,21 +367,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_bf16_linear_ffi, Bf16Linear,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 #endif  // GEMMA_KERAS_XLA_FFI
 
 #ifdef GEMMA_KERAS_TF_OP
 // The TensorFlow operation GemmaBf16Linear(x: float32 [rows, n_in], kernel:
-// bfloat16 [n_out, n_in]) -> float32 [rows, n_out], for decode steps that run
+// bfloat16 or float32 [n_out, n_in]) -> float32 [rows, n_out], for decode steps that run
 // without XLA (TensorFlow's XLA takes no custom calls). Its shares run on
 // TensorFlow's intra-op threads, as the FFI handler's run on XLA's.
 namespace tf = tensorflow;
 
 REGISTER_OP("GemmaBf16Linear")
     .Input("x: float")
-    .Input("kernel: bfloat16")
+    .Input("kernel: T")
     .Output("out: float")
+    .Attr("T: {bfloat16, float}")
     .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
       c->set_output(0, c->Matrix(c->Dim(c->input(0), 0), c->Dim(c->input(1), 0)));
       return tf::OkStatus();
@@ -359,7 +403,7 @@ class GemmaBf16LinearOp : public tf::OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(
                                 0, tf::TensorShape({x.dim_size(0), kernel.dim_size(0)}), &out));
     auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
-    Product product(reinterpret_cast<const uint16_t*>(kernel.tensor_data().data()),
+    Product product(kernel.tensor_data().data(), kernel.dtype() == tf::DT_FLOAT,
                     x.flat<float>().data(), out->flat<float>().data(), x.dim_size(0),
                     kernel.dim_size(0), kernel.dim_size(1), pool->NumThreads());
     run_on_pool(product, [&](auto task) { pool->Schedule(std::move(task)); });
@@ -371,26 +415,28 @@ REGISTER_KERNEL_BUILDER(Name("GemmaBf16Linear").Device(tf::DEVICE_CPU), GemmaBf1
 
 #ifdef GEMMA_KERAS_TORCH_OP
 // The torch operator gemma_keras::bf16_linear(x: bfloat16 [..., n_in],
-// kernel: bfloat16 [n_out, n_in], threads) -> bfloat16 [..., n_out], on the
+// kernel: bfloat16 or float32 [n_out, n_in], threads) -> bfloat16 [..., n_out], on the
 // calling thread and `threads - 1` of the library's own (torch has no pool to
 // lend). Registered from C++ so that a traced step calls it without Python:
 // a Python-implemented operator cost about 50 us a call against 8 (127 calls
 // per 2B decode step).
 at::Tensor TorchBf16Linear(const at::Tensor& x, const at::Tensor& kernel, int64_t threads) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && kernel.scalar_type() == at::kBFloat16 &&
-                  kernel.dim() == 2 && x.dim() >= 1 && x.size(-1) == kernel.size(1) &&
-                  kernel.size(1) % 16 == 0,
-              "gemma_keras::bf16_linear takes bfloat16 x [..., n_in] and kernel [n_out, n_in] "
-              "with n_in a multiple of 16, not ", x.scalar_type(), " ", x.sizes(), " and ",
+  const bool float32_kernel = kernel.scalar_type() == at::kFloat;
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 &&
+                  (float32_kernel || kernel.scalar_type() == at::kBFloat16) && kernel.dim() == 2 &&
+                  x.dim() >= 1 && x.size(-1) == kernel.size(1) && kernel.size(1) % 16 == 0,
+              "gemma_keras::bf16_linear takes bfloat16 x [..., n_in] and a bfloat16 or float32 "
+              "kernel [n_out, n_in] with n_in a multiple of 16, not ", x.scalar_type(), " ",
+              x.sizes(), " and ",
               kernel.scalar_type(), " ", kernel.sizes());
   const at::Tensor flat = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
   const at::Tensor rows_major = kernel.contiguous();
   at::Tensor out = at::empty({flat.size(0), kernel.size(0)}, flat.options());
   // Never freed: detached helpers wait on it until the process exits.
   static OwnThreads* own_threads = new OwnThreads;
-  own_threads->run(Product(reinterpret_cast<const uint16_t*>(rows_major.data_ptr()),
-                           flat.data_ptr<float>(), out.data_ptr<float>(), flat.size(0),
-                           kernel.size(0), kernel.size(1), threads));
+  own_threads->run(Product(rows_major.data_ptr(), float32_kernel, flat.data_ptr<float>(),
+                           out.data_ptr<float>(), flat.size(0), kernel.size(0), kernel.size(1),
+                           threads));
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = kernel.size(0);
   return out.to(at::kBFloat16).reshape(sizes);

@@ -28,7 +28,9 @@ class GemmaCausalLM(keras.Model):
         inputs = backbone.input
         hidden = backbone(inputs)
         logits = backbone.token_embedding(hidden, reverse=True)
-        super().__init__(inputs=inputs, outputs=logits, dtype=backbone.dtype_policy, **kwargs)
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+        # Functional models drop a `dtype` argument.
+        self.dtype_policy = backbone.dtype_policy
         self.backbone = backbone
         # A `GemmaTokenizer`, set by `from_preset` (None for a model built from a config).
         self.tokenizer = None

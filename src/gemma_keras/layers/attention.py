@@ -99,7 +99,11 @@ class Attention(keras.layers.Layer):
 
     def build(self, *args, **kwargs):
         def kernel(name, shape):
-            return self.add_weight(name=name, shape=shape, initializer="glorot_uniform")
+            # Not autocast: `linear` multiplies a mixed_bfloat16 model's float32
+            # kernels in bfloat16 itself, without a bfloat16 copy per call.
+            return self.add_weight(
+                name=name, shape=shape, initializer="glorot_uniform", autocast=False
+            )
 
         query_dim = self.num_query_heads * self.head_dim
         key_value_dim = self.num_key_value_heads * self.head_dim

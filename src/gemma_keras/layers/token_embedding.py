@@ -62,6 +62,10 @@ class TokenEmbedding(keras.layers.Layer):
             name="embeddings",
             shape=(self.vocabulary_size, self.hidden_dim),
             initializer=keras.initializers.RandomNormal(stddev=0.02),
+            # Not autocast: the logits' `linear` multiplies a mixed_bfloat16
+            # model's float32 table in bfloat16 itself, without a bfloat16 copy
+            # per call, and a lookup casts only the rows it takes.
+            autocast=False,
         )
 
     def compute_output_spec(self, inputs, reverse=False):
@@ -74,7 +78,8 @@ class TokenEmbedding(keras.layers.Layer):
             logits = linear(inputs, self.embeddings)
             return soft_cap(ops.cast(logits, "float32"), self.logit_soft_cap)
         check_token_ids(inputs, self.vocabulary_size)
-        embedded = backend.take_rows(self.embeddings, ops.cast(inputs, "int32"))
+        rows = backend.take_rows(self.embeddings, ops.cast(inputs, "int32"))
+        embedded = ops.cast(rows, self.compute_dtype)
         return embedded * ops.cast(math.sqrt(self.hidden_dim), self.compute_dtype)
 
     def get_config(self):
