@@ -92,7 +92,9 @@ def linear(x, kernel):
 
         if x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32:
             return _onednn_linear()(x, kernel)
-        if _slow_bfloat16_matmul(x, kernel) and math.prod(x.shape[:-1]) >= 32:
+        # While `torch.jit.trace` records, sizes are tensors; each graph has one shape.
+        rows = math.prod(int(size) for size in x.shape[:-1])
+        if _slow_bfloat16_matmul(x, kernel) and rows >= 32:
             return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
         return torch.nn.functional.linear(x, kernel)
     if name() == "tensorflow":
@@ -131,8 +133,7 @@ def _native_linear_for(x, kernel):
         recorded = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
         if not on_cpu or recorded or not _slow_bfloat16_matmul(x):
             return None
-        # While `torch.jit.trace` records, sizes are tensors; each graph has one shape.
-        shape = tuple(int(size) for size in x.shape)
+        shape = tuple(int(size) for size in x.shape)  # tensors while a trace records
         return _torch_native_linear() if _native_fits(shape) else None
     if backend == "tensorflow":
         native_products = getattr(_tensorflow_tracing, "native_products", None)
