@@ -68,7 +68,7 @@ def linear(x, kernel):
       (`F.linear` runs each row on its own); the 270M at batch 1, 78-100 ms
       either way.
     - A float32 kernel with bfloat16 `x`: a mixed_bfloat16 model, whose
-      kernels are not autocast (see `Attention.build`). Casting them on every
+      kernels are not autocast (see `add_kernel`). Casting them on every
       call wrote a bfloat16 copy of every weight per token (the 270M on JAX:
       2.83 against 49.94 tokens/s in bfloat16). Where the bfloat16 kernel
       would take `native`'s kernel, the float32 kernel does, rounding each
@@ -114,6 +114,13 @@ def linear(x, kernel):
     if x.dtype == "bfloat16":
         return _xla_bfloat16_linear(x, kernel)
     return keras.ops.einsum("...i,oi->...o", x, kernel)
+
+
+def add_kernel(layer, name, shape):
+    """A weight of `layer` that `linear` multiplies by: `[out, in]`, and not
+    autocast, since `linear` multiplies a mixed_bfloat16 model's float32
+    kernels in bfloat16 itself, without a bfloat16 copy per call."""
+    return layer.add_weight(name=name, shape=shape, initializer="glorot_uniform", autocast=False)
 
 
 def _native_linear_for(x, kernel):

@@ -5,7 +5,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from gemma_keras.backend import einsum, linear
+from gemma_keras.backend import add_kernel, einsum, linear
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding, rotary_tables
 from gemma_keras.layers.soft_cap import soft_cap
@@ -98,20 +98,12 @@ class Attention(keras.layers.Layer):
             self.key_norm = RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm")
 
     def build(self, *args, **kwargs):
-        def kernel(name, shape):
-            # Not autocast: `linear` multiplies a mixed_bfloat16 model's float32
-            # kernels in bfloat16 itself, without a bfloat16 copy per call.
-            return self.add_weight(
-                name=name, shape=shape, initializer="glorot_uniform", autocast=False
-            )
-
         query_dim = self.num_query_heads * self.head_dim
         key_value_dim = self.num_key_value_heads * self.head_dim
-        # Kernels are [out, in] (see `gemma_keras.backend.linear`).
-        self.query = kernel("query", (query_dim, self.hidden_dim))
-        self.key = kernel("key", (key_value_dim, self.hidden_dim))
-        self.value = kernel("value", (key_value_dim, self.hidden_dim))
-        self.output_projection = kernel("output", (self.hidden_dim, query_dim))
+        self.query = add_kernel(self, "query", (query_dim, self.hidden_dim))
+        self.key = add_kernel(self, "key", (key_value_dim, self.hidden_dim))
+        self.value = add_kernel(self, "value", (key_value_dim, self.hidden_dim))
+        self.output_projection = add_kernel(self, "output", (self.hidden_dim, query_dim))
         if self.use_qk_norm:
             self.query_norm.build((None, None, None, self.head_dim))
             self.key_norm.build((None, None, None, self.head_dim))

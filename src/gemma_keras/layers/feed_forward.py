@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras.backend import linear
+from gemma_keras.backend import add_kernel, linear
 
 
 class FeedForward(keras.layers.Layer):
@@ -26,16 +26,9 @@ class FeedForward(keras.layers.Layer):
         self.intermediate_dim = intermediate_dim
 
     def build(self, input_shape):
-        def kernel(name, shape):
-            # Not autocast: `linear` multiplies a mixed_bfloat16 model's float32
-            # kernels in bfloat16 itself, without a bfloat16 copy per call.
-            return self.add_weight(
-                name=name, shape=shape, initializer="glorot_uniform", autocast=False
-            )
-
-        self.gate = kernel("gate", (self.intermediate_dim, self.hidden_dim))
-        self.up = kernel("up", (self.intermediate_dim, self.hidden_dim))
-        self.down = kernel("down", (self.hidden_dim, self.intermediate_dim))
+        self.gate = add_kernel(self, "gate", (self.intermediate_dim, self.hidden_dim))
+        self.up = add_kernel(self, "up", (self.intermediate_dim, self.hidden_dim))
+        self.down = add_kernel(self, "down", (self.hidden_dim, self.intermediate_dim))
 
     def call(self, x):
         gate = ops.gelu(linear(x, self.gate), approximate=True)
