@@ -86,6 +86,7 @@ bool spin_until(Done done) {
 struct Problem {
   const void* kernel;  // uint16_t (bfloat16 bits) or float values
   const float* x;      // x with each 16-wide block reordered: 8 even, then 8 odd columns
+                       // (for a float32 kernel, with the lanes in kFloat32Lanes' order)
   float* out;
   int64_t rows, n_out, n_in;
 };
@@ -93,36 +94,36 @@ struct Problem {
 // 16 bfloat16 values, packed in order, as two float32 vectors: the even
 // columns (the low half of each 32-bit lane, shifted up) and the odd ones
 // (the high half, masked).
-inline void widen_bits(__m256i v, __m256& even, __m256& odd) {
+inline void widen(const uint16_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
 }
 
-inline void widen(const uint16_t* p, __m256& even, __m256& odd) {
-  widen_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), even, odd);
-}
-
 // 8 float32 values rounded to bfloat16 (to nearest, ties to even, as a cast
-// rounds them), each in the low half of its 32-bit lane. A NaN stays a
-// (quiet) NaN, where the rounding's carry could turn it into an infinity.
-inline __m256i bfloat16_bits(const float* p) {
+// rounds them): float32 bits with the low 16 bits zero. A NaN becomes a NaN
+// with every bit set, where the rounding's carry could turn it into an
+// infinity or a zero.
+inline __m256 bfloat16_rounded(const float* p) {
   const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lowest_kept));
   const __m256 value = _mm256_castsi256_ps(bits);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q));
-  rounded = _mm256_blendv_epi8(rounded, _mm256_or_si256(bits, _mm256_set1_epi32(0x00400000)), nan);
-  return _mm256_srli_epi32(rounded, 16);
+  rounded = _mm256_or_si256(rounded, _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q)));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(int32_t(0xffff0000u))));
 }
 
-// 16 float32 values rounded to bfloat16 and widened exactly as the bfloat16
-// kernel's values are, so that the sums run in the same order and a float32
-// kernel gives the bits its bfloat16 cast gives.
+// 16 float32 values rounded to bfloat16, split into even and odd columns as
+// the bfloat16 kernel's are, but with the lanes in kFloat32Lanes' order: the
+// in-lane shuffles cost less than putting them in column order, and `block`
+// puts the sums' lanes back in the bfloat16 kernel's order before adding
+// them, so a float32 kernel gives the bits its bfloat16 cast gives.
+constexpr int kFloat32Lanes[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // column pair of each lane
+
 inline void widen(const float* p, __m256& even, __m256& odd) {
-  // The pack interleaves 128-bit halves (columns 0-3, 8-11 | 4-7, 12-15);
-  // the permute puts the four 64-bit groups back in order.
-  const __m256i packed = _mm256_packus_epi32(bfloat16_bits(p), bfloat16_bits(p + 8));
-  widen_bits(_mm256_permute4x64_epi64(packed, 0xD8), even, odd);
+  const __m256 low = bfloat16_rounded(p), high = bfloat16_rounded(p + 8);
+  even = _mm256_shuffle_ps(low, high, 0x88);  // columns 0 2 8 10 | 4 6 12 14
+  odd = _mm256_shuffle_ps(low, high, 0xDD);   // columns 1 3 9 11 | 5 7 13 15
 }
 
 inline float sum_lanes(__m256 v) {
@@ -159,7 +160,13 @@ void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < M; ++j) p.out[(r + j) * p.n_out + o[i]] = sum_lanes(acc[i][j]);
+    for (int j = 0; j < M; ++j) {
+      __m256 sums = acc[i][j];
+      // kFloat32Lanes swaps the middle two pairs of lanes; so does 0xD8.
+      if (sizeof(Weight) == sizeof(float))
+        sums = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
+      p.out[(r + j) * p.n_out + o[i]] = sum_lanes(sums);
+    }
 }
 
 // Kernel rows o[0..R) against every row of x, 4 x rows at a time: for R = 2,
@@ -219,8 +226,9 @@ class Product {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < n_in; k += 16)
         for (int64_t i = 0; i < 8; ++i) {
-          x_blocked_[r * n_in + k + i] = x[r * n_in + k + 2 * i];
-          x_blocked_[r * n_in + k + 8 + i] = x[r * n_in + k + 2 * i + 1];
+          const int64_t pair = float32_kernel ? kFloat32Lanes[i] : i;
+          x_blocked_[r * n_in + k + i] = x[r * n_in + k + 2 * pair];
+          x_blocked_[r * n_in + k + 8 + i] = x[r * n_in + k + 2 * pair + 1];
         }
     // Small kernels (under 1M values) are not worth a second thread.
     threads_ = n_out * n_in < (int64_t(1) << 20) || threads < 1 ? 1 : threads;
