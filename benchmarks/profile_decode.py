@@ -22,12 +22,11 @@ import os
 import re
 import sys
 import tempfile
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from generate import load_ours, measure_bandwidth, save_result, weight_bytes  # noqa: E402
+from generate import load_ours, measure_bandwidth, save_result, timed, weight_bytes  # noqa: E402
 
 # Operations that multiply by a weight matrix: torch's oneDNN and BLAS calls
 # (attention's products are `aten::bmm`), XLA's dots (named `dot.N`, or fused
@@ -59,12 +58,6 @@ def decode_steps(model, steps):
             extend(model, state, token)
 
     return run
-
-
-def timed(run):
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def torch_profile(run):
