@@ -230,8 +230,9 @@ class Product {
           x_blocked_[r * n_in + k + i] = x[r * n_in + k + 2 * pair];
           x_blocked_[r * n_in + k + 8 + i] = x[r * n_in + k + 2 * pair + 1];
         }
-    // Small kernels (under 1M values) are not worth a second thread.
-    threads_ = n_out * n_in < (int64_t(1) << 20) || threads < 1 ? 1 : threads;
+    // Small kernels (under 2 MB) are not worth a second thread.
+    const int64_t bytes = n_out * n_in * (float32_kernel ? sizeof(float) : sizeof(uint16_t));
+    threads_ = bytes < (int64_t(2) << 20) || threads < 1 ? 1 : threads;
     const int64_t wanted = threads_ == 1 ? 1 : threads_ * kSharesPerThread;
     share_ = std::max<int64_t>(8, ((n_out + wanted - 1) / wanted + 7) / 8 * 8);
     parts_ = std::max<int64_t>(1, (n_out + share_ - 1) / share_);
