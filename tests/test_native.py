@@ -191,6 +191,37 @@ def test_a_float32_kernel_multiplies_as_its_bfloat16_cast(rows, n_out, n_in, mon
         np.testing.assert_array_equal(result, expected)
 
 
+# 1 to 16 rows: decoding on torch, every x-row block, a tail of kernel rows
+# after the threads' shares (1030 rows) and one thread (48 rows).
+@pytest.mark.parametrize(
+    "rows,n_out,n_in",
+    [(1, 1030, 1024), (3, 48, 32), (8, 1030, 1024), (backend.NATIVE_MAX_FLOAT32_ROWS, 48, 64)],
+)
+def test_float32_products_on_torch(rows, n_out, n_in, monkeypatch):
+    """torch's float32 decoding takes the kernel, which multiplies float32 as
+    it is: within float32 rounding of the exact product, as torch's own
+    product is. XLA reads float32 at full speed: JAX and TensorFlow keep it."""
+    rng = np.random.default_rng(rows)
+    x, kernel = rng.normal(size=(rows, 1, n_in)), rng.normal(size=(n_out, n_in))
+    x, kernel = (t.astype("float32") for t in (x, kernel))
+    exact = np.einsum("rsi,oi->rso", x.astype("float64"), kernel.astype("float64"))
+    # Each sum in float32: off by at most n_in roundings (2^-24 each) of its
+    # terms' magnitudes; summed in blocks, by far less.
+    bound = n_in * 2.0**-24 * np.einsum("rsi,oi->rso", np.abs(x), np.abs(kernel))
+    x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
+    for native_on in ["1", "0"]:
+        monkeypatch.setenv(native.DISABLE_ENV, native_on)
+        assert takes_the_kernel(x, kernel) == (backend.name() == "torch" and native_on == "1")
+        result = compiled_linear()(x, kernel)
+        assert ops.dtype(result) == "float32"
+        assert np.all(np.abs(ops.convert_to_numpy(result) - exact) <= bound)
+
+
+def test_more_float32_rows_take_torchs_product():
+    x = ops.ones((backend.NATIVE_MAX_FLOAT32_ROWS + 1, 1, 64))
+    assert not takes_the_kernel(x, ops.ones((24, 64)))
+
+
 @pytest.mark.parametrize(
     "shape,reason",
     [
@@ -407,5 +438,7 @@ def test_the_torch_operator_names_what_it_takes():
     shapes = r"n_in a multiple of 16.*\[1, 24\] and BFloat16 \[32, 24\]"
     with pytest.raises(RuntimeError, match=shapes):
         operator(torch.zeros(1, 24, dtype=torch.bfloat16), kernel, 1)
-    with pytest.raises(RuntimeError, match="takes bfloat16 x"):
+    with pytest.raises(RuntimeError, match="or float32 x with a float32 kernel"):
         operator(torch.zeros(1, 32), torch.zeros(8, 32, dtype=torch.bfloat16), 1)
+    with pytest.raises(RuntimeError, match="takes bfloat16 x"):
+        operator(torch.zeros(1, 32, dtype=torch.float16), torch.zeros(8, 32), 1)

@@ -39,9 +39,16 @@ def linear(x, kernel):
       bfloat16 dot (9.5 GB/s). A bfloat16 step of up to `NATIVE_MAX_ROWS`
       rows (decoding, short prefills) runs without XLA, its products on
       `native`'s kernel (see `_tensorflow_step`).
-    - torch on CPU in float32: oneDNN's inner product, about twice as fast
-      as `F.linear` (24 against 12 GB/s on the 270M's embedding); `F.linear`
-      elsewhere.
+    - torch on a CPU without AVX512 in float32, up to
+      `NATIVE_MAX_FLOAT32_ROWS` rows (decoding): `native`'s kernel, which
+      multiplies float32 as it is. One row of eight 16384x2048 kernels,
+      alternating, medians of 16: 26.7-29.2 against 22.5-26.2 GB/s for
+      oneDNN's inner product (it won 42 of 48 rounds); 2 to 16 rows: 7.0,
+      7.1, 9.8, 14.4 ms per kernel for 2, 4, 8, 16 rows against oneDNN's
+      9.8, 10.8, 13.5, 17.2; 32 rows: 31.1 against 26.1.
+    - torch on CPU in float32 otherwise: oneDNN's inner product, about twice
+      as fast as `F.linear` (24 against 12 GB/s on the 270M's embedding);
+      `F.linear` elsewhere.
     - torch on a CPU without AVX512 in bfloat16: `F.linear` is fast for one
       row but runs each row as its own matrix-vector product (16384x2048
       kernel: 4.8 ms for 1 row, 1.8 s for 512), so 32 rows or more (a
@@ -127,10 +134,12 @@ def _native_linear_for(x, kernel):
     """`native`'s kernel as this backend calls it, where it takes `x @ kernel.T`
     (see `linear`), else None: bfloat16 `x` of up to `NATIVE_MAX_ROWS` rows and
     a bfloat16 kernel, or a float32 one (mixed_bfloat16), which it rounds to
-    bfloat16 as it reads, as Keras' cast would."""
+    bfloat16 as it reads, as Keras' cast would; on torch also float32 `x` of up
+    to `NATIVE_MAX_FLOAT32_ROWS` rows and a float32 kernel."""
     dtypes = keras.backend.standardize_dtype(x.dtype), keras.backend.standardize_dtype(kernel.dtype)
-    if dtypes not in (("bfloat16", "bfloat16"), ("bfloat16", "float32")):
+    if dtypes not in (("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "float32")):
         return None
+    max_rows = NATIVE_MAX_FLOAT32_ROWS if dtypes == ("float32", "float32") else NATIVE_MAX_ROWS
     backend = name()
     if backend == "torch":
         import torch
@@ -138,17 +147,19 @@ def _native_linear_for(x, kernel):
         on_cpu = x.device.type == kernel.device.type == "cpu"
         # The kernel has no gradient: a product autograd records takes torch's.
         recorded = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
-        if not on_cpu or recorded or not _slow_bfloat16_matmul(x):
+        if not on_cpu or recorded or not _torch_cpu_without_avx512():
             return None
         shape = tuple(int(size) for size in x.shape)  # tensors while a trace records
-        return _torch_native_linear() if _native_fits(shape) else None
+        return _torch_native_linear() if _native_fits(shape, max_rows) else None
+    if dtypes == ("float32", "float32"):  # XLA reads float32 at the machine's bandwidth
+        return None
     if backend == "tensorflow":
         native_products = getattr(_tensorflow_tracing, "native_products", None)
         if native_products is None:
             return None
-        native_products.append(_native_fits(tuple(x.shape)))
+        native_products.append(_native_fits(tuple(x.shape), max_rows))
         return _tensorflow_native_linear() if native_products[-1] else None
-    return _jax_native_linear() if _native_fits(x.shape) else None
+    return _jax_native_linear() if _native_fits(x.shape, max_rows) else None
 
 
 # The most rows (tokens in a step) whose bfloat16 products take `native`'s
@@ -162,16 +173,19 @@ def _native_linear_for(x, kernel):
 # So decode steps and prefills of up to 128 tokens take it; longer prefills,
 # compute-bound, take the backend's product.
 NATIVE_MAX_ROWS = 128
+# The same for float32 products on torch, where oneDNN's are faster from 32
+# rows on (see `linear`).
+NATIVE_MAX_FLOAT32_ROWS = 16
 
 
-def _native_fits(shape):
-    """Whether `native`'s bfloat16 kernel takes a product with `x` of `shape`:
-    up to `NATIVE_MAX_ROWS` rows, with a width its 16-wide blocks divide. A
-    graph traced for any batch size has no row count (None, or one of JAX's
-    symbolic sizes), and takes the backend's product."""
+def _native_fits(shape, max_rows):
+    """Whether `native`'s kernel takes a product with `x` of `shape`: up to
+    `max_rows` rows, with a width its 16-wide blocks divide. A graph traced
+    for any batch size has no row count (None, or one of JAX's symbolic
+    sizes), and takes the backend's product."""
     if not all(isinstance(size, int) for size in shape) or shape[-1] % 16:
         return False
-    return math.prod(shape[:-1]) <= NATIVE_MAX_ROWS and native.enabled()
+    return math.prod(shape[:-1]) <= max_rows and native.enabled()
 
 
 @functools.cache
@@ -342,9 +356,16 @@ def _slow_bfloat16_matmul(*tensors):
     AMX is what makes torch's bf16 matrix products fast)."""
     import torch
 
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors
-    ) and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    on_cpu = all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
+    return on_cpu and _torch_cpu_without_avx512()
+
+
+def _torch_cpu_without_avx512():
+    """Whether torch runs on a CPU without AVX512, the kind `native`'s AVX2
+    kernel was measured against torch's products on."""
+    import torch
+
+    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @functools.cache

@@ -4,6 +4,8 @@
 // whose layers cast each float32 weight to bfloat16 before multiplying): then
 // each value is rounded to bfloat16 as it is read, as that cast rounds it, and
 // the result is the one of the bfloat16 kernel the cast would have written.
+// On torch it also multiplies float32 x by a float32 kernel as it is, where
+// it reads faster than torch's own float32 product (see the torch operator).
 //
 // Why it exists: decoding reads every weight once per token, so its speed is
 // the rate at which the kernel streams from memory. XLA's CPU backend has no
@@ -35,6 +37,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -83,10 +86,20 @@ bool spin_until(Done done) {
   return true;
 }
 
+// How the kernel holds its values, and how they are multiplied.
+enum class Kind {
+  kBfloat16,         // bfloat16 bits
+  kFloat32Rounded,   // float32 values, multiplied as their bfloat16 cast (mixed_bfloat16)
+  kFloat32,          // float32 values, multiplied as they are (float32 decoding on torch)
+};
+
+template <Kind K>
+using Weight = std::conditional_t<K == Kind::kBfloat16, uint16_t, float>;
+
 struct Problem {
-  const void* kernel;  // uint16_t (bfloat16 bits) or float values
-  const float* x;      // x with each 16-wide block reordered: 8 even, then 8 odd columns
-                       // (for a float32 kernel, with the lanes in kFloat32Lanes' order)
+  const void* kernel;  // Weight<K> values
+  const float* x;      // x with each 16-wide block in the order `widen` reads the
+                       // kernel's (see `slot_column`)
   float* out;
   int64_t rows, n_out, n_in;
 };
@@ -94,7 +107,7 @@ struct Problem {
 // 16 bfloat16 values, packed in order, as two float32 vectors: the even
 // columns (the low half of each 32-bit lane, shifted up) and the odd ones
 // (the high half, masked).
-inline void widen(const uint16_t* p, __m256& even, __m256& odd) {
+inline void widen_bfloat16(const uint16_t* p, __m256& even, __m256& odd) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
@@ -123,10 +136,36 @@ inline __m256 bfloat16_rounded(const float* p) {
 // bits its bfloat16 cast gives.
 constexpr int kFloat32Lanes[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // column pair of each lane
 
-inline void widen(const float* p, __m256& even, __m256& odd) {
+inline void widen_rounded(const float* p, __m256& even, __m256& odd) {
   const __m256 low = bfloat16_rounded(p), high = bfloat16_rounded(p + 8);
   even = _mm256_shuffle_ps(low, high, 0x88);  // columns 0 2 8 10 | 4 6 12 14
   odd = _mm256_shuffle_ps(low, high, 0xDD);   // columns 1 3 9 11 | 5 7 13 15
+}
+
+// 16 kernel values as two float32 vectors, `first` and `second`.
+template <Kind K>
+inline void widen(const Weight<K>* p, __m256& first, __m256& second) {
+  if constexpr (K == Kind::kBfloat16) {
+    widen_bfloat16(p, first, second);
+  } else if constexpr (K == Kind::kFloat32Rounded) {
+    widen_rounded(p, first, second);
+  } else {  // columns 0-7 and 8-15, as they are
+    first = _mm256_loadu_ps(p);
+    second = _mm256_loadu_ps(p + 8);
+  }
+}
+
+// The column of a 16-wide block that `widen` puts in each of its 16 slots
+// (slots 0-7: the first vector's lanes, 8-15: the second's); x is blocked the
+// same way.
+inline int64_t slot_column(Kind kind, int64_t slot) {
+  const int64_t lane = slot % 8, second = slot / 8;
+  switch (kind) {
+    case Kind::kBfloat16: return 2 * lane + second;
+    case Kind::kFloat32Rounded: return 2 * kFloat32Lanes[lane] + second;
+    case Kind::kFloat32: return slot;
+  }
+  return slot;
 }
 
 inline float sum_lanes(__m256 v) {
@@ -138,27 +177,27 @@ inline float sum_lanes(__m256 v) {
 
 // Kernel rows o[0..R) against M rows of x from x row `r`. R * M
 // accumulators stay in registers; each kernel value is read once.
-template <typename Weight, int R, int M>
+template <Kind K, int R, int M>
 void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
-  const Weight* kernel = static_cast<const Weight*>(p.kernel);
-  constexpr int64_t ahead = kPrefetchBytes / sizeof(Weight), per_line = 64 / sizeof(Weight);
+  const Weight<K>* kernel = static_cast<const Weight<K>*>(p.kernel);
+  constexpr int64_t ahead = kPrefetchBytes / sizeof(Weight<K>), per_line = 64 / sizeof(Weight<K>);
   __m256 acc[R][M];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < M; ++j) acc[i][j] = _mm256_setzero_ps();
   for (int64_t k = 0; k < p.n_in; k += 16) {
-    __m256 even[R], odd[R];
+    __m256 first[R], second[R];
     for (int i = 0; i < R; ++i) {
-      const Weight* row = kernel + o[i] * p.n_in + k;
+      const Weight<K>* row = kernel + o[i] * p.n_in + k;
       // Once per 64-byte line; a prefetch past the kernel's end never faults.
       if (k % per_line == 0) _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
-      widen(row, even[i], odd[i]);
+      widen<K>(row, first[i], second[i]);
     }
     for (int j = 0; j < M; ++j) {
       const float* x = p.x + (r + j) * p.n_in + k;
-      __m256 x_even = _mm256_loadu_ps(x), x_odd = _mm256_loadu_ps(x + 8);
+      const __m256 x_first = _mm256_loadu_ps(x), x_second = _mm256_loadu_ps(x + 8);
       for (int i = 0; i < R; ++i) {
-        acc[i][j] = _mm256_fmadd_ps(even[i], x_even, acc[i][j]);
-        acc[i][j] = _mm256_fmadd_ps(odd[i], x_odd, acc[i][j]);
+        acc[i][j] = _mm256_fmadd_ps(first[i], x_first, acc[i][j]);
+        acc[i][j] = _mm256_fmadd_ps(second[i], x_second, acc[i][j]);
       }
     }
   }
@@ -166,7 +205,7 @@ void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
     for (int j = 0; j < M; ++j) {
       __m256 sums = acc[i][j];
       // kFloat32Lanes swaps the middle two pairs of lanes; so does 0xD8.
-      if (sizeof(Weight) == sizeof(float))
+      if (K == Kind::kFloat32Rounded)
         sums = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
       p.out[(r + j) * p.n_out + o[i]] = sum_lanes(sums);
     }
@@ -175,14 +214,14 @@ void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
 // Kernel rows o[0..R) against every row of x, 4 x rows at a time: for R = 2,
 // 8 accumulators, 4 widened kernel vectors and one x pair fill 14 of the 16
 // vector registers (as do 4 accumulators and 8 kernel vectors in block<4, 1>).
-template <typename Weight, int R>
+template <Kind K, int R>
 void x_rows(const Problem& p, const int64_t (&o)[R]) {
   int64_t r = 0;
-  for (; r + 4 <= p.rows; r += 4) block<Weight, R, 4>(p, o, r);
+  for (; r + 4 <= p.rows; r += 4) block<K, R, 4>(p, o, r);
   switch (p.rows - r) {
-    case 3: block<Weight, R, 3>(p, o, r); break;
-    case 2: block<Weight, R, 2>(p, o, r); break;
-    case 1: block<Weight, R, 1>(p, o, r); break;
+    case 3: block<K, R, 3>(p, o, r); break;
+    case 2: block<K, R, 2>(p, o, r); break;
+    case 1: block<K, R, 1>(p, o, r); break;
   }
 }
 
@@ -207,34 +246,32 @@ int64_t in_streams(int64_t begin, int64_t end, Step step) {
 // 14.5 GB/s for four neighbouring rows). More rows of x: two, so that each
 // x vector loaded serves two kernel rows (16384x2048 kernel, 8 rows of x:
 // 10.0-11.0 against 20.9 ms for one kernel row at a time).
-template <typename Weight>
+template <Kind K>
 void run_rows(const Problem& p, int64_t begin, int64_t end) {
   if (p.rows == 1)
-    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { block<Weight, 4, 1>(p, o, 0); });
+    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { block<K, 4, 1>(p, o, 0); });
   else
-    begin = in_streams<2>(begin, end, [&](const int64_t (&o)[2]) { x_rows<Weight, 2>(p, o); });
-  for (int64_t o = begin; o < end; ++o) x_rows<Weight, 1>(p, {o});
+    begin = in_streams<2>(begin, end, [&](const int64_t (&o)[2]) { x_rows<K, 2>(p, o); });
+  for (int64_t o = begin; o < end; ++o) x_rows<K, 1>(p, {o});
 }
 
 // The product with x reordered for `block`, cut into `parts` shares of
-// kernel rows (multiples of 8) for `threads` threads. `kernel` holds float32
-// values where `float32_kernel`, else bfloat16 bits.
+// kernel rows (multiples of 8) for `threads` threads.
 class Product {
  public:
-  Product(const void* kernel, bool float32_kernel, const float* x, float* out, int64_t rows,
-          int64_t n_out, int64_t n_in, int64_t threads)
+  Product(const void* kernel, Kind kind, const float* x, float* out, int64_t rows, int64_t n_out,
+          int64_t n_in, int64_t threads)
       : x_blocked_(rows * n_in),
         problem_{kernel, x_blocked_.data(), out, rows, n_out, n_in},
-        run_rows_(float32_kernel ? run_rows<float> : run_rows<uint16_t>) {
+        run_rows_(kind == Kind::kBfloat16         ? run_rows<Kind::kBfloat16>
+                  : kind == Kind::kFloat32Rounded ? run_rows<Kind::kFloat32Rounded>
+                                                  : run_rows<Kind::kFloat32>) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t k = 0; k < n_in; k += 16)
-        for (int64_t i = 0; i < 8; ++i) {
-          const int64_t pair = float32_kernel ? kFloat32Lanes[i] : i;
-          x_blocked_[r * n_in + k + i] = x[r * n_in + k + 2 * pair];
-          x_blocked_[r * n_in + k + 8 + i] = x[r * n_in + k + 2 * pair + 1];
-        }
+        for (int64_t slot = 0; slot < 16; ++slot)
+          x_blocked_[r * n_in + k + slot] = x[r * n_in + k + slot_column(kind, slot)];
     // Small kernels (under 2 MB) are not worth a second thread.
-    const int64_t bytes = n_out * n_in * (float32_kernel ? sizeof(float) : sizeof(uint16_t));
+    const int64_t bytes = n_out * n_in * (kind == Kind::kBfloat16 ? sizeof(uint16_t) : sizeof(float));
     threads_ = bytes < (int64_t(2) << 20) || threads < 1 ? 1 : threads;
     const int64_t wanted = threads_ == 1 ? 1 : threads_ * kSharesPerThread;
     share_ = std::max<int64_t>(8, ((n_out + wanted - 1) / wanted + 7) / 8 * 8);
@@ -369,7 +406,8 @@ static ffi::Error Bf16Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   if (!float32_kernel && kernel.element_type() != ffi::DataType::BF16)
     return ffi::Error::InvalidArgument("gemma_bf16_linear takes a bfloat16 or float32 kernel");
   auto kernel_dims = kernel.dimensions();
-  Product product(kernel.untyped_data(), float32_kernel, x.typed_data(), out->typed_data(),
+  const Kind kind = float32_kernel ? Kind::kFloat32Rounded : Kind::kBfloat16;
+  Product product(kernel.untyped_data(), kind, x.typed_data(), out->typed_data(),
                   x.dimensions()[0], kernel_dims[0], kernel_dims[1], pool.num_threads());
   run_on_pool(product, [&](auto task) { pool.Schedule(std::move(task)); });
   return ffi::Error::Success();
@@ -415,7 +453,8 @@ class GemmaBf16LinearOp : public tf::OpKernel {
     OP_REQUIRES_OK(context, context->allocate_output(
                                 0, tf::TensorShape({x.dim_size(0), kernel.dim_size(0)}), &out));
     auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
-    Product product(kernel.tensor_data().data(), kernel.dtype() == tf::DT_FLOAT,
+    const Kind kind = kernel.dtype() == tf::DT_FLOAT ? Kind::kFloat32Rounded : Kind::kBfloat16;
+    Product product(kernel.tensor_data().data(), kind,
                     x.flat<float>().data(), out->flat<float>().data(), x.dim_size(0),
                     kernel.dim_size(0), kernel.dim_size(1), pool->NumThreads());
     run_on_pool(product, [&](auto task) { pool->Schedule(std::move(task)); });
@@ -426,32 +465,41 @@ REGISTER_KERNEL_BUILDER(Name("GemmaBf16Linear").Device(tf::DEVICE_CPU), GemmaBf1
 #endif  // GEMMA_KERAS_TF_OP
 
 #ifdef GEMMA_KERAS_TORCH_OP
-// The torch operator gemma_keras::bf16_linear(x: bfloat16 [..., n_in],
-// kernel: bfloat16 or float32 [n_out, n_in], threads) -> bfloat16 [..., n_out], on the
-// calling thread and `threads - 1` of the library's own (torch has no pool to
-// lend). Registered from C++ so that a traced step calls it without Python:
-// a Python-implemented operator cost about 50 us a call against 8 (127 calls
-// per 2B decode step).
+// The torch operator gemma_keras::bf16_linear(x [..., n_in], kernel [n_out,
+// n_in], threads) -> [..., n_out] in x's dtype, on the calling thread and
+// `threads - 1` of the library's own (torch has no pool to lend). Bfloat16 x
+// takes a bfloat16 kernel or a float32 one (multiplied as its bfloat16
+// cast); float32 x takes a float32 kernel, multiplied as it is (torch's own
+// float32 product reads one row at 72-77% of XLA's rate here, and 2 to 8
+// rows slower than this kernel reads 8). Registered from C++ so that a
+// traced step calls it without Python: a Python-implemented operator cost
+// about 50 us a call against 8 (127 calls per 2B decode step).
 at::Tensor TorchBf16Linear(const at::Tensor& x, const at::Tensor& kernel, int64_t threads) {
+  const bool float32_x = x.scalar_type() == at::kFloat;
   const bool float32_kernel = kernel.scalar_type() == at::kFloat;
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 &&
-                  (float32_kernel || kernel.scalar_type() == at::kBFloat16) && kernel.dim() == 2 &&
-                  x.dim() >= 1 && x.size(-1) == kernel.size(1) && kernel.size(1) % 16 == 0,
-              "gemma_keras::bf16_linear takes bfloat16 x [..., n_in] and a bfloat16 or float32 "
-              "kernel [n_out, n_in] with n_in a multiple of 16, not ", x.scalar_type(), " ",
-              x.sizes(), " and ",
-              kernel.scalar_type(), " ", kernel.sizes());
+  TORCH_CHECK((float32_x ? float32_kernel
+                         : x.scalar_type() == at::kBFloat16 &&
+                               (float32_kernel || kernel.scalar_type() == at::kBFloat16)) &&
+                  kernel.dim() == 2 && x.dim() >= 1 && x.size(-1) == kernel.size(1) &&
+                  kernel.size(1) % 16 == 0,
+              "gemma_keras::bf16_linear takes bfloat16 x [..., n_in] with a bfloat16 or float32 "
+              "kernel [n_out, n_in], or float32 x with a float32 kernel, n_in a multiple of 16; "
+              "not ", x.scalar_type(), " ", x.sizes(), " and ", kernel.scalar_type(), " ",
+              kernel.sizes());
+  const Kind kind = float32_x        ? Kind::kFloat32
+                    : float32_kernel ? Kind::kFloat32Rounded
+                                     : Kind::kBfloat16;
   const at::Tensor flat = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
   const at::Tensor rows_major = kernel.contiguous();
   at::Tensor out = at::empty({flat.size(0), kernel.size(0)}, flat.options());
   // Never freed: detached helpers wait on it until the process exits.
   static OwnThreads* own_threads = new OwnThreads;
-  own_threads->run(Product(rows_major.data_ptr(), float32_kernel, flat.data_ptr<float>(),
+  own_threads->run(Product(rows_major.data_ptr(), kind, flat.data_ptr<float>(),
                            out.data_ptr<float>(), flat.size(0), kernel.size(0), kernel.size(1),
                            threads));
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = kernel.size(0);
-  return out.to(at::kBFloat16).reshape(sizes);
+  return out.to(x.scalar_type()).reshape(sizes);
 }
 
 TORCH_LIBRARY(gemma_keras, library) {

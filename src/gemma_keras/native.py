@@ -1,6 +1,7 @@
 """Builds and loads the one native kernel: `bf16_linear.cc`, the bfloat16
-matrix-vector product of decoding on the CPU for every backend, for x86-64
-CPUs with AVX2 (see the file, and `gemma_keras.backend.linear`).
+matrix-vector product of decoding on the CPU for every backend (and on
+torch the float32 one too), for x86-64 CPUs with AVX2 (see the file, and
+`gemma_keras.backend.linear`).
 
 It is compiled on first use with the system's C++ compiler (`$CXX`, else
 `c++` or `g++`), for JAX against the XLA FFI headers that jaxlib ships, for
@@ -9,7 +10,7 @@ the cache (`$GEMMA_KERAS_CACHE/kernels`): one library per source, flags,
 headers and compiler, written under a temporary name and renamed into place,
 so an interrupted build leaves nothing half-written. Where it cannot be
 built or run (no compiler, another CPU) `load` returns None after one
-warning, and bfloat16 takes the backend's own product: the same numbers up
+warning, and every product takes the backend's own: the same numbers up
 to the order of the float32 sums, slower. `GEMMA_KERAS_NATIVE=0` turns the
 kernel off.
 """
