@@ -19,7 +19,7 @@
 //
 // Layout: kernel [n_out, n_in] (bfloat16 bits or float32), x [rows, n_in],
 // out [rows, n_out]; n_in is a multiple of 16. Sums run in float32, 8 lanes
-// each, and the caller rounds `out` to bfloat16. Built by
+// each, and the caller rounds `out` to bfloat16 (unless x is float32). Built by
 // gemma_keras/native.py, with one entry point per backend:
 // `gemma_bf16_linear_ffi`, an XLA FFI handler for JAX (compiled where
 // GEMMA_KERAS_XLA_FFI is defined, against jaxlib's headers), the TensorFlow
