@@ -23,15 +23,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _torch_needs_a_cpu_without_avx512():
-    if backend.name() == "torch":
-        import torch
-
-        if not backend._slow_bfloat16_matmul(torch.ones(1).bfloat16()):
-            pytest.skip("torch's own bfloat16 product is fast on a CPU with AVX512")
-
-
 def include_dir():
     """What the backend builds the kernel with: XLA's FFI headers on JAX."""
     if backend.name() == "jax":
@@ -94,6 +85,14 @@ def test_the_kernel_builds_here():
     assert native_linear() is not None
 
 
+# The most rows the kernel takes on this CPU (`backend.native_max_rows`).
+MOST = "most"
+
+
+def rows_here(rows, float32=False):
+    return backend.native_max_rows(float32) if rows == MOST else rows
+
+
 # Rows 1, 2, 3, 5 and 8 cover every x-row block (4 at a time, then 3, 2 or 1).
 # 1030 kernel rows with 1024 inputs are split between threads into shares
 # whose quarters (one row of x) or halves (more rows) leave tails of rows;
@@ -108,11 +107,12 @@ def test_the_kernel_builds_here():
         (2, 1030, 1024),
         (3, 1030, 1024),
         (8, 1030, 1024),
-        (backend.NATIVE_MAX_ROWS, 1030, 1024),
+        (MOST, 1030, 1024),
         (5, 7, 16),
     ],
 )
 def test_kernel_is_the_product_of_its_inputs(rows, n_out, n_in):
+    rows = rows_here(rows)
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
         np.random.default_rng(rows + n_out), (rows, 1, n_in), (n_out, n_in)
     )
@@ -170,12 +170,13 @@ def float32_kernel(rng, n_out, n_in):
 
 @pytest.mark.parametrize(
     "rows,n_out,n_in",
-    [(1, 1030, 1024), (3, 1030, 1024), (8, 48, 32), (backend.NATIVE_MAX_ROWS, 64, 64)],
+    [(1, 1030, 1024), (3, 1030, 1024), (8, 48, 32), (MOST, 64, 64)],
 )
 def test_a_float32_kernel_multiplies_as_its_bfloat16_cast(rows, n_out, n_in, monkeypatch):
     """mixed_bfloat16 keeps float32 weights; the kernel rounds each as it reads
     it, as the backend's cast rounds it, so the product has the very bits of
     the cast kernel's, on the kernel and off it (where `linear` casts)."""
+    rows = rows_here(rows)
     rng = np.random.default_rng(rows)
     x = ops.cast(rng.normal(size=(rows, 1, n_in)), "bfloat16")
     kernel = ops.convert_to_tensor(float32_kernel(rng, n_out, n_in))
@@ -191,16 +192,17 @@ def test_a_float32_kernel_multiplies_as_its_bfloat16_cast(rows, n_out, n_in, mon
         np.testing.assert_array_equal(result, expected)
 
 
-# 1 to 16 rows: decoding on torch, every x-row block, a tail of kernel rows
-# after the threads' shares (1030 rows) and one thread (48 rows).
+# Decoding on torch: every x-row block, a tail of kernel rows after the
+# threads' shares (1030 rows) and one thread (48 rows).
 @pytest.mark.parametrize(
     "rows,n_out,n_in",
-    [(1, 1030, 1024), (3, 48, 32), (8, 1030, 1024), (backend.NATIVE_MAX_FLOAT32_ROWS, 48, 64)],
+    [(1, 1030, 1024), (3, 48, 32), (8, 1030, 1024), (MOST, 48, 64)],
 )
 def test_float32_products_on_torch(rows, n_out, n_in, monkeypatch):
     """torch's float32 decoding takes the kernel, which multiplies float32 as
     it is: within float32 rounding of the exact product, as torch's own
     product is. XLA reads float32 at full speed: JAX and TensorFlow keep it."""
+    rows = rows_here(rows, float32=True)
     rng = np.random.default_rng(rows)
     x, kernel = rng.normal(size=(rows, 1, n_in)), rng.normal(size=(n_out, n_in))
     x, kernel = (t.astype("float32") for t in (x, kernel))
@@ -218,18 +220,20 @@ def test_float32_products_on_torch(rows, n_out, n_in, monkeypatch):
 
 
 def test_more_float32_rows_take_torchs_product():
-    x = ops.ones((backend.NATIVE_MAX_FLOAT32_ROWS + 1, 1, 64))
+    x = ops.ones((backend.native_max_rows(float32=True) + 1, 1, 64))
     assert not takes_the_kernel(x, ops.ones((24, 64)))
 
 
 @pytest.mark.parametrize(
     "shape,reason",
     [
-        ((backend.NATIVE_MAX_ROWS + 1, 1, 64), "more rows than a short prefill"),
+        ((MOST, 1, 64), "more rows than a short prefill"),
         ((1, 1, 40), "a width 16 does not divide"),
     ],
 )
 def test_other_products_take_the_backends(shape, reason):
+    if shape[0] == MOST:
+        shape = (backend.native_max_rows() + 1, *shape[1:])
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
         np.random.default_rng(6), shape, (24, shape[-1])
     )
@@ -354,9 +358,14 @@ def test_products_from_several_threads():
         assert_bfloat16_result(result, np.einsum("bri,oi->bro", x_exact, kernel_exact))
 
 
+def native_rows_at_most(rows, monkeypatch):
+    """The kernel takes up to `rows` rows, whatever this CPU's limit."""
+    monkeypatch.setattr(backend, "native_max_rows", lambda float32=False: rows)
+
+
 def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monkeypatch):
     """A step whose products all take the kernel (decoding, a prefill of up
-    to `NATIVE_MAX_ROWS` tokens) runs torch on one thread (the kernel has its
+    to `native_max_rows()` tokens) runs torch on one thread (the kernel has its
     own) and gives torch its thread count back afterwards."""
     if backend.name() != "torch":
         pytest.skip("torch's thread count")
@@ -376,15 +385,16 @@ def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monk
             yield
 
     monkeypatch.setattr(backend, "_torch_on_one_thread", recording)
+    native_rows_at_most(64, monkeypatch)
     model.generate("the cat", max_new_tokens=3)
     assert torch.get_num_threads() == before
     # The prefill and the two decode steps after it.
     assert threads_in_steps == [1, 1, 1]
 
     threads_in_steps.clear()
-    monkeypatch.setattr(backend, "NATIVE_MAX_ROWS", 8)
+    native_rows_at_most(8, monkeypatch)
     prompt = "the cat sat on the mat " * 3
-    assert len(model.tokenizer.encode(prompt)) > backend.NATIVE_MAX_ROWS
+    assert len(model.tokenizer.encode(prompt)) > backend.native_max_rows()
     model.generate(prompt, max_new_tokens=3)
     assert torch.get_num_threads() == before
     # The longer prefill's rows take torch's product, on torch's threads.
@@ -392,7 +402,7 @@ def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monk
 
 
 def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch):
-    """On TensorFlow a step of up to `NATIVE_MAX_ROWS` tokens (each decode
+    """On TensorFlow a step of up to `native_max_rows()` tokens (each decode
     step, a short prefill) is traced without XLA, on the kernel; a longer
     prefill is compiled by XLA."""
     if backend.name() != "tensorflow":
@@ -408,9 +418,9 @@ def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch
         return traced[-1]
 
     monkeypatch.setattr(backend, "_tensorflow_native_step", recording)
-    monkeypatch.setattr(backend, "NATIVE_MAX_ROWS", 8)
+    native_rows_at_most(8, monkeypatch)
     prompt = "the cat sat on the mat " * 3
-    assert len(model.tokenizer.encode(prompt)) > backend.NATIVE_MAX_ROWS
+    assert len(model.tokenizer.encode(prompt)) > backend.native_max_rows()
     model.generate([prompt, "the cat"], max_new_tokens=3)
     # One step shape without XLA (batch 2, one token), traced once.
     assert len(traced) == 1
@@ -418,9 +428,8 @@ def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch
     assert "GemmaBf16Linear" in operations
 
     traced.clear()
-    monkeypatch.undo()
-    monkeypatch.setattr(backend, "_tensorflow_native_step", recording)
-    assert len(model.tokenizer.encode(prompt)) <= backend.NATIVE_MAX_ROWS
+    native_rows_at_most(64, monkeypatch)
+    assert len(model.tokenizer.encode(prompt)) <= backend.native_max_rows()
     model.generate(prompt, max_new_tokens=3)
     # The prefill and the decode step (batch 1), both on the kernel.
     assert len(traced) == 2 and all(traced)

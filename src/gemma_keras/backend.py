@@ -36,12 +36,14 @@ def linear(x, kernel):
       row is fast with the `matmul` up to 3072 inputs (16384x2048: 11 GB/s)
       and takes the float32 copy from 4096 on (2048x16384, the 2B's down
       projection: 0.86 GB/s, 76 ms); there the row is doubled and takes the
-      bfloat16 dot (9.5 GB/s). A bfloat16 step of up to `NATIVE_MAX_ROWS`
+      bfloat16 dot (9.5 GB/s). A bfloat16 step of up to `native_max_rows`
       rows (decoding, short prefills) runs without XLA, its products on
       `native`'s kernel (see `_tensorflow_step`).
-    - torch on a CPU without AVX512 in float32, up to
-      `NATIVE_MAX_FLOAT32_ROWS` rows (decoding): `native`'s kernel, which
-      multiplies float32 as it is. One row of eight 16384x2048 kernels,
+    - torch in float32, up to `native_max_rows` rows (decoding):
+      `native`'s kernel, which multiplies float32 as it is. On a CPU with
+      AVX512-BF16, 16384x2048 kernels, medians of 5: 3.8 against 4.3-5.8 ms
+      for oneDNN's inner product with 1 row, 6.8 against 6.8-12.1 with 8.
+      On one without AVX512, one row of eight 16384x2048 kernels,
       alternating, medians of 16: 26.7-29.2 against 22.5-26.2 GB/s for
       oneDNN's inner product (it won 42 of 48 rounds); 2 to 16 rows: 7.0,
       7.1, 9.8, 14.4 ms per kernel for 2, 4, 8, 16 rows against oneDNN's
@@ -53,10 +55,11 @@ def linear(x, kernel):
       row but runs each row as its own matrix-vector product (16384x2048
       kernel: 4.8 ms for 1 row, 1.8 s for 512), so 32 rows or more (a
       prefill) are computed in float32 (0.36 s for 512 rows).
-    - JAX in bfloat16: XLA's CPU backend has no bfloat16 dot of its own; a
+    - JAX in bfloat16: XLA's CPU backend has no bfloat16 dot of its own on a
+      CPU without AVX512-BF16; a
       plain bfloat16 dot writes a float32 copy of the kernel on every call
       into freshly mapped memory (a 128 MB copy: 80 ms, mostly page faults).
-      Up to `NATIVE_MAX_ROWS` rows (decoding, short prefills) take
+      Up to `native_max_rows` rows (decoding, short prefills) take
       `gemma_keras.native`'s kernel, an XLA FFI call that widens bfloat16 as
       it reads (2B decode step: 328 against 676 ms). Without it, and for
       more rows: with float32 accumulation requested, 2 rows or more go to
@@ -64,10 +67,12 @@ def linear(x, kernel):
       rows: 430 against 412 ms, so prefills lose nothing); one row would
       still take the copy (86 ms), so it is a multiply-and-sum over the last
       axis, which YNNPACK reads in place (5.5-8 ms).
-    - torch in bfloat16 on a CPU without AVX512, up to `NATIVE_MAX_ROWS`
-      rows (decoding, short prefills): `native`'s kernel, as the operator
+    - torch in bfloat16, up to `native_max_rows` rows (decoding, short
+      prefills): `native`'s kernel, as the operator
       `gemma_keras::bf16_linear` on threads of its own, while torch runs the
-      rest of the step on one thread (see `_trace_torch_step`). The 2B's
+      rest of the step on one thread (see `_trace_torch_step`). With
+      AVX512-BF16, one row of a 16384x2048 kernel: 1.9 against 3.8 ms for
+      torch's product. Without AVX512, the 2B's
       weight products at batch 1: 357 against 473 ms (13.6 against 10.2
       GB/s) for `F.linear`; with torch's two threads beside the kernel,
       490 ms. Whole decode steps: the 2B at batch 1, 364-472 against
@@ -132,14 +137,13 @@ def add_kernel(layer, name, shape):
 
 def _native_linear_for(x, kernel):
     """`native`'s kernel as this backend calls it, where it takes `x @ kernel.T`
-    (see `linear`), else None: bfloat16 `x` of up to `NATIVE_MAX_ROWS` rows and
-    a bfloat16 kernel, or a float32 one (mixed_bfloat16), which it rounds to
-    bfloat16 as it reads, as Keras' cast would; on torch also float32 `x` of up
-    to `NATIVE_MAX_FLOAT32_ROWS` rows and a float32 kernel."""
+    (see `linear`), else None: bfloat16 `x` of up to `native_max_rows()` rows
+    and a bfloat16 kernel, or a float32 one (mixed_bfloat16), which it rounds
+    to bfloat16 as it reads, as Keras' cast would; on torch also float32 `x`
+    of up to `native_max_rows(float32=True)` rows and a float32 kernel."""
     dtypes = keras.backend.standardize_dtype(x.dtype), keras.backend.standardize_dtype(kernel.dtype)
     if dtypes not in (("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "float32")):
         return None
-    max_rows = NATIVE_MAX_FLOAT32_ROWS if dtypes == ("float32", "float32") else NATIVE_MAX_ROWS
     backend = name()
     if backend == "torch":
         import torch
@@ -147,24 +151,25 @@ def _native_linear_for(x, kernel):
         on_cpu = x.device.type == kernel.device.type == "cpu"
         # The kernel has no gradient: a product autograd records takes torch's.
         recorded = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
-        if not on_cpu or recorded or not _torch_cpu_without_avx512():
+        if not on_cpu or recorded:
             return None
         shape = tuple(int(size) for size in x.shape)  # tensors while a trace records
-        return _torch_native_linear() if _native_fits(shape, max_rows) else None
+        return _torch_native_linear() if _native_fits(shape, dtypes[0]) else None
     if dtypes == ("float32", "float32"):  # XLA reads float32 at the machine's bandwidth
         return None
     if backend == "tensorflow":
         native_products = getattr(_tensorflow_tracing, "native_products", None)
         if native_products is None:
             return None
-        native_products.append(_native_fits(tuple(x.shape), max_rows))
+        native_products.append(_native_fits(tuple(x.shape), dtypes[0]))
         return _tensorflow_native_linear() if native_products[-1] else None
-    return _jax_native_linear() if _native_fits(x.shape, max_rows) else None
+    return _jax_native_linear() if _native_fits(x.shape, dtypes[0]) else None
 
 
 # The most rows (tokens in a step) whose bfloat16 products take `native`'s
-# kernel: it reads the kernel once for all of them and ran faster than each
-# backend's own product up to 128 rows. A 16384x2048 kernel, best of 3:
+# kernel on a CPU without AVX512-BF16: it reads the kernel once for all of
+# them and ran faster than each backend's own product up to 128 rows. A
+# 16384x2048 kernel on such a CPU (AVX2), best of 3:
 #   rows        8     32    128    256    512
 #   native    5.8     22     90    170    335 ms  (torch; JAX and TF alike)
 #   torch      62     73    111    170    302 ms  (float32 copy, oneDNN)
@@ -176,15 +181,35 @@ NATIVE_MAX_ROWS = 128
 # The same for float32 products on torch, where oneDNN's are faster from 32
 # rows on (see `linear`).
 NATIVE_MAX_FLOAT32_ROWS = 16
+# Both on a CPU with AVX512-BF16, where the backends' own bfloat16 products
+# multiply bfloat16 in hardware and the kernel (AVX2, widening to float32)
+# wins only for few rows. A 16384x2048 kernel on such a CPU (AMD EPYC, Zen 4),
+# medians of 5, ms:
+#   rows                 1     2     4     8    32    128
+#   native, bfloat16   1.9   2.0   2.7   4.3    15     63  (JAX; torch alike)
+#   JAX XLA            3.8   3.9   4.1   4.7   9.4     28
+#   torch oneDNN       3.8     -     -   4.2   7.1     21
+#   native, float32    3.8   4.1   5.2   6.8    20      -  (torch)
+#   torch oneDNN       4.3     -     -   6.8    13     42
+NATIVE_MAX_ROWS_WITH_BFLOAT16_DOT = 8
 
 
-def _native_fits(shape, max_rows):
-    """Whether `native`'s kernel takes a product with `x` of `shape`: up to
-    `max_rows` rows, with a width its 16-wide blocks divide. A graph traced
-    for any batch size has no row count (None, or one of JAX's symbolic
-    sizes), and takes the backend's product."""
+def native_max_rows(float32=False):
+    """The most rows (tokens in a step) whose products take `native`'s kernel
+    on this CPU: bfloat16 ones, or with `float32` torch's float32 ones."""
+    if native.has_bfloat16_dot():
+        return NATIVE_MAX_ROWS_WITH_BFLOAT16_DOT
+    return NATIVE_MAX_FLOAT32_ROWS if float32 else NATIVE_MAX_ROWS
+
+
+def _native_fits(shape, x_dtype):
+    """Whether `native`'s kernel takes a product with `x` of `shape` and
+    `x_dtype`: up to `native_max_rows` rows, with a width its 16-wide blocks
+    divide. A graph traced for any batch size has no row count (None, or one
+    of JAX's symbolic sizes), and takes the backend's product."""
     if not all(isinstance(size, int) for size in shape) or shape[-1] % 16:
         return False
+    max_rows = native_max_rows(float32=x_dtype == "float32")
     return math.prod(shape[:-1]) <= max_rows and native.enabled()
 
 
@@ -357,15 +382,7 @@ def _slow_bfloat16_matmul(*tensors):
     import torch
 
     on_cpu = all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
-    return on_cpu and _torch_cpu_without_avx512()
-
-
-def _torch_cpu_without_avx512():
-    """Whether torch runs on a CPU without AVX512, the kind `native`'s AVX2
-    kernel was measured against torch's products on."""
-    import torch
-
-    return not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return on_cpu and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 @functools.cache
@@ -456,7 +473,7 @@ def _tensorflow_step(model, step):
     took ~7 ms per call (18 layers, 40 tensors); a concrete function skips
     that lookup (measured ~2 ms less per decode step).
 
-    A bfloat16 step of up to `NATIVE_MAX_ROWS` rows (decoding, a short
+    A bfloat16 step of up to `native_max_rows()` rows (decoding, a short
     prefill) whose products all take `native`'s kernel runs without XLA
     instead (see `_tensorflow_native_step`).
     """
@@ -477,7 +494,7 @@ def _tensorflow_step(model, step):
             specs = [[tf.TensorSpec(x.shape, x.dtype) for x in flat_caches]]
             specs += [tf.TensorSpec(x.shape, x.dtype) for x in inputs]
             token_ids = inputs[0]
-            if bfloat16 and math.prod(token_ids.shape) <= NATIVE_MAX_ROWS:
+            if bfloat16 and math.prod(token_ids.shape) <= native_max_rows():
                 concrete[key] = _tensorflow_native_step(without_xla, specs)
             if concrete.get(key) is None:
                 concrete[key] = compiled.get_concrete_function(*specs)
@@ -575,7 +592,7 @@ def _torch_on_one_thread():
     keep spinning on the cores it needs after each of torch's own operations
     (the 2B's weight products: 490 ms with torch's two threads beside the
     kernel, 357 with one). What torch runs between the products of up to
-    `NATIVE_MAX_ROWS` rows is small enough for one thread."""
+    `native_max_rows()` rows is small enough for one thread."""
     import torch
 
     before = torch.get_num_threads()

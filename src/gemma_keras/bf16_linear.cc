@@ -11,7 +11,8 @@
 // the rate at which the kernel streams from memory. XLA's CPU backend has no
 // bfloat16 dot (it reads bfloat16 at 8-12 GB/s through YNNPACK or writes a
 // float32 copy), and torch's bfloat16 product on a CPU without AVX512 read
-// 9-10 GB/s, on a CPU whose float32 product reads 20-35 GB/s. Widening
+// 9-10 GB/s, on a CPU whose float32 product reads 20-35 GB/s (with
+// AVX512-BF16 it reads 17 GB/s of a row where this kernel reads 33). Widening
 // bfloat16 to float32 is a 16-bit shift, so a plain loop of shifts and fused
 // multiply-adds reads the kernel at close to the memory's speed. A float32
 // kernel cast to bfloat16 on every step instead writes a new bfloat16 copy
@@ -391,6 +392,13 @@ class OwnThreads {
 
 extern "C" int gemma_bf16_linear_supported() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// Whether the CPU multiplies bfloat16 itself (AVX512-BF16): there the
+// backends' own bfloat16 products are fast, and this kernel, widening and
+// multiplying in float32 with AVX2, wins only on the fewest rows.
+extern "C" int gemma_cpu_has_bfloat16_dot() {
+  return __builtin_cpu_supports("avx512bf16");
 }
 
 #ifdef GEMMA_KERAS_XLA_FFI

@@ -67,6 +67,15 @@ def load(include_dir=None):
 
 
 @functools.cache
+def has_bfloat16_dot():
+    """Whether this CPU multiplies bfloat16 itself (AVX512-BF16), where the
+    backends' own bfloat16 products beat the kernel from a few rows on; False
+    where the kernel cannot run here."""
+    library = load()
+    return library is not None and bool(library.gemma_cpu_has_bfloat16_dot())
+
+
+@functools.cache
 def load_tensorflow():
     """The kernel as the TensorFlow operation `GemmaBf16Linear` (the module that
     `tf.load_op_library` returns), or None where it cannot be built or run here.
