@@ -451,3 +451,21 @@ def test_the_torch_operator_names_what_it_takes():
         operator(torch.zeros(1, 32), torch.zeros(8, 32, dtype=torch.bfloat16), 1)
     with pytest.raises(RuntimeError, match="takes bfloat16 x"):
         operator(torch.zeros(1, 32, dtype=torch.float16), torch.zeros(8, 32), 1)
+
+
+def test_the_tensorflow_operation_names_what_it_takes():
+    """The operation checks its inputs itself, so a wrong call fails with a
+    message rather than reading past a tensor; it keeps the leading axes of x."""
+    if backend.name() != "tensorflow":
+        pytest.skip("the TensorFlow operation")
+    import tensorflow as tf
+
+    operation = backend._tensorflow_native_linear()
+    kernel = tf.zeros((32, 24), tf.bfloat16)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"n_in a multiple of 16.*\[32,24\]"):
+        operation(tf.zeros((1, 24), tf.bfloat16), kernel)
+    with pytest.raises((TypeError, tf.errors.InvalidArgumentError), match="float"):
+        operation(tf.zeros((1, 32), tf.float32), tf.zeros((8, 32), tf.bfloat16))
+    out = operation(tf.ones((2, 3, 32), tf.bfloat16), tf.ones((8, 32), tf.bfloat16))
+    assert out.shape == (2, 3, 8) and out.dtype == tf.bfloat16
+    np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(out, "float32")), 32.0)

@@ -276,19 +276,10 @@ def _torch_native_linear():
 @functools.cache
 def _tensorflow_native_linear():
     """`native`'s kernel as the TensorFlow operation `GemmaBf16Linear`, or None.
-    TensorFlow's XLA takes no custom calls, so a graph with it runs without XLA."""
-    import tensorflow as tf
-
+    TensorFlow's XLA takes no custom calls, so a graph with it runs without XLA.
+    It takes bfloat16 `x` of any rank and returns bfloat16."""
     library = native.load_tensorflow() if native.enabled() else None
-    if library is None:
-        return None
-
-    def native_linear(x, kernel):
-        flat = tf.cast(tf.reshape(x, (-1, x.shape[-1])), tf.float32)
-        out = tf.cast(library.gemma_bf16_linear(flat, kernel), x.dtype)
-        return tf.reshape(out, [*x.shape[:-1], kernel.shape[0]])
-
-    return native_linear
+    return None if library is None else library.gemma_bf16_linear
 
 
 # While `_tensorflow_native_step` traces: `native_products`, one entry per

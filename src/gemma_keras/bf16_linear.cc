@@ -430,19 +430,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_bf16_linear_ffi, Bf16Linear,
 #endif  // GEMMA_KERAS_XLA_FFI
 
 #ifdef GEMMA_KERAS_TF_OP
-// The TensorFlow operation GemmaBf16Linear(x: float32 [rows, n_in], kernel:
-// bfloat16 or float32 [n_out, n_in]) -> float32 [rows, n_out], for decode steps that run
-// without XLA (TensorFlow's XLA takes no custom calls). Its shares run on
-// TensorFlow's intra-op threads, as the FFI handler's run on XLA's.
+// The TensorFlow operation GemmaBf16Linear(x: bfloat16 [..., n_in], kernel:
+// bfloat16 or float32 [n_out, n_in]) -> bfloat16 [..., n_out], for decode
+// steps that run without XLA (TensorFlow's XLA takes no custom calls). It
+// widens x and rounds out itself, as TensorFlow's casts do (Eigen's bfloat16
+// conversions), since each operation around it costs a decode step a
+// dispatch per product (127 per 2B step). Its shares run on TensorFlow's
+// intra-op threads, as the FFI handler's run on XLA's.
 namespace tf = tensorflow;
 
 REGISTER_OP("GemmaBf16Linear")
-    .Input("x: float")
+    .Input("x: bfloat16")
     .Input("kernel: T")
-    .Output("out: float")
+    .Output("out: bfloat16")
     .Attr("T: {bfloat16, float}")
     .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
-      c->set_output(0, c->Matrix(c->Dim(c->input(0), 0), c->Dim(c->input(1), 0)));
+      tf::shape_inference::ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->ReplaceDim(c->input(0), -1, c->Dim(c->input(1), 0), &out));
+      c->set_output(0, out);
       return tf::OkStatus();
     });
 
@@ -452,20 +457,32 @@ class GemmaBf16LinearOp : public tf::OpKernel {
   void Compute(tf::OpKernelContext* context) override {
     const tf::Tensor& x = context->input(0);
     const tf::Tensor& kernel = context->input(1);
-    OP_REQUIRES(context, x.dims() == 2 && kernel.dims() == 2 && x.dim_size(1) == kernel.dim_size(1) &&
-                             x.dim_size(1) % 16 == 0,
-                tf::errors::InvalidArgument("GemmaBf16Linear takes x [rows, n_in] and kernel [n_out, n_in] "
+    OP_REQUIRES(context, x.dims() >= 1 && kernel.dims() == 2 &&
+                             x.dim_size(x.dims() - 1) == kernel.dim_size(1) &&
+                             kernel.dim_size(1) % 16 == 0,
+                tf::errors::InvalidArgument("GemmaBf16Linear takes x [..., n_in] and kernel [n_out, n_in] "
                                             "with n_in a multiple of 16, not ",
                                             x.shape().DebugString(), " and ", kernel.shape().DebugString()));
+    const int64_t n_out = kernel.dim_size(0), n_in = kernel.dim_size(1);
+    const int64_t rows = x.NumElements() / n_in;
+    tf::TensorShape out_shape = x.shape();
+    out_shape.set_dim(x.dims() - 1, n_out);
     tf::Tensor* out = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(
-                                0, tf::TensorShape({x.dim_size(0), kernel.dim_size(0)}), &out));
+    OP_REQUIRES_OK(context, context->allocate_output(0, out_shape, &out));
+    tf::Tensor wide_x, wide_out;
+    OP_REQUIRES_OK(context, context->allocate_temp(tf::DT_FLOAT, tf::TensorShape({rows, n_in}), &wide_x));
+    OP_REQUIRES_OK(context, context->allocate_temp(tf::DT_FLOAT, tf::TensorShape({rows, n_out}), &wide_out));
+    const auto x_values = x.flat<Eigen::bfloat16>();
+    auto wide_x_values = wide_x.flat<float>();
+    for (int64_t i = 0; i < rows * n_in; ++i) wide_x_values(i) = static_cast<float>(x_values(i));
     auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
     const Kind kind = kernel.dtype() == tf::DT_FLOAT ? Kind::kFloat32Rounded : Kind::kBfloat16;
-    Product product(kernel.tensor_data().data(), kind,
-                    x.flat<float>().data(), out->flat<float>().data(), x.dim_size(0),
-                    kernel.dim_size(0), kernel.dim_size(1), pool->NumThreads());
+    Product product(kernel.tensor_data().data(), kind, wide_x_values.data(),
+                    wide_out.flat<float>().data(), rows, n_out, n_in, pool->NumThreads());
     run_on_pool(product, [&](auto task) { pool->Schedule(std::move(task)); });
+    const auto wide_out_values = wide_out.flat<float>();
+    auto out_values = out->flat<Eigen::bfloat16>();
+    for (int64_t i = 0; i < rows * n_out; ++i) out_values(i) = Eigen::bfloat16(wide_out_values(i));
   }
 };
 
