@@ -199,6 +199,36 @@ class GemmaCausalLM(keras.Model):
 
         return Conversation(self, system=system, max_length=max_length, sampler=sampler, seed=seed)
 
+    def score(
+        self,
+        token_ids,
+        padding_mask=None,
+        scoring_mode="logits",
+        layer_intercept_fn=None,
+        target_ids=None,
+    ):
+        """KerasHub's `CausalLM.score`: the logits `[batch, seq, vocabulary]`
+        (`scoring_mode="logits"`) or the per-token cross-entropy against
+        `target_ids` (`scoring_mode="loss"`) of `token_ids`; see
+        `gemma_keras.scoring.score`."""
+        from gemma_keras.scoring import score
+
+        return score(
+            self,
+            token_ids,
+            padding_mask=padding_mask,
+            scoring_mode=scoring_mode,
+            layer_intercept_fn=layer_intercept_fn,
+            target_ids=target_ids,
+        )
+
+    def perplexity(self, texts, batch_size=8):
+        """The perplexity of `texts` (a string or a list of strings) under the
+        model; see `gemma_keras.scoring.perplexity`."""
+        from gemma_keras.scoring import perplexity
+
+        return perplexity(self, texts, batch_size=batch_size)
+
     def init_cache(self, batch_size, cache_length):
         return self.backbone.init_cache(batch_size, cache_length)
 
