@@ -76,12 +76,13 @@ def test_finished_rows_leave_the_batch(model):
         batch_sizes.append(token_ids.shape[0])
         return step(caches, token_ids, *inputs)
 
-    model._compiled_step = recording_step
+    saved = model._compiled_step
+    model._compiled_step = (saved[0], recording_step)
     try:
         greedy = model.generate(prompts, max_length=max_length)
         sampled = model.generate(prompts, max_length=max_length, sampler="top_k", seed=5)
     finally:
-        model._compiled_step = step
+        model._compiled_step = saved
     assert greedy == [argmax_loop(model, [p], n)[0] for p, n in zip(prompts, budgets, strict=True)]
     # A batch is cut only when that at least halves it: 3 rows go straight to 1.
     assert batch_sizes[0] == 3 and batch_sizes[-1] == 1 and set(batch_sizes) == {1, 3}

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from gemma_keras import lora_weights
+
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.decoder_block import DecoderBlock
 from gemma_keras.layers.rms_norm import RMSNorm
@@ -103,6 +105,62 @@ class GemmaBackbone(keras.Model):
             shape = (batch_size, slots, config.num_key_value_heads, config.head_dim)
             caches.append((ops.zeros(shape, dtype), ops.zeros(shape, dtype)))
         return caches
+
+    def lora_layers(self):
+        """`{path: layer}` of every layer that takes a LoRA adapter, keyed by a
+        stable path such as `decoder_block_3/attention/query` or
+        `token_embedding` (adapter files use these keys, never layer indices)."""
+        layers = {}
+        for block in self.decoder_blocks:
+            attention, ffw = block.attention, block.ffw
+            for projection in (attention.query, attention.key, attention.value):
+                layers[f"{block.name}/attention/{projection.name}"] = projection
+            layers[f"{block.name}/attention/output"] = attention.output_projection
+            for projection in (ffw.gate, ffw.up, ffw.down):
+                layers[f"{block.name}/ffw/{projection.name}"] = projection
+        layers["token_embedding"] = self.token_embedding
+        return layers
+
+    def default_lora_layer_names(self):
+        """KerasHub's default LoRA targets: the query and value projections."""
+        return ["query", "value"]
+
+    def enable_lora(self, rank, target_layer_names=None, lora_alpha=None):
+        """Freezes every weight and adds LoRA adapters to the projections named in
+        `target_layer_names` (default: query and value, as KerasHub), in every
+        decoder block. Names: `query`, `key`, `value`, `output`, `gate`, `up`,
+        `down`, `token_embedding` (KerasHub's and Hugging Face's names for the
+        same projections, e.g. `query_dense` or `q_proj`, are accepted too).
+        Only the adapters train; see `Projection` for the parameterisation.
+
+        >>> model.backbone.enable_lora(4)  # doctest: +SKIP
+        >>> model.backbone.enable_lora(8, ["query", "key", "value", "output",
+        ...                                "gate", "up", "down"])  # doctest: +SKIP
+        """
+        lora_weights.enable_lora(self, rank, target_layer_names, lora_alpha)
+
+    def save_lora_weights(self, filepath):
+        """Writes the adapters only to `filepath` (a `.lora.h5` name), keyed by
+        stable layer paths, with the rank, alpha and model shape they need."""
+        lora_weights.save_lora_weights(self, filepath)
+
+    def load_lora_weights(self, filepath):
+        """Loads adapters saved by `save_lora_weights` (enabling LoRA with the
+        file's rank and targets first if needed). A KerasHub `.lora.h5` file
+        (per-head adapters, keyed by layer index) is merged into the base
+        weights instead, exactly: see `gemma_keras.lora_weights`."""
+        lora_weights.load_lora_weights(self, filepath)
+
+    def merge_lora_weights(self):
+        """Folds every adapter into its base weight and removes it: the model is
+        a plain one again, as fast as before LoRA, and all its weights train."""
+        lora_weights.merge_lora_weights(self)
+
+    def quantize(self, mode=None, **kwargs):
+        raise NotImplementedError(
+            f"gemma_keras does not quantize models yet (asked for {mode!r}); "
+            "bfloat16 weights (`dtype='bfloat16'`) halve memory meanwhile."
+        )
 
     def get_config(self):
         return {

@@ -48,10 +48,14 @@ def _step(model, caches, token_ids, key_mask, positions, cache_index):
 
 
 def compiled_step(model):
-    """The model's compiled step function, built once per model."""
-    if getattr(model, "_compiled_step", None) is None:
-        model._compiled_step = backend.compile_step(model, lambda *args: _step(model, *args))
-    return model._compiled_step
+    """The model's compiled step function, built once per model and again when
+    its variables change (LoRA enabled, merged or loaded) or LoRA is switched on."""
+    key = tuple(id(variable) for variable in model.variables)
+    compiled = getattr(model, "_compiled_step", None)
+    if compiled is None or compiled[0] != key:
+        step = backend.compile_step(model, lambda *args: _step(model, *args))
+        model._compiled_step = compiled = (key, step)
+    return compiled[1]
 
 
 def _host_logits(model, logits):

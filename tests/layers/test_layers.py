@@ -72,7 +72,7 @@ def test_feed_forward_formula():
     x = rng.normal(size=(2, 3, 8)).astype("float32")
     ffn = FeedForward(hidden_dim=8, intermediate_dim=16)
     ffn.build(x.shape)
-    gate, up, down = (to_numpy(v) for v in (ffn.gate, ffn.up, ffn.down))
+    gate, up, down = (to_numpy(p.kernel) for p in (ffn.gate, ffn.up, ffn.down))
 
     def gelu_tanh(v):
         return 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))
@@ -120,7 +120,7 @@ def test_attention_against_repeated_kv_reference(num_kv_heads, cap, window, scal
     layer.build(x.shape)
     weights = {}
     for name in ("query", "key", "value", "output"):
-        variable = getattr(layer, "output_projection" if name == "output" else name)
+        variable = getattr(layer, "output_projection" if name == "output" else name).kernel
         weights[name] = rng.normal(scale=0.3, size=variable.shape).astype("float32")
         variable.assign(weights[name])
     positions = np.broadcast_to(np.arange(7), (2, 7))

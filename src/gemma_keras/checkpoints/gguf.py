@@ -246,14 +246,14 @@ def weight_mapping(config):
     for index in range(config.num_layers):
         block = {
             "pre_attention_norm/scale": ("attn_norm.weight", NORM_PLUS_ONE),
-            "attention/query": ("attn_q.weight", SAME),
-            "attention/key": ("attn_k.weight", SAME),
-            "attention/value": ("attn_v.weight", SAME),
-            "attention/output": ("attn_output.weight", SAME),
+            "attention/query/kernel": ("attn_q.weight", SAME),
+            "attention/key/kernel": ("attn_k.weight", SAME),
+            "attention/value/kernel": ("attn_v.weight", SAME),
+            "attention/output/kernel": ("attn_output.weight", SAME),
             "pre_ffw_norm/scale": ("ffn_norm.weight", NORM_PLUS_ONE),
-            "ffw/gate": ("ffn_gate.weight", SAME),
-            "ffw/up": ("ffn_up.weight", SAME),
-            "ffw/down": ("ffn_down.weight", SAME),
+            "ffw/gate/kernel": ("ffn_gate.weight", SAME),
+            "ffw/up/kernel": ("ffn_up.weight", SAME),
+            "ffw/down/kernel": ("ffn_down.weight", SAME),
         }
         if config.use_post_attention_norm:
             block["post_attention_norm/scale"] = ("post_attention_norm.weight", NORM_PLUS_ONE)

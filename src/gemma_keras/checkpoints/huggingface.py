@@ -103,13 +103,13 @@ def weight_mapping(config, prefix="model."):
         theirs = f"{prefix}layers.{index}"
         block = {
             "pre_attention_norm/scale": ("input_layernorm.weight", SAME),
-            "attention/query": ("self_attn.q_proj.weight", SAME),
-            "attention/key": ("self_attn.k_proj.weight", SAME),
-            "attention/value": ("self_attn.v_proj.weight", SAME),
-            "attention/output": ("self_attn.o_proj.weight", SAME),
-            "ffw/gate": ("mlp.gate_proj.weight", SAME),
-            "ffw/up": ("mlp.up_proj.weight", SAME),
-            "ffw/down": ("mlp.down_proj.weight", SAME),
+            "attention/query/kernel": ("self_attn.q_proj.weight", SAME),
+            "attention/key/kernel": ("self_attn.k_proj.weight", SAME),
+            "attention/value/kernel": ("self_attn.v_proj.weight", SAME),
+            "attention/output/kernel": ("self_attn.o_proj.weight", SAME),
+            "ffw/gate/kernel": ("mlp.gate_proj.weight", SAME),
+            "ffw/up/kernel": ("mlp.up_proj.weight", SAME),
+            "ffw/down/kernel": ("mlp.down_proj.weight", SAME),
         }
         if has_post_norms:
             block["post_attention_norm/scale"] = ("post_attention_layernorm.weight", SAME)

@@ -112,9 +112,16 @@ def from_model_weights(our_arrays, mapping):
 
 def model_variables(model):
     """`{name: variable}` of a `GemmaBackbone` or `GemmaCausalLM`, names like
-    `decoder_block_0/attention/query` (the same in both)."""
+    `decoder_block_0/attention/query/kernel` (the same in both); LoRA
+    adapters are not among them (see `get_weights`)."""
     backbone = getattr(model, "backbone", model)
-    return {variable.path: variable for variable in backbone.weights}
+    adapters = {
+        id(weight)
+        for layer in backbone.lora_layers().values()
+        if layer.lora_enabled
+        for weight in layer.lora_weights
+    }
+    return {v.path: v for v in backbone.weights if id(v) not in adapters}
 
 
 def model_shapes(model):
@@ -122,8 +129,22 @@ def model_shapes(model):
 
 
 def get_weights(model):
-    """`{name: numpy array}` of every weight of the model."""
-    return {name: np.asarray(variable.numpy()) for name, variable in model_variables(model).items()}
+    """`{name: numpy array}` of every weight of the model, LoRA adapters folded
+    into the weights they adapt (what a checkpoint of the model holds)."""
+    from keras import ops
+
+    backbone = getattr(model, "backbone", model)
+    adapted = {
+        id(layer.base_weight): layer
+        for layer in backbone.lora_layers().values()
+        if layer.lora_enabled
+    }
+    weights = {}
+    for name, variable in model_variables(model).items():
+        layer = adapted.get(id(variable))
+        value = variable.numpy() if layer is None else ops.convert_to_numpy(layer.merged_weight())
+        weights[name] = np.asarray(value)
+    return weights
 
 
 def assign_weights(model, arrays, source="weights"):

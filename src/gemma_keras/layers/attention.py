@@ -5,7 +5,8 @@ import dataclasses
 import keras
 from keras import ops
 
-from gemma_keras.backend import add_kernel, einsum, linear
+from gemma_keras.backend import einsum
+from gemma_keras.layers.projection import Projection
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding, rotary_tables
 from gemma_keras.layers.soft_cap import soft_cap
@@ -91,6 +92,16 @@ class Attention(keras.layers.Layer):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.num_groups = num_query_heads // num_key_value_heads
         self.query_scale = (query_pre_attn_scalar or head_dim) ** -0.5
+        query_dim = num_query_heads * head_dim
+        key_value_dim = num_key_value_heads * head_dim
+
+        def projection(input_dim, output_dim, name):
+            return Projection(input_dim, output_dim, dtype=self.dtype_policy, name=name)
+
+        self.query = projection(hidden_dim, query_dim, "query")
+        self.key = projection(hidden_dim, key_value_dim, "key")
+        self.value = projection(hidden_dim, key_value_dim, "value")
+        self.output_projection = projection(query_dim, hidden_dim, "output")
         if use_qk_norm:
             self.query_norm = RMSNorm(
                 layer_norm_epsilon, dtype=self.dtype_policy, name="query_norm"
@@ -98,12 +109,8 @@ class Attention(keras.layers.Layer):
             self.key_norm = RMSNorm(layer_norm_epsilon, dtype=self.dtype_policy, name="key_norm")
 
     def build(self, *args, **kwargs):
-        query_dim = self.num_query_heads * self.head_dim
-        key_value_dim = self.num_key_value_heads * self.head_dim
-        self.query = add_kernel(self, "query", (query_dim, self.hidden_dim))
-        self.key = add_kernel(self, "key", (key_value_dim, self.hidden_dim))
-        self.value = add_kernel(self, "value", (key_value_dim, self.hidden_dim))
-        self.output_projection = add_kernel(self, "output", (self.hidden_dim, query_dim))
+        for projection in (self.query, self.key, self.value, self.output_projection):
+            projection.build()
         if self.use_qk_norm:
             self.query_norm.build((None, None, None, self.head_dim))
             self.key_norm.build((None, None, None, self.head_dim))
@@ -144,9 +151,9 @@ class Attention(keras.layers.Layer):
         mask = attention_mask(key_valid, query_slots, key_slots, self.sliding_window)
         return AttentionPlan(rotary, mask[:, None, None, :, :], cache_index, ring_write)
 
-    def _project(self, x, kernel, num_heads):
+    def _project(self, x, projection, num_heads):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        return ops.reshape(linear(x, kernel), (batch, length, num_heads, self.head_dim))
+        return ops.reshape(projection(x), (batch, length, num_heads, self.head_dim))
 
     def call(self, x, plan, cache=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
@@ -176,7 +183,7 @@ class Attention(keras.layers.Layer):
         probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         attended = einsum("bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype))
         attended = ops.reshape(attended, (batch, length, self.num_query_heads * self.head_dim))
-        output = linear(attended, self.output_projection)
+        output = self.output_projection(attended)
         if cache is None:
             return output
         return output, new_cache

@@ -3,14 +3,14 @@
 import keras
 from keras import ops
 
-from gemma_keras.backend import add_kernel, linear
+from gemma_keras.layers.projection import Projection
 
 
 class FeedForward(keras.layers.Layer):
     """`down(gelu_tanh(gate(x)) * up(x))`.
 
     `intermediate_dim` is the width of each of `gate` and `up` (16384 for
-    Gemma 2B). Kernels are stored `[out, in]` (see `gemma_keras.backend.linear`).
+    Gemma 2B). Each is a `Projection` (kernel `[out, in]`).
 
     Example:
 
@@ -24,15 +24,18 @@ class FeedForward(keras.layers.Layer):
         super().__init__(**kwargs)
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
+        policy = self.dtype_policy
+        self.gate = Projection(hidden_dim, intermediate_dim, dtype=policy, name="gate")
+        self.up = Projection(hidden_dim, intermediate_dim, dtype=policy, name="up")
+        self.down = Projection(intermediate_dim, hidden_dim, dtype=policy, name="down")
 
     def build(self, input_shape):
-        self.gate = add_kernel(self, "gate", (self.intermediate_dim, self.hidden_dim))
-        self.up = add_kernel(self, "up", (self.intermediate_dim, self.hidden_dim))
-        self.down = add_kernel(self, "down", (self.hidden_dim, self.intermediate_dim))
+        for projection in (self.gate, self.up, self.down):
+            projection.build()
 
     def call(self, x):
-        gate = ops.gelu(linear(x, self.gate), approximate=True)
-        return linear(gate * linear(x, self.up), self.down)
+        gate = ops.gelu(self.gate(x), approximate=True)
+        return self.down(gate * self.up(x))
 
     def get_config(self):
         return {

@@ -7,6 +7,7 @@ from keras import ops
 
 from gemma_keras import backend
 from gemma_keras.backend import linear
+from gemma_keras.layers.lora import LoraLayer
 from gemma_keras.layers.soft_cap import soft_cap
 
 
@@ -34,13 +35,17 @@ def check_token_ids(token_ids, vocabulary_size):
         )
 
 
-class TokenEmbedding(keras.layers.Layer):
+class TokenEmbedding(LoraLayer):
     """Embedding shared between the input and the output of the model.
 
     `call(token_ids)` returns `embeddings[token_ids] * sqrt(hidden_dim)`, the
     scale first cast to the compute dtype as Gemma was trained (bf16:
     sqrt(2048) -> 45.25). `call(hidden, reverse=True)` returns float32 logits
     `hidden @ embeddings.T`, soft-capped by `logit_soft_cap` when set.
+
+    LoRA as `keras.layers.Embedding.enable_lora` has it: `lora_embeddings_a`
+    `[vocabulary_size, rank]` and `lora_embeddings_b` `[rank, hidden_dim]`
+    add `a @ b * (lora_alpha / rank)` to the table, both ways round.
 
     Example:
 
@@ -50,6 +55,9 @@ class TokenEmbedding(keras.layers.Layer):
     >>> tuple(embedding(hidden, reverse=True).shape)
     (1, 3, 10)
     """
+
+    base_weight_name = "embeddings"
+    lora_weight_names = ("lora_embeddings_a", "lora_embeddings_b")
 
     def __init__(self, vocabulary_size, hidden_dim, logit_soft_cap=None, **kwargs):
         super().__init__(**kwargs)
@@ -75,12 +83,38 @@ class TokenEmbedding(keras.layers.Layer):
 
     def call(self, inputs, reverse=False):
         if reverse:
-            logits = linear(inputs, self.embeddings)
-            return soft_cap(ops.cast(logits, "float32"), self.logit_soft_cap)
+            logits = ops.cast(linear(inputs, self.embeddings), "float32")
+            if self.lora_enabled:
+                low_rank = ops.matmul(ops.cast(inputs, "float32"), ops.transpose(self.lora_b))
+                logits = logits + ops.matmul(low_rank, ops.transpose(self.lora_a)) * self.lora_scale
+            return soft_cap(logits, self.logit_soft_cap)
         check_token_ids(inputs, self.vocabulary_size)
-        rows = backend.take_rows(self.embeddings, ops.cast(inputs, "int32"))
+        token_ids = ops.cast(inputs, "int32")
+        rows = backend.take_rows(self.embeddings, token_ids)
+        if self.lora_enabled:
+            low_rank = ops.matmul(ops.take(self.lora_a, token_ids, axis=0), self.lora_b)
+            rows = ops.cast(rows, "float32") + low_rank * self.lora_scale
         embedded = ops.cast(rows, self.compute_dtype)
         return embedded * ops.cast(math.sqrt(self.hidden_dim), self.compute_dtype)
+
+    @property
+    def lora_a(self):
+        return self.lora_embeddings_a
+
+    @property
+    def lora_b(self):
+        return self.lora_embeddings_b
+
+    def lora_shapes(self, rank):
+        return (self.vocabulary_size, rank), (rank, self.hidden_dim)
+
+    def lora_delta(self):
+        return ops.matmul(self.lora_a, self.lora_b) * self.lora_scale
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        raise NotImplementedError(
+            f"gemma_keras does not quantize its embedding yet (asked for {mode!r})."
+        )
 
     def get_config(self):
         return {

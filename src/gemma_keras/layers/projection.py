@@ -1,0 +1,67 @@
+"""A dense projection without bias that owns its kernel: Gemma's q/k/v/o and FFN weights."""
+
+import keras
+from keras import ops
+
+from gemma_keras.backend import add_kernel, linear
+from gemma_keras.layers.lora import LoraLayer
+
+
+class Projection(LoraLayer):
+    """`x @ kernel.T`, the kernel stored `[output_dim, input_dim]` as torch,
+    Hugging Face and GGUF store it; `gemma_keras.backend.linear` multiplies it
+    with each backend's fastest product, a decode step's included.
+
+    With LoRA (`enable_lora`, as `keras.layers.Dense` has it: `lora_kernel_a`
+    `[input_dim, rank]`, `lora_kernel_b` `[rank, output_dim]`) the output is
+    `x @ kernel.T + (x @ a) @ b * (lora_alpha / rank)`: the base product keeps
+    its fast path and the low-rank one is computed in float32.
+
+    Example:
+
+    >>> import numpy as np
+    >>> layer = Projection(input_dim=8, output_dim=4)
+    >>> tuple(layer(np.ones((2, 3, 8), "float32")).shape)
+    (2, 3, 4)
+    >>> layer.enable_lora(2)
+    >>> [w.name for w in layer.trainable_weights]
+    ['lora_kernel_a', 'lora_kernel_b']
+    """
+
+    base_weight_name = "kernel"
+    lora_weight_names = ("lora_kernel_a", "lora_kernel_b")
+
+    def __init__(self, input_dim, output_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+
+    def build(self, input_shape=None):
+        self.kernel = add_kernel(self, "kernel", (self.output_dim, self.input_dim))
+        self.built = True
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(tuple(x.shape[:-1]) + (self.output_dim,), self.compute_dtype)
+
+    def call(self, x):
+        y = linear(x, self.kernel)
+        if self.lora_enabled:
+            low_rank = ops.matmul(ops.cast(x, "float32"), self.lora_kernel_a)
+            low_rank = ops.matmul(low_rank, self.lora_kernel_b) * self.lora_scale
+            y = y + ops.cast(low_rank, y.dtype)
+        return y
+
+    def lora_shapes(self, rank):
+        return (self.input_dim, rank), (rank, self.output_dim)
+
+    def lora_delta(self):
+        delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)  # [in, out]
+        return ops.transpose(delta) * self.lora_scale
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        raise NotImplementedError(
+            f"gemma_keras does not quantize its projections yet (asked for {mode!r})."
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim}
