@@ -4,7 +4,6 @@ import keras
 from keras import ops
 
 from gemma_keras import lora_weights
-
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.decoder_block import DecoderBlock
 from gemma_keras.layers.rms_norm import RMSNorm

@@ -1,6 +1,7 @@
 """GemmaCausalLM: the backbone plus the tied output projection to vocabulary logits."""
 
 import keras
+from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from gemma_keras.backbone import GemmaBackbone
 
@@ -36,8 +37,14 @@ class GemmaCausalLM(keras.Model):
         self.tokenizer = None
         # Instruction-tuned models also stop generating at `<end_of_turn>`.
         self.instruction_tuned = False
-        self.sampler = "greedy"
+        # A `GemmaCausalLMPreprocessor`, set by `from_preset`: `fit` and
+        # `evaluate` take text through it.
+        self.preprocessor = None
         self._compiled_step = None
+        # KerasHub's defaults, so that `fit` works without `compile`; a model
+        # built without variables (see `loading.build_model`) compiles later.
+        if not in_stateless_scope():
+            self.compile()
 
     @classmethod
     def from_gemma_config(cls, config, dtype=None):
@@ -109,14 +116,70 @@ class GemmaCausalLM(keras.Model):
         )
         return self.backbone.token_embedding(hidden, reverse=True), caches
 
-    def compile(self, *args, sampler="greedy", **kwargs):
-        """As `keras.Model.compile`, plus the default `sampler` of `generate`
-        (a name such as "greedy", "top_k", "top_p", "random", "beam", or a
-        `Sampler`), as KerasHub's `CausalLM.compile(sampler=...)`."""
+    def compile(
+        self,
+        optimizer="auto",
+        loss="auto",
+        *,
+        weighted_metrics="auto",
+        sampler="greedy",
+        **kwargs,
+    ):
+        """As KerasHub's `CausalLM.compile`: `keras.Model.compile` whose "auto"
+        defaults are `Adam(2e-5)`, `SparseCategoricalCrossentropy(from_logits=True)`
+        and a weighted `SparseCategoricalAccuracy` (the preprocessor's sample
+        weights leave padding and prompts out), plus the default `sampler` of
+        `generate` ("greedy", "top_k", "top_p", "random", "beam" or a `Sampler`;
+        greedy unless changed, where KerasHub's is top-k).
+
+        >>> model.compile(optimizer=keras.optimizers.AdamW(5e-5))  # doctest: +SKIP
+        """
         from gemma_keras.samplers import get_sampler
 
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(2e-5)
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         self.sampler = get_sampler(sampler)
-        super().compile(*args, **kwargs)
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
+
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """`keras.Model.fit`, taking text too: strings, `{"prompts", "responses"}`,
+        chat conversations, NumPy arrays, generators, `keras.utils.PyDataset`s
+        (and `tf.data` on TensorFlow) go through `self.preprocessor` (see
+        `GemmaCausalLMPreprocessor`); `{"token_ids", "padding_mask"}` with labels
+        pass as they are.
+
+        >>> model.backbone.enable_lora(4)  # doctest: +SKIP
+        >>> model.fit(["Question: 2 + 2?\nAnswer: 4", ...], epochs=1, batch_size=1)  # doctest: +SKIP
+        """
+        x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
+        validation = kwargs.get("validation_data")
+        if validation is not None and self.preprocessor is not None:
+            kwargs["validation_data"] = self._validation_data(validation)
+        return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """`keras.Model.evaluate`, taking the same data as `fit`."""
+        x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
+        return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+
+    def _training_data(self, x, y, sample_weight, batch_size):
+        if self.preprocessor is None:
+            return x, y, sample_weight, batch_size
+        from gemma_keras.preprocessor import training_data
+
+        return training_data(self.preprocessor, x, y, sample_weight, batch_size)
+
+    def _validation_data(self, validation):
+        if isinstance(validation, tuple) and len(validation) in (2, 3):
+            x, y, sample_weight = (*validation, None)[:3]
+        else:
+            x, y, sample_weight = validation, None, None
+        x, y, sample_weight, _ = self._training_data(x, y, sample_weight, None)
+        return x if y is None else (x, y, sample_weight)
 
     def generate(
         self,

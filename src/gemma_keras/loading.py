@@ -13,6 +13,7 @@ from gemma_keras import registry, resolve
 from gemma_keras.causal_lm import GemmaCausalLM
 from gemma_keras.checkpoints import huggingface, keras_hub
 from gemma_keras.checkpoints.weight_mapping import WeightsError, model_shapes, model_variables
+from gemma_keras.preprocessor import GemmaCausalLMPreprocessor
 from gemma_keras.resolve import resolve_preset
 from gemma_keras.tokenizer import GemmaTokenizer
 
@@ -72,6 +73,7 @@ def build_model(config, dtype=None, checkpoint=None):
         return GemmaCausalLM.from_gemma_config(config, dtype=dtype)
     with keras.StatelessScope(initialize_variables=False):
         model = GemmaCausalLM.from_gemma_config(config, dtype=dtype)
+    model.compile()
     variables = list(model_variables(model).items())
     try:
         weights = checkpoint.weights(model_shapes(model))
@@ -101,6 +103,7 @@ def load_model(path, dtype=None, load_weights=True):
     model = build_model(checkpoint.config, dtype, checkpoint if load_weights else None)
     if checkpoint.tokenizer_proto is not None:
         model.tokenizer = GemmaTokenizer(checkpoint.tokenizer_proto)
+        model.preprocessor = GemmaCausalLMPreprocessor(model.tokenizer)
     return model
 
 

@@ -134,7 +134,9 @@ def save_lora_weights(backbone, filepath):
     filepath = os.fspath(filepath)
     enabled = lora_enabled_layers(backbone)
     if not enabled:
-        raise LoraError("There is no LoRA adapter to save: call `backbone.enable_lora(rank)` first.")
+        raise LoraError(
+            "There is no LoRA adapter to save: call `backbone.enable_lora(rank)` first."
+        )
     if not filepath.endswith(FILE_SUFFIX):
         raise LoraError(f"The adapter file name must end in {FILE_SUFFIX!r}, got {filepath!r}.")
     first = next(iter(enabled.values()))
@@ -148,7 +150,7 @@ def save_lora_weights(backbone, filepath):
             file.attrs["lora_alpha"] = first.lora_alpha
             file.attrs["model"] = json.dumps(_shape_signature(backbone))
             for path, layer in enabled.items():
-                for name, weight in zip(layer.lora_weight_names, layer.lora_weights):
+                for name, weight in zip(layer.lora_weight_names, layer.lora_weights, strict=True):
                     file[f"{path}/{name}"] = ops.convert_to_numpy(weight).astype("float32")
         os.replace(partial, filepath)
     finally:
@@ -178,9 +180,11 @@ def load_lora_weights(backbone, filepath):
 
 def _load_ours(backbone, file, filepath):
     arrays = {}
-    file.visititems(
-        lambda name, item: arrays.__setitem__(name, item) if isinstance(item, h5py.Dataset) else None
-    )
+    def collect(name, item):
+        if isinstance(item, h5py.Dataset):
+            arrays[name] = item
+
+    file.visititems(collect)
     rank, alpha = int(file.attrs["rank"]), float(file.attrs["lora_alpha"])
     layers = backbone.lora_layers()
     saved = sorted({name.rsplit("/", 1)[0] for name in arrays})
@@ -195,7 +199,7 @@ def _load_ours(backbone, file, filepath):
         layer = layers[path]
         expected = layer.lora_shapes(rank) if not layer.lora_enabled else None
         expected = expected or tuple(tuple(w.shape) for w in layer.lora_weights)
-        for name, shape in zip(layer.lora_weight_names, expected):
+        for name, shape in zip(layer.lora_weight_names, expected, strict=True):
             found = tuple(arrays[f"{path}/{name}"].shape)
             if found != tuple(shape):
                 raise LoraError(
@@ -216,7 +220,7 @@ def _load_ours(backbone, file, filepath):
         )
     for path in saved:
         layer = layers[path]
-        for name, weight in zip(layer.lora_weight_names, layer.lora_weights):
+        for name, weight in zip(layer.lora_weight_names, layer.lora_weights, strict=True):
             weight.assign(np.asarray(arrays[f"{path}/{name}"]))
 
 

@@ -63,7 +63,8 @@ class LoraLayer(keras.layers.Layer):
         shapes = self.lora_shapes(rank)
         initializers = (a_initializer, b_initializer)
         self._tracker.unlock()
-        for name, shape, initializer in zip(self.lora_weight_names, shapes, initializers):
+        names = self.lora_weight_names
+        for name, shape, initializer in zip(names, shapes, initializers, strict=True):
             weight = self.add_weight(
                 name=name,
                 shape=shape,
