@@ -153,7 +153,7 @@ class GemmaCausalLM(keras.Model):
         pass as they are.
 
         >>> model.backbone.enable_lora(4)  # doctest: +SKIP
-        >>> model.fit(["Question: 2 + 2?\nAnswer: 4", ...], epochs=1, batch_size=1)  # doctest: +SKIP
+        >>> model.fit(["2 + 2 = 4", "3 + 5 = 8"], epochs=1, batch_size=1)  # doctest: +SKIP
         """
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
         validation = kwargs.get("validation_data")
