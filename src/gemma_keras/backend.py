@@ -50,7 +50,8 @@ def linear(x, kernel):
       9.8, 10.8, 13.5, 17.2; 32 rows: 31.1 against 26.1.
     - torch on CPU in float32 otherwise: oneDNN's inner product, about twice
       as fast as `F.linear` (24 against 12 GB/s on the 270M's embedding);
-      `F.linear` elsewhere.
+      `F.linear` elsewhere, and where autograd records the product (a
+      training step), since oneDNN's has no gradient.
     - torch on a CPU without AVX512 in bfloat16: `F.linear` is fast for one
       row but runs each row as its own matrix-vector product (16384x2048
       kernel: 4.8 ms for 1 row, 1.8 s for 512), so 32 rows or more (a
@@ -103,11 +104,11 @@ def linear(x, kernel):
         import torch
 
         if x.device.type == "cpu" and x.dtype == kernel.dtype == torch.float32:
-            return _onednn_linear()(x, kernel)
+            return _torch_float32_linear(x, kernel)
         # While `torch.jit.trace` records, sizes are tensors; each graph has one shape.
         rows = math.prod(int(size) for size in x.shape[:-1])
         if _slow_bfloat16_matmul(x, kernel) and rows >= 32:
-            return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
+            return _torch_float32_linear(x.float(), kernel.float()).to(x.dtype)
         return torch.nn.functional.linear(x, kernel)
     if name() == "tensorflow":
         import tensorflow as tf
@@ -146,12 +147,9 @@ def _native_linear_for(x, kernel):
         return None
     backend = name()
     if backend == "torch":
-        import torch
-
         on_cpu = x.device.type == kernel.device.type == "cpu"
         # The kernel has no gradient: a product autograd records takes torch's.
-        recorded = torch.is_grad_enabled() and (x.requires_grad or kernel.requires_grad)
-        if not on_cpu or recorded:
+        if not on_cpu or _torch_records_gradient(x, kernel):
             return None
         shape = tuple(int(size) for size in x.shape)  # tensors while a trace records
         return _torch_native_linear() if _native_fits(shape, dtypes[0]) else None
@@ -278,8 +276,29 @@ def _tensorflow_native_linear():
     """`native`'s kernel as the TensorFlow operation `GemmaBf16Linear`, or None.
     TensorFlow's XLA takes no custom calls, so a graph with it runs without XLA.
     It takes bfloat16 `x` of any rank and returns bfloat16."""
+    import tensorflow as tf
+
     library = native.load_tensorflow() if native.enabled() else None
-    return None if library is None else library.gemma_bf16_linear
+    if library is None:
+        return None
+    tf.RegisterGradient("GemmaBf16Linear")(_tensorflow_native_linear_gradient)
+    return library.gemma_bf16_linear
+
+
+def _tensorflow_native_linear_gradient(operation, upstream):
+    """`GemmaBf16Linear`'s gradients: the plain product's, with the kernel
+    rounded to bfloat16 as the operation reads it. In float32: the operation
+    runs in graphs without XLA, whose own bfloat16 products round partial
+    sums to bfloat16 (see `einsum`)."""
+    import tensorflow as tf
+
+    x, kernel = operation.inputs
+    rounded_kernel = tf.cast(tf.cast(kernel, tf.bfloat16), tf.float32)
+    flat_x = tf.reshape(tf.cast(x, tf.float32), [-1, tf.shape(x)[-1]])
+    flat_upstream = tf.reshape(tf.cast(upstream, tf.float32), [-1, tf.shape(upstream)[-1]])
+    grad_x = tf.reshape(tf.matmul(flat_upstream, rounded_kernel), tf.shape(x))
+    grad_kernel = tf.matmul(flat_upstream, flat_x, transpose_a=True)
+    return tf.cast(grad_x, x.dtype), tf.cast(grad_kernel, kernel.dtype)
 
 
 # While `_tensorflow_native_step` traces: `native_products`, one entry per
@@ -306,12 +325,37 @@ def _xla_bfloat16_linear(x, kernel):
 
 
 def _tensorflow_float32_accumulated_dot(flat, kernel):
+    """`flat @ kernel.T` of bfloat16 matrices on XLA, summed and returned in
+    float32 (see `linear`).
+
+    XLA's `dot_general` has no gradient in TensorFlow; this one's are two
+    more such products. `linear` rounds the product to bfloat16, so the
+    upstream gradient (the rounding's) holds bfloat16 values, which the
+    gradient's products take as they are."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def dot(flat, kernel):
+        def gradient(upstream):
+            upstream = tf.cast(upstream, flat.dtype)
+            grad_flat = _xla_float32_accumulated_dot(upstream, kernel, contracting=(1, 0))
+            grad_kernel = _xla_float32_accumulated_dot(upstream, flat, contracting=(0, 0))
+            return tf.cast(grad_flat, flat.dtype), tf.cast(grad_kernel, kernel.dtype)
+
+        return _xla_float32_accumulated_dot(flat, kernel, contracting=(1, 1)), gradient
+
+    return dot(flat, kernel)
+
+
+def _xla_float32_accumulated_dot(a, b, contracting):
+    """Matrices `a` and `b` multiplied over their axes `contracting` on
+    TensorFlow's XLA, summed in float32."""
     from tensorflow.compiler.tf2xla.python import xla
 
     dimensions = xla.DotDimensionNumbers(
-        lhs_contracting_dimensions=[1], rhs_contracting_dimensions=[1]
+        lhs_contracting_dimensions=[contracting[0]], rhs_contracting_dimensions=[contracting[1]]
     )
-    return xla.dot_general(flat, kernel, dimensions, preferred_element_type="float32")
+    return xla.dot_general(a, b, dimensions, preferred_element_type="float32")
 
 
 def round_to_bfloat16(x):
@@ -320,16 +364,29 @@ def round_to_bfloat16(x):
     A plain `convert` here gets fused into YNNPACK's multiply-and-sum, which
     then ran 12x slower (the 270M's 262144x640 logits: 358 against 30 ms);
     YNNPACK takes no integer ops, so its product ends in float32 and the
-    rounding runs after it. The result equals a `convert`'s, NaN staying NaN.
+    rounding runs after it. The result equals a `convert`'s, NaN staying NaN,
+    and so does its gradient.
     """
+    return _jax_round_to_bfloat16()(x)
+
+
+@functools.cache
+def _jax_round_to_bfloat16():
+    import jax
     import jax.numpy as jnp
     from jax import lax
 
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    rounding = jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))
-    high_half = (bits + rounding) & jnp.uint32(0xFFFF0000)
-    rounded = lax.bitcast_convert_type(high_half, jnp.float32)
-    return jnp.where(jnp.isnan(x), x, rounded).astype(jnp.bfloat16)
+    @jax.custom_jvp
+    def round_to_bfloat16(x):
+        bits = lax.bitcast_convert_type(x, jnp.uint32)
+        rounding = jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))
+        high_half = (bits + rounding) & jnp.uint32(0xFFFF0000)
+        rounded = lax.bitcast_convert_type(high_half, jnp.float32)
+        return jnp.where(jnp.isnan(x), x, rounded).astype(jnp.bfloat16)
+
+    # Bit casts have no derivative; the rounding's is the plain cast's.
+    round_to_bfloat16.defjvps(lambda tangent, rounded, x: tangent.astype(jnp.bfloat16))
+    return round_to_bfloat16
 
 
 def take_rows(table, ids):
@@ -343,12 +400,30 @@ def take_rows(table, ids):
     """
     table = keras.ops.convert_to_tensor(table)
     if name() == "jax" and table.dtype == "bfloat16":
-        import jax.numpy as jnp
-        from jax import lax
+        return _jax_take_bfloat16_rows()(table, ids)
+    return keras.ops.take(table, ids, axis=0)
 
+
+@functools.cache
+def _jax_take_bfloat16_rows():
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    @jax.custom_jvp
+    def take_bfloat16_rows(table, ids):
         rows = jnp.take(lax.bitcast_convert_type(table, jnp.uint16), ids, axis=0)
         return lax.bitcast_convert_type(rows, jnp.bfloat16)
-    return keras.ops.take(table, ids, axis=0)
+
+    # The bit casts have no derivative; the lookup's is a plain `take`'s (the
+    # upstream gradient added into the rows it read). The gradient is another
+    # array than the table the logits read, so it costs no copy of the table.
+    @take_bfloat16_rows.defjvp
+    def take_bfloat16_rows_jvp(primals, tangents):
+        table, ids = primals
+        return take_bfloat16_rows(table, ids), jnp.take(tangents[0], ids, axis=0)
+
+    return take_bfloat16_rows
 
 
 def einsum(equation, a, b):
@@ -374,6 +449,25 @@ def _slow_bfloat16_matmul(*tensors):
 
     on_cpu = all(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors)
     return on_cpu and not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def _torch_float32_linear(x, kernel):
+    """`x @ kernel.T` of float32 tensors on torch's CPU: oneDNN's inner product
+    (see `linear`), or `F.linear` where autograd records the product, since
+    oneDNN's has no gradient."""
+    import torch
+
+    if _torch_records_gradient(x, kernel):
+        return torch.nn.functional.linear(x, kernel)
+    return _onednn_linear()(x, kernel)
+
+
+def _torch_records_gradient(*tensors):
+    """Whether torch's autograd records an operation on `tensors` (a training
+    step), which products without a gradient of their own must leave to torch's."""
+    import torch
+
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @functools.cache
