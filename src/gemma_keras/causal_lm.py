@@ -145,6 +145,10 @@ class GemmaCausalLM(keras.Model):
         self.sampler = get_sampler(sampler)
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
 
+    def quantize(self, mode=None, **kwargs):
+        """Not yet: raises rather than leave the weights as they are with a warning per layer."""
+        self.backbone.quantize(mode, **kwargs)
+
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.fit`, taking text too: strings, `{"prompts", "responses"}`,
         chat conversations, NumPy arrays, generators, `keras.utils.PyDataset`s
