@@ -116,3 +116,46 @@ def test_info():
     result = run_cli("--json", "info")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["backend"] == keras.config.backend()
+
+
+EVAL_EXAMPLES = [
+    {"context": "The capital of France is", "choices": ["Paris.", "Rome."], "label": 0},
+    {"ctx": "def add(a, b):\n", "endings": ["    return a + b", "print(add(2, 3))"], "label": "1"},
+    {"context": "Hello", "choices": ["there!", "Numbers"], "label": 1},
+]
+
+
+def test_eval_prints_the_accuracy_and_json_on_its_last_line(preset, tmp_path):
+    from gemma_keras.evaluation import evaluate_multiple_choice
+
+    path = tmp_path / "examples.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in EVAL_EXAMPLES), encoding="utf-8")
+    as_json = run_cli("--json", "eval", str(path), "--preset", str(preset), "--batch-size", "2")
+    assert as_json.returncode == 0, as_json.stderr
+    reported = json.loads(as_json.stdout.strip().splitlines()[-1])
+    model = GemmaCausalLM.from_preset(str(preset))
+    assert reported == evaluate_multiple_choice(model, path)
+    human = run_cli("eval", str(path), "--preset", str(preset), "--limit", "2")
+    assert human.returncode == 0, human.stderr
+    first_two = evaluate_multiple_choice(model, path, limit=2)
+    assert human.stdout.strip() == (
+        f"accuracy {first_two['accuracy']:.4f}  accuracy_norm {first_two['accuracy_norm']:.4f}  "
+        f"n 2  ({path}, {preset})"
+    )
+
+
+def test_eval_errors(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(EVAL_EXAMPLES[0]) + '\n{"context": "a", "choices": []}\n')
+    # The file is read before the model loads: the preset need not exist.
+    result = run_cli("eval", str(path), "--preset", "no_such_preset")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"gemma-keras eval: EvaluationError: {path}:2: missing field 'label'; expected "
+        '{"context": str, "choices": [str, ...], "label": int} or HellaSwag\'s '
+        '{"ctx": str, "endings": [str, ...], "label": int}.'
+    )
+    for flag in ("--limit", "--batch-size"):
+        usage = run_cli("eval", str(path), flag, "0")
+        assert usage.returncode == 2
+        assert usage.stderr.strip() == f"gemma-keras eval: {flag} must be at least 1"

@@ -5,6 +5,7 @@
     gemma-keras presets
     gemma-keras convert model.gguf ./my_preset --to keras_hub
     gemma-keras bench --model embedded
+    gemma-keras eval hellaswag_val.jsonl --limit 200
     gemma-keras info
 
 `--backend` sets `KERAS_BACKEND` before Keras is imported; without it (and
@@ -92,6 +93,17 @@ def build_parser():
     bench = commands.add_parser("bench", help="run the generation benchmark")
     bench.add_argument("--model", choices=["gemma_2b", "embedded", "all"], default="embedded")
     bench.add_argument("--no-peer", action="store_true")
+
+    evaluate = commands.add_parser(
+        "eval", help="multiple-choice accuracy on a JSONL file (HellaSwag's format too)"
+    )
+    evaluate.add_argument(
+        "file",
+        help='JSONL, one {"context", "choices", "label"} or {"ctx", "endings", "label"} a line',
+    )
+    _model_options(evaluate)
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N examples only")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="choices per forward pass")
 
     commands.add_parser("info", help="backend, devices, versions, cache location")
     return parser
@@ -232,6 +244,26 @@ def cmd_bench(args):
     benchmark["main"](["--model", args.model] + (["--no-peer"] if args.no_peer else []))
 
 
+def cmd_eval(args):
+    if args.limit is not None and args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    from gemma_keras.evaluation import evaluate_multiple_choice, load_examples
+
+    # The file is checked before the (slower) model load.
+    examples = load_examples(args.file, args.limit)
+    model = _load(args)
+    result = evaluate_multiple_choice(model, examples, batch_size=args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"accuracy {result['accuracy']:.4f}  accuracy_norm {result['accuracy_norm']:.4f}  "
+            f"n {result['n']}  ({args.file}, {args.preset})"
+        )
+
+
 def cmd_info(args):
     import platform
 
@@ -275,6 +307,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "convert": cmd_convert,
     "bench": cmd_bench,
+    "eval": cmd_eval,
     "info": cmd_info,
 }
 
