@@ -40,7 +40,8 @@ class GemmaCausalLM(keras.Model):
         # A `GemmaCausalLMPreprocessor`, set by `from_preset`: `fit` and
         # `evaluate` take text through it.
         self.preprocessor = None
-        self._compiled_step = None
+        self._compiled_step = None  # see `generation.compiled_step`
+        self._compiled_losses = None  # see `scoring`
         # KerasHub's defaults, so that `fit` works without `compile`; a model
         # built without variables (see `loading.build_model`) compiles later.
         if not in_stateless_scope():
