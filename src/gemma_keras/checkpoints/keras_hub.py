@@ -18,6 +18,7 @@ from gemma_keras.checkpoints.weight_mapping import (
     split_heads,
 )
 from gemma_keras.config import GemmaConfig, alternating_local_global, every_nth_global
+from gemma_keras.tokenizer import GemmaTokenizer
 
 GEMMA_CLASS = "keras_hub>GemmaBackbone"
 GEMMA3_CLASS = "keras_hub>Gemma3Backbone"
@@ -90,16 +91,21 @@ def weight_mapping(config):
         "final_norm/scale": ("layers/rms_normalization/vars/0", SAME),
     }
     for index in range(config.num_layers):
+        query_heads = heads_first(config.num_query_heads)
+        key_value_heads = heads_first(config.num_key_value_heads)
         block = {
             "pre_attention_norm/scale": ("pre_attention_norm", SAME),
-            "attention/query": ("attention/query_dense", heads_first(config.num_query_heads)),
-            "attention/key": ("attention/key_dense", heads_first(config.num_key_value_heads)),
-            "attention/value": ("attention/value_dense", heads_first(config.num_key_value_heads)),
-            "attention/output": ("attention/output_dense", split_heads(config.num_query_heads)),
+            "attention/query/kernel": ("attention/query_dense", query_heads),
+            "attention/key/kernel": ("attention/key_dense", key_value_heads),
+            "attention/value/kernel": ("attention/value_dense", key_value_heads),
+            "attention/output/kernel": (
+                "attention/output_dense",
+                split_heads(config.num_query_heads),
+            ),
             "pre_ffw_norm/scale": ("pre_ffw_norm", SAME),
-            "ffw/gate": ("gating_ffw", TRANSPOSED),
-            "ffw/up": ("gating_ffw_2", TRANSPOSED),
-            "ffw/down": ("ffw_linear", TRANSPOSED),
+            "ffw/gate/kernel": ("gating_ffw", TRANSPOSED),
+            "ffw/up/kernel": ("gating_ffw_2", TRANSPOSED),
+            "ffw/down/kernel": ("ffw_linear", TRANSPOSED),
         }
         if config.use_qk_norm:
             block["attention/query_norm/scale"] = ("attention/query_norm", SAME)
@@ -175,10 +181,29 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 SHARDED_WEIGHTS_FILE = "model.weights.json"
 VOCABULARY_FILE = os.path.join("assets", "tokenizer", "vocabulary.spm")
-_TOKENIZER_CLASSES = {
-    GEMMA_CLASS: "keras_hub>GemmaTokenizer",
-    GEMMA3_CLASS: "keras_hub>Gemma3Tokenizer",
+TOKENIZER_FILE = "tokenizer.json"
+PREPROCESSOR_FILE = "preprocessor.json"
+TASK_FILE = "task.json"
+# KerasHub's classes per backbone, `{role: (module under keras_hub.src.models, class)}`.
+# KerasHub names each layer after its module ("gemma3_causal_lm_preprocessor").
+_KERAS_HUB_CLASSES = {
+    GEMMA_CLASS: {
+        "backbone": ("gemma.gemma_backbone", "GemmaBackbone"),
+        "tokenizer": ("gemma.gemma_tokenizer", "GemmaTokenizer"),
+        "preprocessor": ("gemma.gemma_causal_lm_preprocessor", "GemmaCausalLMPreprocessor"),
+        "task": ("gemma.gemma_causal_lm", "GemmaCausalLM"),
+    },
+    GEMMA3_CLASS: {
+        "backbone": ("gemma3.gemma3_backbone", "Gemma3Backbone"),
+        "tokenizer": ("gemma3.gemma3_tokenizer", "Gemma3Tokenizer"),
+        "preprocessor": ("gemma3.gemma3_causal_lm_preprocessor", "Gemma3CausalLMPreprocessor"),
+        "task": ("gemma3.gemma3_causal_lm", "Gemma3CausalLM"),
+    },
 }
+# The sequence length KerasHub's causal LM preprocessors pack to by default.
+KERAS_HUB_SEQUENCE_LENGTH = 1024
+# KerasHub's Gemma 3 tokenizer requires these pieces unless `has_vision_tokens` is false.
+_VISION_PIECES = ("<img>", "<start_of_image>", "<end_of_image>")
 
 
 def is_preset_directory(path):
@@ -290,49 +315,92 @@ def _write_json(path, data):
         json.dump(data, file, indent=4)
 
 
+def _keras_hub_object(registered_name, role, config):
+    """KerasHub's class for `role` ("backbone", "tokenizer", "preprocessor" or "task")
+    of `registered_name`'s generation with `config`, as Keras serializes it."""
+    module, class_name = _KERAS_HUB_CLASSES[registered_name][role]
+    return {
+        "module": f"keras_hub.src.models.{module}",
+        "class_name": class_name,
+        "config": {"name": module.split(".")[-1], **config},
+        "registered_name": f"keras_hub>{class_name}",
+    }
+
+
+def _dtype_policy(name):
+    return {
+        "module": "keras",
+        "class_name": "DTypePolicy",
+        "config": {"name": name},
+        "registered_name": None,
+    }
+
+
+def _preset_json_files(registered_name, backbone_fields, dtype, tokenizer_proto):
+    """`{file name: JSON}` of the backbone, tokenizer, preprocessor and task configs, as
+    KerasHub's `CausalLM.save_to_preset` writes them for a text-only model.
+
+    With `preprocessor.json` KerasHub's `Gemma3CausalLM.from_preset` builds a
+    text-only preprocessor instead of looking for `image_converter.json`.
+    """
+    backbone = _keras_hub_object(
+        registered_name,
+        "backbone",
+        {"trainable": True, "dtype": _dtype_policy(dtype), **backbone_fields},
+    )
+    tokenizer_config = {
+        "trainable": True,
+        "dtype": _dtype_policy("int32"),
+        "config_file": TOKENIZER_FILE,
+        "proto": None,
+        "sequence_length": None,
+        "add_bos": False,
+        "add_eos": False,
+    }
+    preprocessor_config = {
+        "trainable": True,
+        "dtype": _dtype_policy("float32"),
+        "config_file": PREPROCESSOR_FILE,
+        "sequence_length": KERAS_HUB_SEQUENCE_LENGTH,
+        "add_start_token": True,
+        "add_end_token": True,
+    }
+    if registered_name == GEMMA3_CLASS:
+        # KerasHub's own rule when it converts a vocabulary: vision tokens only
+        # when all of them are there (the tokenizer fails on a missing one).
+        vocabulary = GemmaTokenizer(tokenizer_proto)
+        tokenizer_config["has_vision_tokens"] = all(
+            vocabulary.token_to_id(piece) is not None for piece in _VISION_PIECES
+        )
+        # KerasHub's defaults, written as it writes them; unused without images.
+        preprocessor_config.update(num_vision_tokens_per_image=256, max_images_per_prompt=2)
+    tokenizer = _keras_hub_object(registered_name, "tokenizer", tokenizer_config)
+    preprocessor = _keras_hub_object(
+        registered_name, "preprocessor", {"tokenizer": tokenizer, **preprocessor_config}
+    )
+    task = _keras_hub_object(
+        registered_name, "task", {"backbone": backbone, "preprocessor": preprocessor}
+    )
+    return {
+        CONFIG_FILE: backbone,
+        TOKENIZER_FILE: tokenizer,
+        PREPROCESSOR_FILE: preprocessor,
+        TASK_FILE: task,
+    }
+
+
 def write_preset(directory, config, weights, tokenizer_proto, dtype="float32"):
-    """Writes a preset directory that KerasHub's `GemmaCausalLM.from_preset` loads.
+    """Writes a preset directory that KerasHub's `GemmaCausalLM.from_preset` (Gemma 1/2)
+    or `Gemma3CausalLM.from_preset` loads, task and preprocessor included.
 
     `weights` is `{our_name: array}`; arrays are stored in `dtype` (float32 or
     bfloat16, which Keras stores as raw 16-bit with a dtype attribute).
     """
     registered_name, fields = keras_hub_config(config)
     os.makedirs(os.path.join(directory, os.path.dirname(VOCABULARY_FILE)), exist_ok=True)
-    policy = {
-        "module": "keras",
-        "class_name": "DTypePolicy",
-        "config": {"name": dtype},
-        "registered_name": None,
-    }
-    class_name = registered_name.split(">")[1]
-    _write_json(
-        os.path.join(directory, CONFIG_FILE),
-        {
-            "module": f"keras_hub.src.models.{'gemma3' if config.use_qk_norm else 'gemma'}."
-            f"{'gemma3' if config.use_qk_norm else 'gemma'}_backbone",
-            "class_name": class_name,
-            "config": {"name": "gemma_backbone", "trainable": True, "dtype": policy, **fields},
-            "registered_name": registered_name,
-        },
-    )
-    tokenizer_class = _TOKENIZER_CLASSES[registered_name]
-    _write_json(
-        os.path.join(directory, "tokenizer.json"),
-        {
-            "module": "keras_hub.src.models.gemma.gemma_tokenizer",
-            "class_name": tokenizer_class.split(">")[1],
-            "config": {
-                "name": "gemma_tokenizer",
-                "trainable": True,
-                "config_file": "tokenizer.json",
-                "proto": None,
-                "sequence_length": None,
-                "add_bos": False,
-                "add_eos": False,
-            },
-            "registered_name": tokenizer_class,
-        },
-    )
+    json_files = _preset_json_files(registered_name, fields, dtype, tokenizer_proto)
+    for name, contents in json_files.items():
+        _write_json(os.path.join(directory, name), contents)
     with open(os.path.join(directory, VOCABULARY_FILE), "wb") as file:
         file.write(tokenizer_proto)
     store_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32
