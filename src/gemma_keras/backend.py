@@ -344,7 +344,9 @@ def _tensorflow_float32_accumulated_dot(flat, kernel):
 
         return _xla_float32_accumulated_dot(flat, kernel, contracting=(1, 1)), gradient
 
-    return dot(flat, kernel)
+    # Read a variable here, outside: a variable read inside would make
+    # `custom_gradient` ask its gradient for the variable's own gradient too.
+    return dot(tf.convert_to_tensor(flat), tf.convert_to_tensor(kernel))
 
 
 def _xla_float32_accumulated_dot(a, b, contracting):
