@@ -161,6 +161,8 @@ class GemmaCausalLM(keras.Model):
         >>> model.fit(["2 + 2 = 4", "3 + 5 = 8"], epochs=1, batch_size=1)  # doctest: +SKIP
         """
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
+        if not isinstance(x, (dict, list, tuple)) and not hasattr(x, "shape"):
+            kwargs.setdefault("shuffle", False)  # a stream: Keras would warn that it cannot
         validation = kwargs.get("validation_data")
         if validation is not None and self.preprocessor is not None:
             kwargs["validation_data"] = self._validation_data(validation)
