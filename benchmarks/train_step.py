@@ -145,25 +145,22 @@ def worker_export(args):
     return {"vocabulary_size": model.config.vocabulary_size}
 
 
-def worker_gemma_keras(args):
+def load_gemma_keras(args):
+    """gemma_keras' model with LoRA enabled and compiled, and its batch."""
     import gemma_keras
 
-    start = time.perf_counter()
     # The smoke model lives only in the exported preset; the 270M is the embedded one.
     model = gemma_keras.GemmaCausalLM.from_preset(args.preset if args.smoke else EMBEDDED)
-    load_seconds = time.perf_counter() - start
     model.backbone.enable_lora(4)
     compile_for_lora(model)
-    batch = training_batch(args.batch[0], args.sequence_length, model.config.vocabulary_size)
-    return {"load_seconds": load_seconds, **time_steps(model, batch, args)}
+    return model, training_batch(args.batch[0], args.sequence_length, model.config.vocabulary_size)
 
 
-def worker_keras_hub(args):
+def load_keras_hub(args):
+    """KerasHub's model from the exported preset, with LoRA enabled and compiled."""
     import keras_hub
 
-    start = time.perf_counter()
     loaded = keras_hub.models.Gemma3CausalLM.from_preset(args.preset, dtype="float32")
-    load_seconds = time.perf_counter() - start
     loaded.preprocessor.sequence_length = args.sequence_length
     # The batch is token ids already, which KerasHub's `train_on_batch` would pass
     # through the (text) preprocessor: the same task without one trains on them.
@@ -173,14 +170,47 @@ def worker_keras_hub(args):
     model.backbone.enable_lora(rank=4)
     compile_for_lora(model)
     vocabulary_size = model.backbone.vocabulary_size
-    batch = training_batch(args.batch[0], args.sequence_length, vocabulary_size)
-    return {"load_seconds": load_seconds, **time_steps(model, batch, args)}
+    return model, training_batch(args.batch[0], args.sequence_length, vocabulary_size)
+
+
+LOADERS = {"gemma_keras": load_gemma_keras, "keras_hub": load_keras_hub}
+
+
+def worker_engine(name):
+    def worker(args):
+        start = time.perf_counter()
+        model, batch = LOADERS[name](args)
+        load_seconds = time.perf_counter() - start  # LoRA and compile included
+        return {"load_seconds": load_seconds, **time_steps(model, batch, args)}
+
+    return worker
+
+
+def worker_paired(args):
+    """Both engines in one process, their steps alternating: each ratio then
+    compares steps taken in the same minutes (the machine's speed drifts by
+    10-30% between minutes, more than the engines differ)."""
+    engines = {name: LOADERS[name](args) for name in ENGINES}
+    seconds = {name: [] for name in ENGINES}
+    for _ in range(args.warmup):
+        for model, (x, labels, weights) in engines.values():
+            model.train_on_batch(x, labels, sample_weight=weights)
+    for _ in range(args.steps):
+        for name, (model, (x, labels, weights)) in engines.items():
+            start = time.perf_counter()
+            model.train_on_batch(x, labels, sample_weight=weights, return_dict=True)
+            seconds[name].append(time.perf_counter() - start)
+    return {
+        name: {"step_seconds": s, "median_step_seconds": float(np.median(s))}
+        for name, s in seconds.items()
+    }
 
 
 WORKERS = {
     "export": worker_export,
-    "gemma_keras": worker_gemma_keras,
-    "keras_hub": worker_keras_hub,
+    "gemma_keras": worker_engine("gemma_keras"),
+    "keras_hub": worker_engine("keras_hub"),
+    "paired": worker_paired,
 }
 
 
@@ -227,7 +257,7 @@ def report(results):
     """Prints the table: one row per engine and batch size."""
     print(
         f"{'engine':<12} {'batch':>5} {'step ms':>9} {'tokens/s':>9} {'peak RSS GB':>11} "
-        f"{'first loss':>10}  gemma_keras/KerasHub"
+        f"{'first loss':>10}  gemma_keras/KerasHub (paired)"
     )
     for batch in results["batch_sizes"]:
         for engine, label in ENGINES.items():
@@ -238,10 +268,13 @@ def report(results):
                 print(f"{label:<12} {batch:>5}  failed: {measured['error'].strip()[-300:]}")
                 continue
             ratio = measured.get("speed_ratio")
+            paired = measured.get("paired_speed_ratio")
             print(
                 f"{label:<12} {batch:>5} {measured['median_step_seconds'] * 1e3:>9.0f} "
                 f"{measured['tokens_per_second']:>9.1f} {measured['peak_rss_gb']:>11.2f} "
-                f"{measured['first_loss']:>10.4f}  " + (f"{ratio:.2f}x" if ratio else "")
+                f"{measured['first_loss']:>10.4f}  "
+                + (f"{ratio:.2f}x" if ratio else "")
+                + (f" ({paired:.2f}x)" if paired else "")
             )
 
 
@@ -252,6 +285,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps per engine (default 5)")
     parser.add_argument("--warmup", type=int, help="untimed steps first (default 2)")
     parser.add_argument("--sequence-length", type=int, help="tokens per row (default 256)")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="also time both engines in one process, steps alternating (needs both in memory)",
+    )
     parser.add_argument(
         "--rounds", type=int, default=1, help="turns per engine, the fastest kept (default 1)"
     )
@@ -316,11 +354,18 @@ def main(argv=None):
                     best = results["engines"][engine].get(f"batch_{batch}")
                     if best is None or _faster(measured, best):
                         results["engines"][engine][f"batch_{batch}"] = measured
+            if args.paired and len(args.engines) == len(ENGINES):
+                paired = run_worker("paired", args, batch)
+                results.setdefault("paired", {})[f"batch_{batch}"] = paired
     for batch in args.batch:
         measured = {e: results["engines"][e].get(f"batch_{batch}", {}) for e in args.engines}
         ours, theirs = measured.get("gemma_keras", {}), measured.get("keras_hub", {})
         if "tokens_per_second" in ours and "tokens_per_second" in theirs:
             ours["speed_ratio"] = ours["tokens_per_second"] / theirs["tokens_per_second"]
+        paired = results.get("paired", {}).get(f"batch_{batch}", {})
+        if "error" not in paired and paired:
+            steps = {name: paired[name]["median_step_seconds"] for name in ENGINES}
+            ours["paired_speed_ratio"] = steps["keras_hub"] / steps["gemma_keras"]
     report(results)
     output = args.output or os.path.join(RESULTS, f"train_step-{model}-{args.backend}.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -35,7 +35,7 @@ def test_smoke_run_times_both_engines_on_the_same_weights(tokenizer_proto, tmp_p
     output = tmp_path / "train_step.json"
     backend = keras.config.backend()
     command = [sys.executable, str(SCRIPT), "--smoke", "--tokenizer", str(vocabulary)]
-    command += ["--batch", "2", "--backend", backend, "--output", str(output)]
+    command += ["--batch", "2", "--backend", backend, "--output", str(output), "--paired"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 
@@ -55,5 +55,9 @@ def test_smoke_run_times_both_engines_on_the_same_weights(tokenizer_proto, tmp_p
     assert abs(ours["first_loss"] - theirs["first_loss"]) <= 1e-4
     assert ours["speed_ratio"] == pytest.approx(
         ours["tokens_per_second"] / theirs["tokens_per_second"]
+    )
+    paired = results["paired"]["batch_2"]
+    assert ours["paired_speed_ratio"] == pytest.approx(
+        paired["keras_hub"]["median_step_seconds"] / paired["gemma_keras"]["median_step_seconds"]
     )
     assert "gemma_keras" in run.stdout and "KerasHub" in run.stdout
