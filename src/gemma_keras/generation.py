@@ -77,6 +77,9 @@ class DecodeState:
     key_mask: np.ndarray  # [batch, cache_length] int32
     lengths: np.ndarray  # [batch] real tokens per row so far (the next RoPE position)
     next_slot: int  # cache slot the next token goes to (the same for every row)
+    # The model's compiled step, looked up once per prefill: checking the
+    # model's variables walks every layer, too slow for each decode step.
+    step: object = None
 
     @property
     def cache_length(self):
@@ -134,10 +137,9 @@ def prefill(model, prompts, max_new_tokens):
         key_mask,
         np.array([len(p) for p in prompts], np.int32),
         prompt_slots,
+        compiled_step(model),
     )
-    logits, state.caches = compiled_step(model)(
-        state.caches, token_ids, key_mask, positions, np.int32(0)
-    )
+    logits, state.caches = state.step(state.caches, token_ids, key_mask, positions, np.int32(0))
     return _host_logits(model, logits), state
 
 
@@ -164,7 +166,7 @@ def _extend_chunk(model, state, token_ids):
     count = token_ids.shape[1]
     state.key_mask[:, state.next_slot : state.next_slot + count] = 1
     positions = state.lengths[:, None] + np.arange(count, dtype=np.int32)[None, :]
-    logits, state.caches = compiled_step(model)(
+    logits, state.caches = state.step(
         state.caches, token_ids, state.key_mask, positions, np.int32(state.next_slot)
     )
     state.next_slot += count
