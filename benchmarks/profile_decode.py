@@ -31,7 +31,7 @@ from generate import load_ours, measure_bandwidth, save_result, timed, weight_by
 # Operations that multiply by a weight matrix: torch's oneDNN and BLAS calls
 # (attention's products are `aten::bmm`), XLA's dots (named `dot.N`, or fused
 # into `..._dot_fusion.N`) and its YNNPACK fusions (`ynn_fusion`: the bfloat16
-# multiply-and-sums of `gemma_keras.backend.linear`, and dots YNNPACK takes);
+# multiply-and-sums of `gemma_keras.backends.linear`, and dots YNNPACK takes);
 # attention's two small products per layer count here too. In bfloat16 the
 # products are `gemma_keras.native`'s kernel: `ffi_call` on JAX, the
 # `gemma_keras::bf16_linear` operator on torch.

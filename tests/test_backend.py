@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from gemma_keras import backend
-from gemma_keras.backend import einsum, linear
+from gemma_keras import backends
+from gemma_keras.backends import dispatch, einsum, linear
 
 
 def bfloat16_pair(rng, shape_a, shape_b):
@@ -59,7 +59,7 @@ def test_bfloat16_matrix_vector_rounds_as_the_dot_does():
     assert np.mean(result == dot) > 0.9
 
 
-@pytest.mark.skipif(backend.name() != "jax", reason="the integer rounding is JAX's route")
+@pytest.mark.skipif(backends.name() != "jax", reason="the integer rounding is JAX's route")
 def test_round_to_bfloat16_equals_a_conversion():
     rng = np.random.default_rng(3)
     values = np.concatenate(
@@ -70,13 +70,15 @@ def test_round_to_bfloat16_equals_a_conversion():
             np.array([0.0, -0.0, np.inf, -np.inf, 3.4e38, -3.4e38, 1e-45]),
         ]
     ).astype(np.float32)
-    rounded = backend.round_to_bfloat16(ops.convert_to_tensor(values))
+    rounded = backends.implementation.round_to_bfloat16(ops.convert_to_tensor(values))
     expected = ops.cast(ops.convert_to_tensor(values), "bfloat16")
     np.testing.assert_array_equal(
         ops.convert_to_numpy(ops.cast(rounded, "float32")),
         ops.convert_to_numpy(ops.cast(expected, "float32")),
     )
-    nan = backend.round_to_bfloat16(ops.convert_to_tensor(np.array([np.nan], np.float32)))
+    nan = backends.implementation.round_to_bfloat16(
+        ops.convert_to_tensor(np.array([np.nan], np.float32))
+    )
     assert np.isnan(ops.convert_to_numpy(ops.cast(nan, "float32"))).all()
 
 
@@ -84,7 +86,7 @@ def test_round_to_bfloat16_equals_a_conversion():
 def test_take_rows_is_an_embedding_lookup(dtype):
     table = np.random.default_rng(4).normal(size=(50, 8)).astype(np.float32)
     ids = np.array([[3, 0, 49], [7, 7, 1]])
-    rows = backend.take_rows(ops.cast(table, dtype), ops.convert_to_tensor(ids, "int32"))
+    rows = backends.take_rows(ops.cast(table, dtype), ops.convert_to_tensor(ids, "int32"))
     assert ops.dtype(rows) == dtype
     expected = ops.convert_to_numpy(ops.cast(ops.cast(table, dtype), "float32"))[ids]
     np.testing.assert_array_equal(ops.convert_to_numpy(ops.cast(rows, "float32")), expected)
@@ -105,3 +107,185 @@ def test_linear_traced_with_an_unknown_batch_size():
     assert_bfloat16_result(
         model.predict(x, verbose=0), np.einsum("bri,oi->bro", x_exact, kernel_exact)
     )
+
+
+# The dispatcher: one pure function of the backend, the platform and the CPU's
+# features, so that a GPU's and a TPU's choices are checked on this CPU.
+DTYPE_PAIRS = {
+    "float32": ("float32", "float32"),
+    "bfloat16": ("bfloat16", "bfloat16"),
+    "mixed_bfloat16": ("bfloat16", "float32"),
+}
+OWN_PRODUCT = {"jax": dispatch.DOT, "tensorflow": dispatch.MATMUL, "torch": dispatch.LINEAR}
+
+
+def features_that_record(asked):
+    """Every CPU feature present, each question appended to `asked`."""
+    names = ["native_kernel", "avx512_bf16", "avx512"]
+    probes = {name: (lambda name=name: asked.append(name) or True) for name in names}
+    return dispatch.CpuFeatures(**probes)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("backend_name", dispatch.BACKENDS)
+def test_no_cpu_only_product_on_a_gpu_or_tpu(backend_name, platform):
+    """Whatever the dtypes, rows and widths, a GPU or TPU gets the backend's
+    own product, einsum and compiled step, and no CPU feature is even asked
+    about (answering may build the native kernel)."""
+    asked = []
+    features = features_that_record(asked)
+    for x_dtype, kernel_dtype in DTYPE_PAIRS.values():
+        for rows in [*range(1, 513), None]:
+            for width in (40, 64, 2048, 4096):
+                for records_gradient, without_xla in [(False, False), (True, False), (False, True)]:
+                    product = dispatch.choose_product(
+                        backend_name,
+                        platform,
+                        x_dtype,
+                        kernel_dtype,
+                        rows,
+                        width,
+                        features,
+                        records_gradient=records_gradient,
+                        without_xla=without_xla,
+                    )
+                    assert product not in dispatch.CPU_ONLY
+                    assert product == OWN_PRODUCT[backend_name]
+            if rows is not None:
+                step = dispatch.choose_step(backend_name, platform, x_dtype, rows, features)
+                assert step not in dispatch.CPU_ONLY
+        for without_xla in (False, True):
+            einsum_choice = dispatch.choose_einsum(
+                backend_name, platform, x_dtype, kernel_dtype, features, without_xla=without_xla
+            )
+            assert einsum_choice == dispatch.EINSUM
+    assert asked == []
+
+
+NATIVE = frozenset({"native_kernel"})  # this machine: AVX2, no AVX512
+NATIVE_AVX512 = frozenset({"native_kernel", "avx512"})
+NATIVE_BFLOAT16_DOT = frozenset({"native_kernel", "avx512", "avx512_bf16"})
+NO_KERNEL = frozenset()
+BF16, F32 = "bfloat16", "float32"
+NATIVE_KERNEL, ACCUMULATED = dispatch.NATIVE_KERNEL, dispatch.DOT_FLOAT32_ACCUMULATED
+WITHOUT_XLA, GRADIENT = {"without_xla": True}, {"records_gradient": True}
+
+
+# (backend, x dtype, kernel dtype, rows, width, CPU features, options, product):
+# the CPU products as measured fastest (docs/performance.md).
+@pytest.mark.parametrize(
+    "backend_name,x_dtype,kernel_dtype,rows,width,features,options,product",
+    [
+        ("jax", BF16, BF16, 1, 2048, NATIVE, {}, NATIVE_KERNEL),
+        ("jax", BF16, F32, 128, 2048, NATIVE, {}, NATIVE_KERNEL),
+        ("jax", BF16, BF16, 129, 2048, NATIVE, {}, ACCUMULATED),
+        ("jax", BF16, BF16, 8, 2048, NATIVE_BFLOAT16_DOT, {}, NATIVE_KERNEL),
+        ("jax", BF16, BF16, 9, 2048, NATIVE_BFLOAT16_DOT, {}, ACCUMULATED),
+        ("jax", BF16, BF16, 1, 40, NATIVE, {}, dispatch.MULTIPLY_AND_SUM),
+        ("jax", BF16, BF16, 1, 2048, NO_KERNEL, {}, dispatch.MULTIPLY_AND_SUM),
+        ("jax", BF16, BF16, None, 2048, NATIVE, {}, ACCUMULATED),
+        ("jax", F32, F32, 1, 2048, NATIVE, {}, dispatch.DOT),
+        ("tensorflow", BF16, BF16, 1, 2048, NATIVE, {}, dispatch.MATMUL),
+        (
+            "tensorflow",
+            BF16,
+            BF16,
+            1,
+            4096,
+            NATIVE,
+            {},
+            dispatch.DOUBLED_ROW_DOT_FLOAT32_ACCUMULATED,
+        ),
+        ("tensorflow", BF16, BF16, 32, 2048, NATIVE, {}, ACCUMULATED),
+        ("tensorflow", BF16, BF16, 33, 2048, NATIVE, {}, dispatch.MATMUL),
+        ("tensorflow", BF16, BF16, None, 2048, NATIVE, {}, dispatch.MATMUL),
+        ("tensorflow", BF16, F32, 128, 2048, NATIVE, WITHOUT_XLA, NATIVE_KERNEL),
+        ("tensorflow", BF16, BF16, 2, 40, NATIVE, WITHOUT_XLA, ACCUMULATED),
+        ("tensorflow", F32, F32, 1, 2048, NATIVE, WITHOUT_XLA, dispatch.MATMUL),
+        ("torch", F32, F32, 16, 2048, NATIVE, {}, NATIVE_KERNEL),
+        ("torch", F32, F32, 17, 2048, NATIVE, {}, dispatch.ONEDNN_INNER_PRODUCT),
+        ("torch", F32, F32, 1, 2048, NATIVE, GRADIENT, dispatch.LINEAR),
+        ("torch", BF16, BF16, 128, 2048, NATIVE, {}, NATIVE_KERNEL),
+        ("torch", BF16, BF16, 129, 2048, NATIVE, {}, dispatch.ONEDNN_INNER_PRODUCT_IN_FLOAT32),
+        ("torch", BF16, F32, 40, 2048, NATIVE, GRADIENT, dispatch.LINEAR_IN_FLOAT32),
+        ("torch", BF16, BF16, 31, 2048, NO_KERNEL, {}, dispatch.LINEAR),
+        ("torch", BF16, BF16, 512, 2048, NATIVE_AVX512, {}, dispatch.LINEAR),
+        ("torch", BF16, BF16, 8, 2048, NATIVE_BFLOAT16_DOT, {}, NATIVE_KERNEL),
+        ("torch", BF16, BF16, 9, 2048, NATIVE_BFLOAT16_DOT, {}, dispatch.LINEAR),
+    ],
+)
+def test_cpu_products(backend_name, x_dtype, kernel_dtype, rows, width, features, options, product):
+    chosen = dispatch.choose_product(
+        backend_name, "cpu", x_dtype, kernel_dtype, rows, width, features, **options
+    )
+    assert chosen == product
+
+
+def test_cpu_einsums_and_steps():
+    assert dispatch.choose_einsum("torch", "cpu", BF16, BF16, NATIVE) == dispatch.EINSUM_IN_FLOAT32
+    assert dispatch.choose_einsum("torch", "cpu", BF16, BF16, NATIVE_AVX512) == dispatch.EINSUM
+    tensorflow_without_xla = dispatch.choose_einsum(
+        "tensorflow", "cpu", BF16, BF16, NATIVE, without_xla=True
+    )
+    assert tensorflow_without_xla == dispatch.EINSUM_IN_FLOAT32
+    assert dispatch.choose_einsum("jax", "cpu", BF16, BF16, NATIVE) == dispatch.EINSUM
+    assert dispatch.choose_step("tensorflow", "cpu", BF16, 128, NATIVE) == dispatch.STEP_WITHOUT_XLA
+    assert dispatch.choose_step("tensorflow", "cpu", BF16, 129, NATIVE) == dispatch.STEP_XLA
+    assert dispatch.choose_step("tensorflow", "cpu", BF16, 8, NO_KERNEL) == dispatch.STEP_XLA
+    assert dispatch.choose_step("tensorflow", "cpu", F32, 1, NATIVE) == dispatch.STEP_XLA
+    assert dispatch.choose_step("torch", "cpu", BF16, 1, NATIVE) == dispatch.STEP_TRACE
+    assert dispatch.choose_step("jax", "cpu", BF16, 1, NATIVE) == dispatch.STEP_JIT
+
+
+def test_an_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="backend is 'numpy'; gemma_keras runs on"):
+        dispatch.choose_product("numpy", "cpu", F32, F32, 1, 64, NATIVE)
+
+
+def test_tensors_here_are_on_the_cpu():
+    """The platform the running backend reads off its tensors: this machine's CPU."""
+    x = ops.ones((1, 4))
+    assert backends.implementation.platform_of(x) == "cpu"
+
+
+@pytest.mark.parametrize("policy", list(DTYPE_PAIRS))
+def test_tensors_on_a_gpu_never_ask_the_cpu(policy, monkeypatch, tokenizer_proto):
+    """With the running backend's tensors reported on a GPU, no product,
+    einsum or compiled step asks a CPU feature (which would build the
+    native kernel), and the backend's own products give the same results."""
+    from test_generation import PROMPTS, argmax_loop, make_model
+
+    def never(name):
+        def probe():
+            raise AssertionError(f"CPU feature {name!r} asked for tensors on a GPU")
+
+        return probe
+
+    monkeypatch.setattr(backends.implementation, "platform_of", lambda *tensors: "gpu")
+    never_asked = {name: never(name) for name in ("native_kernel", "avx512_bf16", "avx512")}
+    monkeypatch.setattr(
+        backends.implementation, "cpu_features", dispatch.CpuFeatures(**never_asked)
+    )
+    x_dtype, kernel_dtype = DTYPE_PAIRS[policy]
+    rng = np.random.default_rng(6)
+    for rows in (1, 8, 40):
+        x, kernel = rng.normal(size=(rows, 1, 64)), rng.normal(size=(48, 64))
+        x_values, kernel_values = (
+            ops.convert_to_numpy(ops.cast(ops.cast(t, x_dtype), "float32")) for t in (x, kernel)
+        )
+        exact = np.einsum("rsi,oi->rso", x_values, kernel_values)
+        result = linear(ops.cast(x, x_dtype), ops.cast(kernel, kernel_dtype))
+        assert ops.dtype(result) == x_dtype
+        result = ops.convert_to_numpy(ops.cast(result, "float32"))
+        np.testing.assert_allclose(result, exact, rtol=0, atol=0.01 * np.abs(exact).max())
+    query, keys, _ = bfloat16_pair(rng, (2, 5, 1, 4, 16), (2, 5, 1, 16))
+    einsum("bskgh,btkh->bkgst", query, keys)
+
+    model = make_model("gemma1_mqa", tokenizer_proto, dtype=policy)
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    forward = model
+    if backends.name() == "tensorflow":
+        import tensorflow as tf
+
+        forward = tf.function(model, jit_compile=True)  # XLA's sums, as the steps' are
+    assert model.generate(prompts, max_new_tokens=4) == argmax_loop(model, prompts, 4, forward)

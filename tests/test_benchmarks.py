@@ -1,14 +1,25 @@
-"""The benchmark's bookkeeping (the timings themselves live in benchmarks/, not in tests)."""
+"""The benchmark's bookkeeping, and smoke runs of it on tiny models (the timings
+themselves are `gemma-keras bench`'s, not the tests')."""
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 import types
 
+import keras
+import pytest
+
+from conftest import randomize, tiny_config
+from gemma_keras import GemmaCausalLM, GemmaTokenizer
+from gemma_keras import benchmarking as benchmark
+from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
+
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "generate.py"
-spec = importlib.util.spec_from_file_location("benchmark_generate", SCRIPT)
-benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark)
+# Small enough that a smoke run takes seconds: a 20 MB bandwidth probe, short prompts.
+SMOKE = ["--prompt", "4", "--new", "3", "--prefill", "16", "--repeats", "1", "--probe-gb", "0.02"]
 
 
 def engine_round(batch_1, batch_8, prefill, rss):
@@ -96,7 +107,7 @@ def test_profile_recognises_weight_products_by_operation_name():
 def test_report_holds_decode_to_the_same_seconds_and_to_the_runs_best_bandwidth(
     monkeypatch, tmp_path
 ):
-    def run_worker(name, args):
+    def run_worker(name, args, row):
         result = engine_round(2.0, 8.0, 100, 4.0)
         result["weight_bytes"] = 5e9  # 2 steps/s read 10 GB/s
         result["engine"] = name
@@ -114,11 +125,20 @@ def test_report_holds_decode_to_the_same_seconds_and_to_the_runs_best_bandwidth(
             )
         return result
 
-    monkeypatch.setattr(benchmark, "measure_bandwidth", lambda: {"torch": 10.0, "xla": 20.0})
+    monkeypatch.setattr(benchmark, "measure_bandwidth", lambda _: {"torch": 10.0, "xla": 20.0})
     monkeypatch.setattr(benchmark, "run_worker", run_worker)
-    monkeypatch.setattr(benchmark, "RESULTS", str(tmp_path))
     args = types.SimpleNamespace(
-        model="gemma_2b", dtype="float32", prompt=32, new=32, batch=[1, 8], no_peer=True, rounds=1
+        model="gemma_2b",
+        dtype="float32",
+        quantize=[],
+        prompt=32,
+        new=32,
+        prefill=512,
+        batch=[1, 8],
+        probe_gb=4.0,
+        no_peer=True,
+        rounds=1,
+        results=str(tmp_path),
     )
     benchmark.report(args)
     (path,) = tmp_path.glob("gemma_2b-*-float32.json")
@@ -127,3 +147,153 @@ def test_report_holds_decode_to_the_same_seconds_and_to_the_runs_best_bandwidth(
     batch_1 = results["engines"]["ours"]["batch_1"]
     assert abs(batch_1["paired_bandwidth_fraction"] - 0.8) < 1e-9  # the median of 0.8, 0.8, 0.6
     assert batch_1["bandwidth_fraction"] == 10.0 / 40.0
+
+
+def test_quantize_option_takes_modes_separated_by_commas_or_none():
+    assert benchmark.quantization_modes("int8,int4") == ["int8", "int4"]
+    assert benchmark.quantization_modes(" int4 ") == ["int4"]
+    assert benchmark.quantization_modes("none") == []
+    with pytest.raises(Exception, match="--quantize takes modes from int8, int4"):
+        benchmark.quantization_modes("int8,fp8")
+
+
+def test_ratios_of_a_row_to_another_engine_per_batch_and_for_prefill():
+    ours = {
+        "batch_1": {"decode_tokens_per_second": 60.0, "end_to_end_tokens_per_second": 30.0},
+        "batch_8": {"decode_tokens_per_second": 200.0, "end_to_end_tokens_per_second": 100.0},
+        "prefill_512_tokens_per_second": 900.0,
+    }
+    llama = {
+        "batch_1": {"decode_tokens_per_second": 50.0, "end_to_end_tokens_per_second": 40.0},
+        "prefill_512_tokens_per_second": 600.0,
+    }
+    ratios = benchmark.add_ratios(ours, llama, "llama_cpp", 512)
+    assert ratios == {"decode_batch_1": 1.2, "end_to_end_batch_1": 0.75, "prefill_512": 1.5}
+    assert ours["ratios_to_llama_cpp"] is ratios
+
+
+def test_report_runs_each_row_and_skips_llama_cpp_with_how_to_build_it(
+    monkeypatch, tmp_path, capsys
+):
+    # `import llama_cpp` fails as where it is not installed.
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    ran = []
+
+    def run_worker(name, args, row):
+        ran.append((name, row))
+        result = engine_round(10.0, 40.0, 300, 1.0)
+        result["engine"] = name
+        for key in ("batch_1", "batch_8"):
+            result[key].update(
+                decode_steps_per_second=10.0,
+                end_to_end_tokens_per_second=5.0,
+                best_bandwidth_gb_per_s=20.0,
+                paired=[{"decode_steps_per_second": 10.0, "bandwidth_gb_per_s": 20.0}],
+            )
+        return result
+
+    monkeypatch.setattr(benchmark, "measure_bandwidth", lambda _: {"torch": 20.0})
+    monkeypatch.setattr(benchmark, "run_worker", run_worker)
+    args = benchmark.argparse.Namespace(
+        model="embedded",
+        dtype=None,
+        quantize=["int8", "int4"],
+        prompt=32,
+        new=32,
+        prefill=512,
+        batch=[1, 8],
+        probe_gb=4.0,
+        no_peer=False,
+        rounds=1,
+        results=str(tmp_path),
+    )
+    benchmark.report(args)
+    assert ran == [("ours", "float"), ("ours", "int8"), ("ours", "int4"), ("transformers", "float")]
+    printed = capsys.readouterr().out
+    assert "GGML_AMX_TILE=OFF" in printed and "llama_cpp is not importable" in printed
+    (path,) = tmp_path.glob("embedded-*-float32.json")
+    engines = json.loads(path.read_text())["engines"]
+    assert "CMAKE_ARGS" in engines["llama_cpp"]["skipped"]
+    assert set(engines) == {"ours", "ours_int8", "ours_int4", "transformers", "llama_cpp"}
+    assert engines["ours_int4"]["ratios_to_transformers"]["decode_batch_1"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_preset(tmp_path_factory, tokenizer_proto):
+    """A tiny Gemma 3 preset whose `<eos>` never wins: a smoke run generates every token."""
+    tokenizer = GemmaTokenizer(tokenizer_proto)
+    config = tiny_config("gemma3")
+    config.vocabulary_size = tokenizer.vocabulary_size
+    model = GemmaCausalLM.from_gemma_config(config, dtype="float32")
+    weights = {k: 3 * v for k, v in randomize(model_shapes(model)).items()}
+    # A zero row gives <eos> the logit 0, below the largest of the others' random logits.
+    weights["token_embedding/embeddings"][tokenizer.eos_id] = 0
+    assign_weights(model, weights)
+    model.tokenizer = tokenizer
+    directory = tmp_path_factory.mktemp("bench") / "preset"
+    model.save_to_preset(str(directory))
+    return directory
+
+
+def stored_bytes(model):
+    """The bytes of a model's variables as NumPy holds them (independent of `BYTES`)."""
+    return sum(keras.ops.convert_to_numpy(v.value).nbytes for v in model.weights)
+
+
+def test_bench_command_measures_the_float_int8_and_int4_rows(tiny_preset, tmp_path):
+    env = {**os.environ, "KERAS_BACKEND": keras.config.backend(), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    command = [sys.executable, "-m", "gemma_keras", "bench", "--model", str(tiny_preset)]
+    command += ["--quantize", "int8,int4", "--no-peer", "--batch", "1", "--results", str(tmp_path)]
+    result = subprocess.run(
+        command + SMOKE, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "gemma_keras int4" in result.stdout
+    (path,) = tmp_path.glob("preset-*-float32.json")
+    saved = json.loads(path.read_text())
+    assert saved["quantize"] == ["int8", "int4"]
+    engines = saved["engines"]
+    assert set(engines) == {"ours", "ours_int8", "ours_int4"}
+    for key, mode in (("ours", None), ("ours_int8", "int8"), ("ours_int4", "int4")):
+        engine = engines[key]
+        assert "error" not in engine, engine.get("error")
+        assert engine["batch_1"]["decode_tokens_per_second"] > 0
+        assert engine["prefill_16_tokens_per_second"] > 0
+        expected = stored_bytes(GemmaCausalLM.from_preset(str(tiny_preset), quantize=mode))
+        assert engine["weight_bytes"] == expected
+    assert engines["ours_int4"]["weight_bytes"] < engines["ours_int8"]["weight_bytes"]
+    assert engines["ours_int8"]["weight_bytes"] < engines["ours"]["weight_bytes"]
+
+
+def test_bench_rejects_an_unknown_quantization_mode_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "gemma_keras", "bench", "--quantize", "int3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "--quantize takes modes from int8, int4" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_script_is_the_packages_benchmark():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--quantize" in result.stdout and "benchmarks/results" in result.stdout
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama_cpp absent")
+def test_llama_cpp_row_on_the_embedded_gguf():
+    parser = benchmark.argparse.ArgumentParser()
+    benchmark.add_arguments(parser)
+    args = parser.parse_args(["--model", "embedded", "--batch", "1", *SMOKE])
+    measured = benchmark.run_worker("llama_cpp", args)  # in its own process, as in a run
+    assert "error" not in measured, measured["error"]
+    assert measured["engine"] == "llama_cpp" and measured["threads"] == 2
+    assert measured["batch_1"]["decode_tokens_per_second"] > 0
+    assert measured["prefill_16_tokens_per_second"] > 0
+    # Its Q4_K_M tensors: most of the 253 MB file (the rest is the vocabulary's metadata).
+    assert 150e6 < measured["weight_bytes"] < os.path.getsize(measured["gguf"])

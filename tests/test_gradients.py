@@ -1,6 +1,6 @@
 """Every product a training step records has the plain product's gradient.
 
-`backend.linear` picks a different product by backend, dtype and row count
+`backends.linear` picks a different product by backend, dtype and row count
 (see its docstring), some of them fast paths with no gradient of their own:
 oneDNN's inner product on torch, integer-op rounding and bit-cast lookups on
 JAX, XLA's float32-accumulated dot and the native kernel's operation on
@@ -28,9 +28,9 @@ import pytest
 from keras import ops
 
 from conftest import tiny_config
-from gemma_keras import backend, native
+from gemma_keras import backends, native
 
-BACKEND = backend.name()
+BACKEND = backends.name()
 
 # (x dtype, kernel dtype) of each dtype policy's products.
 DTYPES = {
@@ -119,7 +119,7 @@ def takes_the_native_kernel_when_differentiated(x, kernel, upstream):
     import jax
 
     def loss(x, kernel):
-        return ops.sum(ops.multiply(ops.cast(backend.linear(x, kernel), "float32"), upstream))
+        return ops.sum(ops.multiply(ops.cast(backends.linear(x, kernel), "float32"), upstream))
 
     lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(x, kernel)
     return "gemma_bf16_linear" in lowered.as_text()
@@ -153,7 +153,7 @@ def assert_linear_gradients(gradients, x_values, kernel_values, upstream, policy
 def test_linear_gradients_are_the_plain_products(policy, rows, n_in, n_out, native_kernel):
     x, kernel, x_values, kernel_values, upstream = linear_inputs(policy, rows, n_in, n_out)
 
-    value, gradients = value_and_gradients(backend.linear, [x, kernel], upstream)
+    value, gradients = value_and_gradients(backends.linear, [x, kernel], upstream)
 
     assert_linear_gradients(gradients, x_values, kernel_values, upstream, policy)
     # The forward pass that records the gradient is the one inference runs:
@@ -163,7 +163,7 @@ def test_linear_gradients_are_the_plain_products(policy, rows, n_in, n_out, nati
     # product, which have no autograd, to torch's `F.linear`: the same
     # product up to the order of its float32 sums.
     x_dtype = DTYPES[policy][0]
-    plain = forward_without_gradients(backend.linear, x, kernel)
+    plain = forward_without_gradients(backends.linear, x, kernel)
     assert ops.dtype(value) == x_dtype
     if BACKEND == "torch":
         assert_gradient(value, to_numpy(plain), x_dtype, x_dtype)
@@ -171,8 +171,9 @@ def test_linear_gradients_are_the_plain_products(policy, rows, n_in, n_out, nati
         np.testing.assert_array_equal(to_numpy(value), to_numpy(plain))
 
     if BACKEND == "jax":
-        fits = x_dtype == "bfloat16" and n_in % 16 == 0 and rows <= backend.native_max_rows()
-        expected_native = native_kernel and fits and backend._jax_native_linear() is not None
+        fits = x_dtype == "bfloat16" and n_in % 16 == 0 and rows <= backends.native_max_rows()
+        builds = backends.implementation.native_linear() is not None
+        expected_native = native_kernel and fits and builds
         assert takes_the_native_kernel_when_differentiated(x, kernel, upstream) == expected_native
 
 
@@ -187,7 +188,7 @@ def test_torch_float32_route_without_avx512_has_the_plain_gradient(policy, monke
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     x, kernel, x_values, kernel_values, upstream = linear_inputs(policy, 40, 64, 48)
 
-    _, gradients = value_and_gradients(backend.linear, [x, kernel], upstream)
+    _, gradients = value_and_gradients(backends.linear, [x, kernel], upstream)
 
     assert_linear_gradients(gradients, x_values, kernel_values, upstream, policy)
     assert_einsum_gradients("bskgh,btkh->bkgst", (2, 5, 1, 4, 16), (2, 7, 1, 16), "bfloat16")
@@ -200,18 +201,18 @@ def test_tensorflow_native_operation_has_the_plain_gradient(policy):
     steps); differentiated there, it has the plain product's gradient."""
     import tensorflow as tf
 
-    if backend._tensorflow_native_linear() is None:
+    if backends.implementation.native_linear() is None:
         pytest.skip("the native operation cannot be built here")
     x, kernel, x_values, kernel_values, upstream = linear_inputs(policy, 2, 64, 48)
 
     def gradients(x, kernel):
         with tf.GradientTape() as tape:
             tape.watch([x, kernel])
-            total = tf.reduce_sum(tf.cast(backend.linear(x, kernel), tf.float32) * upstream)
+            total = tf.reduce_sum(tf.cast(backends.linear(x, kernel), tf.float32) * upstream)
         return tape.gradient(total, [x, kernel])
 
     specs = [tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(kernel.shape, kernel.dtype)]
-    traced = backend._tensorflow_native_step(tf.function(gradients), specs)
+    traced = backends.implementation.native_step(tf.function(gradients), specs)
     assert traced is not None, "the product did not take the native operation"
     assert "GemmaBf16Linear" in {op.type for op in traced.graph.get_operations()}
     assert_linear_gradients(traced(x, kernel), x_values, kernel_values, upstream, policy)
@@ -229,7 +230,7 @@ def test_take_rows_gradient_adds_up_the_rows(dtype):
     id_tensor = ops.convert_to_tensor(ids, "int32")
 
     value, (grad_table,) = value_and_gradients(
-        lambda table: backend.take_rows(table, id_tensor), [table], upstream
+        lambda table: backends.take_rows(table, id_tensor), [table], upstream
     )
 
     expected = np.zeros(table_values.shape)
@@ -239,7 +240,7 @@ def test_take_rows_gradient_adds_up_the_rows(dtype):
 
 
 def assert_einsum_gradients(equation, shape_a, shape_b, dtype):
-    """`backend.einsum`'s gradients are the plain einsums of the upstream
+    """`backends.einsum`'s gradients are the plain einsums of the upstream
     gradient with the other operand, and its recorded forward pass is the
     one inference runs."""
     rng = np.random.default_rng(13)
@@ -248,7 +249,7 @@ def assert_einsum_gradients(equation, shape_a, shape_b, dtype):
     a, b = ops.cast(a_values, dtype), ops.cast(b_values, dtype)
 
     value, (grad_a, grad_b) = value_and_gradients(
-        lambda a, b: backend.einsum(equation, a, b), [a, b], upstream
+        lambda a, b: backends.einsum(equation, a, b), [a, b], upstream
     )
 
     inputs, output = equation.split("->")
@@ -259,7 +260,7 @@ def assert_einsum_gradients(equation, shape_a, shape_b, dtype):
     assert_gradient(grad_a, expected_a, dtype, dtype)
     assert_gradient(grad_b, expected_b, dtype, dtype)
     np.testing.assert_array_equal(
-        to_numpy(value), to_numpy(forward_without_gradients(backend.einsum, equation, a, b))
+        to_numpy(value), to_numpy(forward_without_gradients(backends.einsum, equation, a, b))
     )
 
 

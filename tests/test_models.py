@@ -89,7 +89,7 @@ def test_bfloat16_close_to_float32(variant, dtype):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_mixed_bfloat16_computes_what_bfloat16_computes_on_the_cast_weights(variant):
     """mixed_bfloat16 keeps float32 weights and multiplies them in bfloat16
-    without casting them first (see `backend.linear`): its logits are still
+    without casting them first (see `backends.linear`): its logits are still
     bit for bit those of a bfloat16 model holding the cast weights."""
     config = tiny_config(variant)
     weights = randomize(model_shapes(GemmaCausalLM.from_gemma_config(config)))

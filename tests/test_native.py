@@ -1,4 +1,4 @@
-"""The native bfloat16 kernel (`gemma_keras.native`, `bf16_linear.cc`): the
+"""The native bfloat16 kernel (`gemma_keras.native`, `cpu_kernels.cc`): the
 matrix-vector products of bfloat16 decoding on JAX's CPU backend (an XLA FFI
 call), on torch's (the operator `gemma_keras::bf16_linear`) and on
 TensorFlow's (the operation `GemmaBf16Linear`, in decode steps run without
@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from gemma_keras import backend, native
+from gemma_keras import backends, native
+from gemma_keras.backends import dispatch
 from test_backend import assert_bfloat16_result, bfloat16_pair
 
 pytestmark = [
@@ -25,7 +26,7 @@ pytestmark = [
 
 def include_dir():
     """What the backend builds the kernel with: XLA's FFI headers on JAX."""
-    if backend.name() == "jax":
+    if backends.name() == "jax":
         import jax
 
         return jax.ffi.include_dir()
@@ -33,64 +34,59 @@ def include_dir():
 
 
 def compiled_linear():
-    """`backend.linear` as decoding runs it: jitted on JAX, without autograd on
+    """`backends.linear` as decoding runs it: jitted on JAX, without autograd on
     torch, traced as `generate` traces a step on TensorFlow."""
-    if backend.name() == "jax":
+    if backends.name() == "jax":
         import jax
 
-        return jax.jit(lambda x, kernel: backend.linear(x, kernel))
-    if backend.name() == "tensorflow":
+        return jax.jit(lambda x, kernel: backends.linear(x, kernel))
+    if backends.name() == "tensorflow":
         import tensorflow as tf
 
         def linear(x, kernel):
             traced = tensorflow_native_linear(x, kernel)
             if traced is None:
-                return tf.function(backend.linear, jit_compile=True)(x, kernel)
+                return tf.function(backends.linear, jit_compile=True)(x, kernel)
             return traced(x, kernel)
 
         return linear
     import torch
 
-    return torch.no_grad()(backend.linear)
+    return torch.no_grad()(backends.linear)
 
 
 def tensorflow_native_linear(x, kernel):
-    """`backend.linear` traced without XLA on the kernel, or None where it cannot take it."""
+    """`backends.linear` traced without XLA on the kernel, or None where it cannot take it."""
     import tensorflow as tf
 
     specs = [tf.TensorSpec(x.shape, x.dtype), tf.TensorSpec(kernel.shape, kernel.dtype)]
-    return backend._tensorflow_native_step(tf.function(backend.linear), specs)
+    return backends.implementation.native_step(tf.function(backends.linear), specs)
 
 
 def takes_the_kernel(x, kernel):
-    if backend.name() == "jax":
+    if backends.name() == "jax":
         return "gemma_bf16_linear" in compiled_linear().lower(x, kernel).as_text()
-    if backend.name() == "tensorflow":
+    if backends.name() == "tensorflow":
         traced = tensorflow_native_linear(x, kernel)
         operations = [] if traced is None else traced.graph.get_operations()
         return any(operation.type == "GemmaBf16Linear" for operation in operations)
     import torch
 
-    with torch.no_grad(), backend._quiet_torch_jit():
-        graph = torch.jit.trace(backend.linear, (x, kernel), check_trace=False).graph
-    return any(node.kind() == backend.TORCH_NATIVE_OPERATOR for node in graph.nodes())
+    with torch.no_grad(), backends.implementation.quiet_torch_jit():
+        graph = torch.jit.trace(backends.linear, (x, kernel), check_trace=False).graph
+    return any(node.kind() == backends.implementation.NATIVE_OPERATOR for node in graph.nodes())
 
 
 def test_the_kernel_builds_here():
-    native_linear = {
-        "jax": backend._jax_native_linear,
-        "tensorflow": backend._tensorflow_native_linear,
-        "torch": backend._torch_native_linear,
-    }[backend.name()]
-    assert native_linear() is not None
+    assert backends.implementation.native_linear() is not None
 
 
-# The most rows the kernel takes on this CPU (`backend.native_max_rows`).
+# The most rows the kernel takes on this CPU (`backends.native_max_rows`).
 MOST = "most"
 
 
 def rows_here(rows, float32=False):
-    return backend.native_max_rows(float32) if rows == MOST else rows
+    return backends.native_max_rows(float32) if rows == MOST else rows
 
 
 # Rows 1, 2, 3, 5 and 8 cover every x-row block (4 at a time, then 3, 2 or 1).
@@ -127,7 +123,7 @@ def test_kernel_rounds_as_the_dot_does():
     (2^-7 of its power of two) of the backend's own dot, most of them equal."""
     x, kernel, _ = bfloat16_pair(np.random.default_rng(5), (1, 1, 2048), (4096, 2048))
     result = ops.convert_to_numpy(ops.cast(compiled_linear()(x, kernel), "float32"))
-    if backend.name() == "tensorflow":
+    if backends.name() == "tensorflow":
         import tensorflow as tf
 
         # TensorFlow's own bfloat16 einsum rounds partial sums to bfloat16; XLA's dot does not.
@@ -213,14 +209,14 @@ def test_float32_products_on_torch(rows, n_out, n_in, monkeypatch):
     x, kernel = ops.convert_to_tensor(x), ops.convert_to_tensor(kernel)
     for native_on in ["1", "0"]:
         monkeypatch.setenv(native.DISABLE_ENV, native_on)
-        assert takes_the_kernel(x, kernel) == (backend.name() == "torch" and native_on == "1")
+        assert takes_the_kernel(x, kernel) == (backends.name() == "torch" and native_on == "1")
         result = compiled_linear()(x, kernel)
         assert ops.dtype(result) == "float32"
         assert np.all(np.abs(ops.convert_to_numpy(result) - exact) <= bound)
 
 
 def test_more_float32_rows_take_torchs_product():
-    x = ops.ones((backend.native_max_rows(float32=True) + 1, 1, 64))
+    x = ops.ones((backends.native_max_rows(float32=True) + 1, 1, 64))
     assert not takes_the_kernel(x, ops.ones((24, 64)))
 
 
@@ -233,7 +229,7 @@ def test_more_float32_rows_take_torchs_product():
 )
 def test_other_products_take_the_backends(shape, reason):
     if shape[0] == MOST:
-        shape = (backend.native_max_rows() + 1, *shape[1:])
+        shape = (backends.native_max_rows() + 1, *shape[1:])
     x, kernel, (x_exact, kernel_exact) = bfloat16_pair(
         np.random.default_rng(6), shape, (24, shape[-1])
     )
@@ -252,14 +248,14 @@ def test_turned_off_by_the_environment(monkeypatch):
 def test_gradients_are_the_plain_products():
     """On JAX the kernel's gradients are the plain products'; on torch a
     product that autograd records takes torch's own, which has them."""
-    if backend.name() == "tensorflow":
+    if backends.name() == "tensorflow":
         pytest.skip("TensorFlow takes the kernel only in generate's decode steps")
-    if backend.name() == "torch":
+    if backends.name() == "torch":
         import torch
 
         x, kernel, _ = bfloat16_pair(np.random.default_rng(8), (2, 1, 64), (24, 64))
         kernel.requires_grad_()
-        ops.sum(ops.cast(backend.linear(x, kernel), "float32") ** 2).backward()
+        ops.sum(ops.cast(backends.linear(x, kernel), "float32") ** 2).backward()
         expected = torch.autograd.grad(
             ops.sum(ops.cast(torch.nn.functional.linear(x, kernel), "float32") ** 2), kernel
         )[0]
@@ -272,7 +268,7 @@ def test_gradients_are_the_plain_products():
     def loss(linear):
         return lambda x, kernel: ops.sum(ops.cast(linear(x, kernel), "float32") ** 2)
 
-    ours = jax.grad(loss(backend.linear), argnums=(0, 1))(x, kernel)
+    ours = jax.grad(loss(backends.linear), argnums=(0, 1))(x, kernel)
     plain = jax.grad(loss(lambda x, k: ops.einsum("bri,oi->bro", x, k)), argnums=(0, 1))(x, kernel)
     for a, b in zip(ours, plain, strict=True):
         a, b = (ops.convert_to_numpy(ops.cast(t, "float32")) for t in (a, b))
@@ -287,7 +283,7 @@ def test_greedy_bfloat16_generation_equals_the_uncached_argmax(tokenizer_proto):
     model = make_model("gemma2", tokenizer_proto, dtype="bfloat16")
     prompts = [model.tokenizer.encode(p) for p in PROMPTS]
     forward = model
-    if backend.name() == "tensorflow":
+    if backends.name() == "tensorflow":
         import tensorflow as tf
 
         # TensorFlow's eager bfloat16 products round partial sums to bfloat16;
@@ -305,7 +301,7 @@ def test_a_failed_build_warns_and_leaves_nothing(tmp_path, monkeypatch, caplog):
             assert native.load(include_dir()) is None
     finally:
         native.load.cache_clear()
-    assert "bf16_linear.cc failed" in caplog.text
+    assert "cpu_kernels.cc failed" in caplog.text
     assert list((tmp_path / "kernels").iterdir()) == []
 
 
@@ -321,7 +317,7 @@ def test_the_build_is_cached(tmp_path, monkeypatch):
 def test_independent_products_in_one_graph():
     """XLA may run independent products at the same time, each asking its
     thread pool for help; none may wait on help that never comes."""
-    if backend.name() != "jax":
+    if backends.name() != "jax":
         pytest.skip("XLA's thread pool")
     import jax
 
@@ -329,7 +325,7 @@ def test_independent_products_in_one_graph():
     x, _, (x_exact, _) = bfloat16_pair(rng, (1, 1, 1024), (1, 1024))
     kernels = [bfloat16_pair(rng, (1, 1024), (1100, 1024)) for _ in range(4)]
 
-    products = jax.jit(lambda x, *ks: [backend.linear(x, k) for k in ks])
+    products = jax.jit(lambda x, *ks: [backends.linear(x, k) for k in ks])
     results = products(x, *[kernel for _, kernel, _ in kernels])
     for result, (_, _, (_, kernel_exact)) in zip(results, kernels, strict=True):
         assert_bfloat16_result(result, np.einsum("bri,oi->bro", x_exact, kernel_exact))
@@ -338,7 +334,7 @@ def test_independent_products_in_one_graph():
 def test_products_from_several_threads():
     """Products called from several Python threads at once (the kernel's own
     threads serve one product at a time) each get their own result."""
-    if backend.name() != "torch":
+    if backends.name() != "torch":
         pytest.skip("torch calls the kernel on threads of its own")
     rng = np.random.default_rng(10)
     x, _, (x_exact, _) = bfloat16_pair(rng, (1, 1, 1024), (1, 1024))
@@ -360,14 +356,14 @@ def test_products_from_several_threads():
 
 def native_rows_at_most(rows, monkeypatch):
     """The kernel takes up to `rows` rows, whatever this CPU's limit."""
-    monkeypatch.setattr(backend, "native_max_rows", lambda float32=False: rows)
+    monkeypatch.setattr(dispatch, "native_max_rows", lambda cpu_features, float32=False: rows)
 
 
 def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monkeypatch):
     """A step whose products all take the kernel (decoding, a prefill of up
     to `native_max_rows()` tokens) runs torch on one thread (the kernel has its
     own) and gives torch its thread count back afterwards."""
-    if backend.name() != "torch":
+    if backends.name() != "torch":
         pytest.skip("torch's thread count")
     import torch
 
@@ -376,7 +372,7 @@ def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monk
     model = make_model("gemma1_mqa", tokenizer_proto, dtype="bfloat16")
     threads_in_steps = []
     before = torch.get_num_threads()
-    original = backend._torch_on_one_thread
+    original = backends.implementation.on_one_thread
 
     @contextlib.contextmanager
     def recording():
@@ -384,7 +380,7 @@ def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monk
             threads_in_steps.append(torch.get_num_threads())
             yield
 
-    monkeypatch.setattr(backend, "_torch_on_one_thread", recording)
+    monkeypatch.setattr(backends.implementation, "on_one_thread", recording)
     native_rows_at_most(64, monkeypatch)
     model.generate("the cat", max_new_tokens=3)
     assert torch.get_num_threads() == before
@@ -394,7 +390,7 @@ def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monk
     threads_in_steps.clear()
     native_rows_at_most(8, monkeypatch)
     prompt = "the cat sat on the mat " * 3
-    assert len(model.tokenizer.encode(prompt)) > backend.native_max_rows()
+    assert len(model.tokenizer.encode(prompt)) > backends.native_max_rows()
     model.generate(prompt, max_new_tokens=3)
     assert torch.get_num_threads() == before
     # The longer prefill's rows take torch's product, on torch's threads.
@@ -405,22 +401,22 @@ def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch
     """On TensorFlow a step of up to `native_max_rows()` tokens (each decode
     step, a short prefill) is traced without XLA, on the kernel; a longer
     prefill is compiled by XLA."""
-    if backend.name() != "tensorflow":
+    if backends.name() != "tensorflow":
         pytest.skip("TensorFlow's XLA takes no custom call")
     from test_generation import make_model
 
     model = make_model("gemma1_mqa", tokenizer_proto, dtype="bfloat16")
     traced = []
-    original = backend._tensorflow_native_step
+    original = backends.implementation.native_step
 
     def recording(function, specs):
         traced.append(original(function, specs))
         return traced[-1]
 
-    monkeypatch.setattr(backend, "_tensorflow_native_step", recording)
+    monkeypatch.setattr(backends.implementation, "native_step", recording)
     native_rows_at_most(8, monkeypatch)
     prompt = "the cat sat on the mat " * 3
-    assert len(model.tokenizer.encode(prompt)) > backend.native_max_rows()
+    assert len(model.tokenizer.encode(prompt)) > backends.native_max_rows()
     model.generate([prompt, "the cat"], max_new_tokens=3)
     # One step shape without XLA (batch 2, one token), traced once.
     assert len(traced) == 1
@@ -429,7 +425,7 @@ def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch
 
     traced.clear()
     native_rows_at_most(64, monkeypatch)
-    assert len(model.tokenizer.encode(prompt)) <= backend.native_max_rows()
+    assert len(model.tokenizer.encode(prompt)) <= backends.native_max_rows()
     model.generate(prompt, max_new_tokens=3)
     # The prefill and the decode step (batch 1), both on the kernel.
     assert len(traced) == 2 and all(traced)
@@ -438,7 +434,7 @@ def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch
 def test_the_torch_operator_names_what_it_takes():
     """The operator checks its inputs itself, so a wrong call fails with a
     message rather than reading past a tensor."""
-    if backend.name() != "torch":
+    if backends.name() != "torch":
         pytest.skip("the torch operator")
     import torch
 
@@ -456,11 +452,11 @@ def test_the_torch_operator_names_what_it_takes():
 def test_the_tensorflow_operation_names_what_it_takes():
     """The operation checks its inputs itself, so a wrong call fails with a
     message rather than reading past a tensor; it keeps the leading axes of x."""
-    if backend.name() != "tensorflow":
+    if backends.name() != "tensorflow":
         pytest.skip("the TensorFlow operation")
     import tensorflow as tf
 
-    operation = backend._tensorflow_native_linear()
+    operation = backends.implementation.native_linear()
     kernel = tf.zeros((32, 24), tf.bfloat16)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"n_in a multiple of 16.*\[32,24\]"):
         operation(tf.zeros((1, 24), tf.bfloat16), kernel)

@@ -48,6 +48,7 @@ _EXPORTS = {
     "GenerationError": "gemma_keras.generation",
     "LoraError": "gemma_keras.lora_weights",
     "PresetNotFoundError": "gemma_keras.registry",
+    "QuantizationError": "gemma_keras.quantization",
     "Sampler": "gemma_keras.samplers",
     "ScoringError": "gemma_keras.scoring",
     "TokenIdError": "gemma_keras.layers.token_embedding",

@@ -1,9 +1,11 @@
 """GemmaBackbone: token ids in, final hidden states out."""
 
+import re
+
 import keras
 from keras import ops
 
-from gemma_keras import lora_weights
+from gemma_keras import lora_weights, quantization
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.decoder_block import DecoderBlock
 from gemma_keras.layers.rms_norm import RMSNorm
@@ -155,11 +157,40 @@ class GemmaBackbone(keras.Model):
         a plain one again, as fast as before LoRA, and all its weights train."""
         lora_weights.merge_lora_weights(self)
 
-    def quantize(self, mode=None, **kwargs):
-        raise NotImplementedError(
-            f"gemma_keras does not quantize models yet (asked for {mode!r}); "
-            "bfloat16 weights (`dtype='bfloat16'`) halve memory meanwhile."
-        )
+    def quantize(self, mode=None, config=None, filters=None, group_size=None, **kwargs):
+        """Quantizes the weights of every projection and the embedding in place,
+        as `keras.Model.quantize` does it: "int8" (per output channel) or
+        "int4" (groups of 128 inputs, or `config.block_size` of a Keras
+        `Int4QuantizationConfig`); `filters`, a regex (or list of them) on layer
+        paths or a callable on layers, picks which. Every layer is checked
+        before any changes. See `gemma_keras.quantization` for the forms.
+
+        >>> model.backbone.quantize("int8")  # doctest: +SKIP
+        """
+        kwargs.pop("type_check", None)
+        if kwargs:
+            raise TypeError(f"quantize() got unexpected arguments {sorted(kwargs)}.")
+        quantization.check_mode(mode)
+        layers = self.lora_layers()
+        chosen = {path: layer for path, layer in layers.items() if _selected(layer, filters)}
+        done = sorted(path for path, layer in chosen.items() if layer.quantization_mode)
+        if done:
+            raise quantization.QuantizationError(
+                f"{done[0]} is already quantized ({chosen[done[0]].quantization_mode}); "
+                "each weight is quantized once: load the model again to quantize it another way."
+            )
+        adapted = sorted(path for path, layer in chosen.items() if layer.lora_enabled)
+        if adapted:
+            raise quantization.QuantizationError(
+                f"{adapted[0]} has a LoRA adapter: call `merge_lora_weights()` first, or "
+                "quantize before `enable_lora` (QLoRA)."
+            )
+        for path, layer in chosen.items():
+            columns = layer.weight_shape[1]
+            where = f"{path} ({columns} wide)"
+            quantization.group_size_for(mode, columns, config, where, group_size)
+        for layer in chosen.values():
+            layer.quantize(mode, config=config, group_size=group_size)
 
     def get_config(self):
         return {
@@ -172,3 +203,13 @@ class GemmaBackbone(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _selected(layer, filters):
+    """Whether `filters` (Keras' `quantize(filters=...)`) picks `layer`."""
+    if filters is None:
+        return True
+    if callable(filters):
+        return bool(filters(layer))
+    patterns = [filters] if isinstance(filters, str) else list(filters)
+    return any(re.search(pattern, layer.path) for pattern in patterns)

@@ -52,7 +52,7 @@ class GemmaCausalLM(keras.Model):
         return cls(GemmaBackbone(config, dtype=dtype))
 
     @classmethod
-    def from_preset(cls, preset, dtype=None, load_weights=True):
+    def from_preset(cls, preset, dtype=None, load_weights=True, quantize=None):
         """Loads a model and its tokenizer from a preset name, a local path or a URL.
 
         `preset` is a registry name (`gemma_keras.list_presets()`), a KerasHub
@@ -60,7 +60,9 @@ class GemmaCausalLM(keras.Model):
         `kaggle://owner/model/keras/variation/version` or `hf://org/repo`.
         `dtype` defaults to Keras' global policy (float32 unless changed);
         weights are read straight into it. With `load_weights=False` the
-        weights are randomly initialised.
+        weights are randomly initialised. `quantize` ("int8" or "int4")
+        quantizes each weight as it loads (see `quantize`), so the float model
+        never sits in memory whole.
 
         >>> model = GemmaCausalLM.from_preset("gemma3_270m_q4_k_m")  # doctest: +SKIP
         >>> model.tokenizer.encode("The capital of France is")  # doctest: +SKIP
@@ -68,20 +70,24 @@ class GemmaCausalLM(keras.Model):
         """
         from gemma_keras.loading import from_preset
 
-        return from_preset(preset, dtype=dtype, load_weights=load_weights)
+        return from_preset(preset, dtype=dtype, load_weights=load_weights, quantize=quantize)
 
     def save_to_preset(self, directory, dtype=None):
         """Writes a KerasHub preset directory (`keras_hub.models.GemmaCausalLM.from_preset`
-        loads it too). `dtype` of the stored weights defaults to the model's variable dtype."""
+        loads it too). `dtype` of the stored weights defaults to the model's variable dtype.
+        A quantized model's weights are stored quantized (loaded back by gemma_keras only)."""
         from gemma_keras.checkpoints import keras_hub
-        from gemma_keras.checkpoints.weight_mapping import get_weights
+        from gemma_keras.checkpoints.weight_mapping import get_weights, quantized_layers
 
+        layers = quantized_layers(self)
+        quantized = {name: layer.quantized_weight() for name, layer in layers.items()}
         keras_hub.write_preset(
             directory,
             self.config,
-            get_weights(self),
+            get_weights(self, skip=quantized),
             self._tokenizer_proto(),
             dtype or self.backbone.dtype_policy.variable_dtype,
+            quantized,
         )
 
     def export_to_huggingface(self, directory, dtype=None):
@@ -146,9 +152,18 @@ class GemmaCausalLM(keras.Model):
         self.sampler = get_sampler(sampler)
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
 
-    def quantize(self, mode=None, **kwargs):
-        """Not yet: raises rather than leave the weights as they are with a warning per layer."""
-        self.backbone.quantize(mode, **kwargs)
+    def quantize(self, mode=None, config=None, filters=None, **kwargs):
+        """Quantizes the weights, "int8" or "int4": see `GemmaBackbone.quantize`.
+        The QLoRA recipe is `quantize("int8")`, `backbone.enable_lora(4)`, `fit`.
+
+        >>> model.quantize("int4")  # doctest: +SKIP
+        """
+        self.backbone.quantize(mode, config=config, filters=filters, **kwargs)
+        # As `keras.Model.quantize`: the compiled functions held the old variables.
+        self.train_function = self.test_function = self.predict_function = None
+        if keras.config.backend() == "torch":
+            for layer in self._flatten_layers():
+                layer._track_variables()
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.fit`, taking text too: strings, `{"prompts", "responses"}`,

@@ -19,6 +19,9 @@ import json
 import os
 import sys
 
+# Importing it imports neither Keras nor a backend, which `--backend` may still choose.
+from gemma_keras import benchmarking
+
 DEFAULT_PRESET = "gemma3_270m_q4_k_m"
 
 
@@ -90,9 +93,10 @@ def build_parser():
     convert.add_argument("--to", choices=["keras_hub", "huggingface"], default="keras_hub")
     convert.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
-    bench = commands.add_parser("bench", help="run the generation benchmark")
-    bench.add_argument("--model", choices=["gemma_2b", "embedded", "all"], default="embedded")
-    bench.add_argument("--no-peer", action="store_true")
+    bench = commands.add_parser(
+        "bench", help="generation speed against KerasHub, transformers and llama.cpp"
+    )
+    benchmarking.add_arguments(bench, default_model="embedded")
 
     evaluate = commands.add_parser(
         "eval", help="multiple-choice accuracy on a JSONL file (HellaSwag's format too)"
@@ -228,20 +232,7 @@ def cmd_convert(args):
 
 
 def cmd_bench(args):
-    import runpy
-
-    path = os.path.join(
-        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-        "benchmarks",
-        "generate.py",
-    )
-    if not os.path.isfile(path):
-        raise RuntimeError(
-            "the benchmark lives in the repository's benchmarks/ folder; "
-            "run gemma-keras bench from a source checkout"
-        )
-    benchmark = runpy.run_path(path)
-    benchmark["main"](["--model", args.model] + (["--no-peer"] if args.no_peer else []))
+    benchmarking.run(args)
 
 
 def cmd_eval(args):

@@ -1,7 +1,7 @@
 """Text generation: a prefill over the prompts, then one token at a time with a KV cache.
 
 The loop is plain Python around one compiled step per shape bucket (see
-`backend.compile_step`):
+`backends.compile_step`):
 
     prefill:  step(caches, prompts [batch, prompt_slots], ...) -> last logits
     decode:   step(caches, token [batch, 1], ...)              -> next logits
@@ -23,7 +23,7 @@ import dataclasses
 
 import numpy as np
 
-from gemma_keras import backend
+from gemma_keras import backends
 from gemma_keras.layers.token_embedding import check_token_ids
 from gemma_keras.samplers import BeamSampler, Sampler, get_sampler, is_integer
 
@@ -53,7 +53,7 @@ def compiled_step(model):
     key = tuple(id(variable) for variable in model.variables)
     compiled = getattr(model, "_compiled_step", None)
     if compiled is None or compiled[0] != key:
-        step = backend.compile_step(model, lambda *args: _step(model, *args))
+        step = backends.compile_step(model, lambda *args: _step(model, *args))
         model._compiled_step = compiled = (key, step)
     return compiled[1]
 

@@ -9,7 +9,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
-from gemma_keras import registry, resolve
+from gemma_keras import quantization, registry, resolve
 from gemma_keras.causal_lm import GemmaCausalLM
 from gemma_keras.checkpoints import huggingface, keras_hub
 from gemma_keras.checkpoints.weight_mapping import WeightsError, model_shapes, model_variables
@@ -61,23 +61,39 @@ def _numpy_dtype(dtype):
     return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
 
 
-def build_model(config, dtype=None, checkpoint=None):
+def build_model(config, dtype=None, checkpoint=None, quantize=None):
     """A `GemmaCausalLM` for `config`; with `checkpoint`, its variables are
     created straight from the checkpoint's tensors, cast to the variable dtype.
 
     The model is built in a stateless scope so that no random initial values
     are ever allocated; each variable is then initialised from its tensor,
-    one at a time, so loading holds the model plus one tensor.
+    one at a time, so loading holds the model plus one tensor. With
+    `quantize` ("int8" or "int4") each projection and the embedding is
+    quantized as it loads, so memory stays near the quantized model's size;
+    a quantized preset loads in its stored forms unless `quantize` asks for
+    another. A tensor the checkpoint holds in an exact block form of the
+    mode (GGUF Q8_0, Q6_K, Q5_0, Q4_0, Q4_K) is taken as it is.
     """
+    if quantize is not None:
+        quantization.check_mode(quantize)
     if checkpoint is None:
-        return GemmaCausalLM.from_gemma_config(config, dtype=dtype)
+        model = GemmaCausalLM.from_gemma_config(config, dtype=dtype)
+        if quantize is not None:
+            model.quantize(quantize)
+        return model
     with keras.StatelessScope(initialize_variables=False):
         model = GemmaCausalLM.from_gemma_config(config, dtype=dtype)
     model.compile()
-    variables = list(model_variables(model).items())
+    deferred = list(model_variables(model).values())
     try:
         weights = checkpoint.weights(model_shapes(model))
-        for name, variable in variables:
+        layers = {layer.base_weight.path: layer for layer in model.backbone.lora_layers().values()}
+        for name, variable in model_variables(model).items():
+            layer = layers.get(name)
+            mode = quantize or _stored_mode(checkpoint, name)
+            if layer is not None and mode is not None:
+                _load_quantized(layer, checkpoint, weights, name, mode)
+                continue
 
             def initial_value(shape, dtype, name=name):
                 return np.asarray(weights[name]).astype(_numpy_dtype(dtype), copy=False)
@@ -89,7 +105,7 @@ def build_model(config, dtype=None, checkpoint=None):
         # (or, after an error, abandoned) and must not be initialised later.
         from keras.src.backend.common import global_state
 
-        ours = {id(variable) for _, variable in variables}
+        ours = {id(variable) for variable in deferred}
         pending = global_state.get_global_attribute("uninitialized_variables") or []
         global_state.set_global_attribute(
             "uninitialized_variables", [v for v in pending if id(v) not in ours]
@@ -97,23 +113,41 @@ def build_model(config, dtype=None, checkpoint=None):
     return model
 
 
-def load_model(path, dtype=None, load_weights=True):
+def _stored_mode(checkpoint, name):
+    """The mode a quantized preset stores weight `name` in, else None."""
+    their_name, _ = checkpoint.mapping.get(name, (None, None))
+    return getattr(checkpoint.tensors.get(their_name), "mode", None)
+
+
+def _load_quantized(layer, checkpoint, weights, name, mode):
+    """Gives `layer` its weight `name` in `mode`: the checkpoint's own exact form
+    where it has one, else its float tensor quantized here."""
+    quantized = checkpoint.quantized_weight(name, mode)
+    if quantized is None:
+        columns = layer.weight_shape[1]
+        group_size = quantization.group_size_for(mode, columns, where=f"{name} ({columns} wide)")
+        quantized = quantization.quantize(np.asarray(weights[name]), mode, group_size)
+    layer.build_quantized(quantized.mode, quantized.group_size)
+    layer.assign_quantized(quantized)
+
+
+def load_model(path, dtype=None, load_weights=True, quantize=None):
     """`GemmaCausalLM` with its `tokenizer` from a local checkpoint path."""
     checkpoint = read_checkpoint(path)
-    model = build_model(checkpoint.config, dtype, checkpoint if load_weights else None)
+    model = build_model(checkpoint.config, dtype, checkpoint if load_weights else None, quantize)
     if checkpoint.tokenizer_proto is not None:
         model.tokenizer = GemmaTokenizer(checkpoint.tokenizer_proto)
         model.preprocessor = GemmaCausalLMPreprocessor(model.tokenizer)
     return model
 
 
-def from_preset(preset, dtype=None, load_weights=True):
+def from_preset(preset, dtype=None, load_weights=True, quantize=None):
     """See `GemmaCausalLM.from_preset`: resolve (offline first), read, build."""
     entry = _registry_entry(preset)
     path = resolve_preset(preset)
-    if entry is not None and str(path).endswith(".gguf"):
+    if entry is not None and str(path).endswith(".gguf") and quantize is None:
         path = _convert_once(entry["name"], path)
-    model = load_model(path, dtype=dtype, load_weights=load_weights)
+    model = load_model(path, dtype=dtype, load_weights=load_weights, quantize=quantize)
     if entry is not None:
         model.instruction_tuned = entry["instruction_tuned"]
     else:

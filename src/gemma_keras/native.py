@@ -1,7 +1,16 @@
-"""Builds and loads the one native kernel: `bf16_linear.cc`, the bfloat16
-matrix-vector product of decoding on the CPU for every backend (and on
-torch the float32 one too), for x86-64 CPUs with AVX2 (see the file, and
-`gemma_keras.backend.linear`).
+"""Builds and loads the native CPU kernels: `cpu_kernels.cc`, the
+matrix-vector products of decoding on the CPU for every backend, for x86-64
+CPUs with AVX2 and FMA (see the file, and `gemma_keras.backend.linear`):
+
+- bfloat16 (and on torch float32) kernels: XLA FFI handler
+  `gemma_bf16_linear_ffi`, TensorFlow operation `GemmaBf16Linear`, torch
+  operator `gemma_keras::bf16_linear`;
+- int8 and int4 kernels (`gemma_keras.quantization`'s forms, AVX512 where
+  the CPU has it): XLA FFI handlers `gemma_int8_linear_ffi` and
+  `gemma_int4_linear_ffi` (see `register_jax_quantized`), TensorFlow
+  operations `GemmaInt8Linear` and `GemmaInt4Linear`, torch operators
+  `gemma_keras::int8_linear` and `gemma_keras::int4_linear`, and
+  `quantized_linear` on NumPy arrays (ctypes).
 
 It is compiled on first use with the system's C++ compiler (`$CXX`, else
 `c++` or `g++`), for JAX against the XLA FFI headers that jaxlib ships, for
@@ -12,7 +21,7 @@ so an interrupted build leaves nothing half-written. Where it cannot be
 built or run (no compiler, another CPU) `load` returns None after one
 warning, and every product takes the backend's own: the same numbers up
 to the order of the float32 sums, slower. `GEMMA_KERAS_NATIVE=0` turns the
-kernel off.
+kernels off.
 """
 
 import ctypes
@@ -26,9 +35,12 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from gemma_keras import resolve
 
-SOURCE = Path(__file__).with_name("bf16_linear.cc")
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
+QUANTIZED_FFI_TARGETS = {"int8": "gemma_int8_linear", "int4": "gemma_int4_linear"}
 DISABLE_ENV = "GEMMA_KERAS_NATIVE"
 FLAGS = ["-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC", "-pthread", "-w"]
 
@@ -45,8 +57,10 @@ def load(include_dir=None):
     """The kernel library (ctypes), or None where it cannot be built or run here.
 
     It exports `gemma_bf16_linear_supported()`, whether this CPU runs the
-    kernel, and, given `include_dir` (where XLA's FFI headers are:
-    `jax.ffi.include_dir()`), the XLA FFI handler `gemma_bf16_linear_ffi`.
+    kernels (AVX2 and FMA, for every product), `gemma_quantized_linear` (see
+    `quantized_linear`) and, given `include_dir` (where XLA's FFI headers are:
+    `jax.ffi.include_dir()`), the XLA FFI handlers `gemma_bf16_linear_ffi`,
+    `gemma_int8_linear_ffi` and `gemma_int4_linear_ffi`.
     """
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return _unavailable(f"the kernel is written for x86-64, not {platform.machine()}")
@@ -77,8 +91,10 @@ def has_bfloat16_dot():
 
 @functools.cache
 def load_tensorflow():
-    """The kernel as the TensorFlow operation `GemmaBf16Linear` (the module that
-    `tf.load_op_library` returns), or None where it cannot be built or run here.
+    """The kernels as TensorFlow operations (the module that `tf.load_op_library`
+    returns: `gemma_bf16_linear`, `gemma_int8_linear(x, kernel, scale)`,
+    `gemma_int4_linear(x, kernel, scale, offset)`), or None where they cannot be
+    built or run here.
 
     Built against the installed TensorFlow's headers and library, once per
     TensorFlow version (about 20 s).
@@ -94,7 +110,9 @@ def load_tensorflow():
 @functools.cache
 def load_torch():
     """The kernel as the torch operator `gemma_keras::bf16_linear` (the
-    `torch.ops` handle), or None where it cannot be built or run here.
+    `torch.ops` handle), or None where it cannot be built or run here. Loading
+    it registers `torch.ops.gemma_keras.int8_linear(x, kernel, scale, threads)`
+    and `int4_linear(x, kernel, scale, offset, threads)` too.
 
     Built against the installed torch's headers and libraries, once per
     torch version (about 15 s).
@@ -112,6 +130,84 @@ def load_torch():
         return torch.ops.gemma_keras.bf16_linear
 
     return _build_for(flags, link_flags, torch.__version__, load_operator, (RuntimeError,))
+
+
+def register_jax_quantized():
+    """Registers the int8 and int4 XLA FFI handlers as JAX CPU targets (once);
+    False where the kernel cannot be built or run here or `enabled()` is False.
+
+    Then `jax.ffi.ffi_call(QUANTIZED_FFI_TARGETS[mode], out)` multiplies:
+    int8 `(x, kernel, scale)`, int4 `(x, kernel, scale, offset)`, with x
+    float32 `[..., n_in]` and `out` a `jax.ShapeDtypeStruct((..., n_out),
+    jnp.float32)`; the arrays are `gemma_keras.quantization`'s forms.
+    """
+    return enabled() and _register_jax_quantized()
+
+
+@functools.cache
+def _register_jax_quantized():
+    import jax
+
+    library = load(jax.ffi.include_dir())
+    if library is None:
+        return False
+    for target in QUANTIZED_FFI_TARGETS.values():
+        handler = getattr(library, f"{target}_ffi")
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+    return True
+
+
+def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, avx2_only=False):
+    """`x @ w.T` on NumPy arrays, for a weight `w` in `gemma_keras.quantization`'s
+    `mode` form (`kernel`, `scale`, `offset`), through ctypes: float32
+    `[rows, n_out]`, or None where the kernel cannot be built or run here.
+
+    `avx2_only` takes the AVX2 loop on a CPU with AVX512 too (for tests).
+
+    >>> import numpy as np
+    >>> from gemma_keras import quantization
+    >>> weight = quantization.quantize(np.ones((8, 64)), "int4", group_size=32)
+    >>> out = quantized_linear(np.ones((1, 64)), "int4", weight.kernel, weight.scale, weight.offset)
+    >>> out is None or np.allclose(out, 64)
+    True
+    """
+    if mode not in QUANTIZED_FFI_TARGETS:
+        raise ValueError(f"Unknown quantized mode {mode!r}; the kernels take 'int8' or 'int4'.")
+    library = load() if enabled() else None
+    if library is None:
+        return None
+    x = np.ascontiguousarray(x, np.float32)
+    kernel = np.ascontiguousarray(kernel)
+    scale = np.ascontiguousarray(scale, np.float32)
+    offset = None if offset is None else np.ascontiguousarray(offset, np.float32)
+    (rows, n_in), n_out = x.shape, kernel.shape[0]
+    out = np.empty((rows, n_out), np.float32)
+    pointer = ctypes.c_void_p
+    status = library.gemma_quantized_linear(
+        ctypes.c_int(8 if mode == "int8" else 4),
+        pointer(kernel.ctypes.data),
+        pointer(scale.ctypes.data),
+        pointer(None if offset is None else offset.ctypes.data),
+        pointer(x.ctypes.data),
+        pointer(out.ctypes.data),
+        *(ctypes.c_int64(n) for n in (rows, n_out, n_in, n_in // scale.shape[1], threads)),
+        ctypes.c_int(int(avx2_only)),
+    )
+    if status != 0:
+        raise ValueError(
+            f"{mode} kernel {kernel.shape} with scale {scale.shape} does not fit x {x.shape}: "
+            "see gemma_keras.quantization for the forms"
+        )
+    return out
+
+
+def quantized_instruction_set():
+    """The instruction set of the int8 and int4 kernels here ("avx512" or "avx2"), or None."""
+    library = load()
+    if library is None:
+        return None
+    library.gemma_quantized_linear_isa.restype = ctypes.c_char_p
+    return library.gemma_quantized_linear_isa().decode()
 
 
 def _build_for(flags, link_flags, version, load_library, errors):
@@ -142,7 +238,7 @@ def _build(compiler, flags=(), link_flags=(), key=()):
     inputs = [SOURCE.read_bytes(), repr([command, link_flags]).encode(), version.encode(), *key]
     digest = hashlib.sha256(b"".join(inputs)).hexdigest()[:16]
     directory = resolve.cache_dir() / "kernels"
-    target = directory / f"bf16_linear-{digest}.so"
+    target = directory / f"{SOURCE.stem}-{digest}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -165,7 +261,8 @@ def _build_failed(error):
 
 def _unavailable(reason):
     logger.warning(
-        "gemma_keras: bfloat16 decoding takes the backend's own, slower product: %s",
+        "gemma_keras: the native CPU kernels are unavailable, so decoding takes the "
+        "backend's own, slower products: %s",
         reason,
     )
     return None

@@ -9,7 +9,8 @@ group of `group_size` consecutive inputs of each output row:
   its minimum and maximum). Two values share a byte, `[out, in // 2]` uint8,
   packed per block of 32 inputs as llama.cpp's Q4_0 packs them: byte `k` of
   a block holds input `k` in its low nibble and input `16 + k` in its high
-  nibble. `quantize("int4")` uses groups of 128 (Keras' int4 block size).
+  nibble. `quantize("int4")` uses groups of 128 (Keras' int4 block size;
+  on a width 128 does not divide, the largest multiple of 32 that does).
 
 GGUF blocks map onto these forms exactly where they can: Q8_0 (int8, groups
 of 32), Q6_K (int8, groups of 16), Q4_0 and Q4_K (int4, groups of 32).
@@ -59,8 +60,26 @@ def check_mode(mode):
         )
 
 
-def default_group_size(mode, input_dim):
-    return input_dim if mode == "int8" else DEFAULT_INT4_GROUP_SIZE
+def group_size_for(mode, input_dim, config=None, where="the weight", group_size=None):
+    """The group size of `mode` for a weight `input_dim` wide: `config.block_size`
+    where a Keras `QuantizationConfig` gives one (None or -1: one group per
+    row), else one group per row for int8 and 128 for int4 (Keras' default
+    `block_size`), or for int4 the largest multiple of 32 below 128 that
+    divides the width where 128 does not."""
+    block_size = getattr(config, "block_size", 0) if config is not None else 0
+    if group_size is not None:
+        pass
+    elif block_size in (None, -1):
+        group_size = input_dim
+    elif block_size and block_size != DEFAULT_INT4_GROUP_SIZE:
+        group_size = block_size
+    elif mode == "int8":
+        group_size = input_dim
+    else:
+        fitting = [g for g in range(DEFAULT_INT4_GROUP_SIZE, 0, -INT4_BLOCK) if input_dim % g == 0]
+        group_size = fitting[0] if fitting else DEFAULT_INT4_GROUP_SIZE
+    check_group_size(mode, group_size, input_dim, where)
+    return group_size
 
 
 def check_group_size(mode, group_size, input_dim, where="the weight"):
@@ -82,23 +101,79 @@ def check_group_size(mode, group_size, input_dim, where="the weight"):
 
 
 def quantize(weight, mode, group_size=None):
-    """`QuantizedWeight` of a float `[out, in]` NumPy weight, rounding to nearest."""
+    """`QuantizedWeight` of a float `[out, in]` NumPy weight (or anything NumPy
+    slices by rows, read a block of rows at a time).
+
+    Each group starts from its range (int8: its largest magnitude; int4: its
+    minimum and maximum) and then alternates rounding with a least-squares
+    fit of its scale (and offset) to the rounded values, keeping whichever
+    fit has the least squared error (`FIT_ROUNDS`; llama.cpp's K-quants fit
+    theirs alike)."""
     check_mode(mode)
-    weight = np.asarray(weight, np.float32)
     rows, columns = weight.shape
-    group_size = group_size or default_group_size(mode, columns)
+    group_size = group_size or group_size_for(mode, columns)
     check_group_size(mode, group_size, columns)
-    groups = weight.reshape(rows, columns // group_size, group_size)
+    # Blocks of about 4M values, so that the fit's temporaries stay small.
+    block_rows = max(1, (1 << 22) // columns)
+    parts = []
+    for start in range(0, rows, block_rows):
+        block = np.asarray(weight[start : start + block_rows], np.float32)
+        parts.append(_quantize_rows(block.reshape(len(block), -1, group_size), mode))
+    q, scale, offset = (
+        None if parts[0][i] is None else np.concatenate([p[i] for p in parts]) for i in range(3)
+    )
+    q = q.reshape(rows, columns)
+    kernel = pack_int4(q) if mode == "int4" else q
+    return QuantizedWeight(mode, kernel, scale, offset, group_size)
+
+
+FIT_ROUNDS = 4
+
+
+def _quantize_rows(groups, mode):
+    """`(q, scale, offset)` of float32 `[rows, groups, group_size]` (see `quantize`)."""
     if mode == "int8":
-        scale = np.abs(groups).max(axis=-1) / 127
-        safe = np.where(scale == 0, 1, scale)[..., None]
-        q = np.clip(np.rint(groups / safe), -127, 127).astype(np.int8)
-        return QuantizedWeight(mode, q.reshape(rows, columns), scale, None, group_size)
-    low, high = groups.min(axis=-1), groups.max(axis=-1)
-    scale = (high - low) / 15
-    safe = np.where(scale == 0, 1, scale)[..., None]
-    q = np.clip(np.rint((groups - low[..., None]) / safe), 0, 15).astype(np.uint8)
-    return QuantizedWeight(mode, pack_int4(q.reshape(rows, columns)), scale, low, group_size)
+        scale, offset, low, high = np.abs(groups).max(axis=-1) / 127, None, -127, 127
+    else:
+        minimum = groups.min(axis=-1)
+        scale, offset, low, high = (groups.max(axis=-1) - minimum) / 15, minimum, 0, 15
+    best = None
+    for _ in range(FIT_ROUNDS + 1):
+        safe = np.where(scale > 0, scale, 1)[..., None]
+        shifted = groups if offset is None else groups - offset[..., None]
+        q = np.clip(np.rint(shifted / safe), low, high)
+        error = np.square(q * scale[..., None] - shifted).sum(axis=-1)
+        if best is None:
+            best = [q, scale, offset, error]
+        else:
+            better = error < best[3]
+            best[0] = np.where(better[..., None], q, best[0])
+            best[1] = np.where(better, scale, best[1])
+            if offset is not None:
+                best[2] = np.where(better, offset, best[2])
+            best[3] = np.minimum(error, best[3])
+        scale, offset = _least_squares(groups, q, scale, offset)
+    q, scale, offset, _ = best
+    q = q.astype(np.int8 if mode == "int8" else np.uint8)
+    return q, scale.astype(np.float32), None if offset is None else offset.astype(np.float32)
+
+
+def _least_squares(groups, q, scale, offset):
+    """The scale (and offset, where there is one) that best fit `groups` as
+    `q * scale + offset` for fixed `q`; groups where no fit exists keep theirs."""
+    count = groups.shape[-1]
+    qq, qw = np.square(q).sum(axis=-1), (q * groups).sum(axis=-1)
+    if offset is None:
+        fitted = qw / np.where(qq > 0, qq, 1)
+        return np.where((qq > 0) & (fitted > 0), fitted, scale), None
+    q_sum, w_sum = q.sum(axis=-1), groups.sum(axis=-1)
+    determinant = count * qq - q_sum * q_sum
+    usable = determinant > 0
+    safe = np.where(usable, determinant, 1)
+    fitted_scale = (count * qw - q_sum * w_sum) / safe
+    fitted_offset = (w_sum - fitted_scale * q_sum) / count
+    usable &= fitted_scale > 0
+    return np.where(usable, fitted_scale, scale), np.where(usable, fitted_offset, offset)
 
 
 def pack_int4(q):
@@ -112,10 +187,10 @@ def pack_int4(q):
 def unpack_int4(packed):
     """The inverse of `pack_int4`, for NumPy arrays or backend tensors: `[out, in]` int32."""
     packed = ops.cast(packed, "int32") if not isinstance(packed, np.ndarray) else packed
-    rows, half = packed.shape
-    blocks = ops.reshape(packed, (rows, half * 2 // INT4_BLOCK, 1, INT4_BLOCK // 2))
+    columns = packed.shape[-1] * 2  # rows may be unknown while a graph traces
+    blocks = ops.reshape(packed, (-1, columns // INT4_BLOCK, 1, INT4_BLOCK // 2))
     low, high = blocks % 16, blocks // 16
-    return ops.reshape(ops.concatenate([low, high], axis=2), (rows, half * 2))
+    return ops.reshape(ops.concatenate([low, high], axis=2), (-1, columns))
 
 
 def dequantize_numpy(quantized):
@@ -130,10 +205,9 @@ def dequantize(mode, kernel, scale, offset=None, dtype="float32"):
 
     Each value is computed in float32 (`q * scale + offset`) and cast once."""
     values = unpack_int4(kernel) if mode == "int4" else kernel
-    rows, columns = values.shape
-    groups = scale.shape[-1]
-    values = ops.reshape(ops.cast(values, "float32"), (rows, groups, columns // groups))
+    columns, groups = values.shape[-1], scale.shape[-1]
+    values = ops.reshape(ops.cast(values, "float32"), (-1, groups, columns // groups))
     weight = values * ops.cast(scale, "float32")[..., None]
     if offset is not None:
         weight = weight + ops.cast(offset, "float32")[..., None]
-    return ops.cast(ops.reshape(weight, (rows, columns)), dtype)
+    return ops.cast(ops.reshape(weight, (-1, columns)), dtype)

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from keras import ops
 
-from gemma_keras import backend
+from gemma_keras import backends
 from gemma_keras.layers.token_embedding import check_token_ids
 
 SCORING_MODES = ("logits", "loss")
@@ -191,7 +191,7 @@ class _CompiledLosses:
 def _compiled_losses(model):
     """The per-token loss of a batch, compiled once per model and input shape
     (JAX and TensorFlow through XLA, PyTorch traced without gradients; see
-    `backend.compile_step`). It is compiled again when the model's variables
+    `backends.compile_step`). It is compiled again when the model's variables
     change (LoRA enabled, quantized), since they are inputs of the graph."""
     compiled = getattr(model, "_compiled_losses", None)
     if compiled is None or compiled.variable_ids != [id(v) for v in model.variables]:
@@ -203,7 +203,7 @@ def _compiled_losses(model):
             )
             return losses, batch
 
-        compiled = _CompiledLosses(model.variables, backend.compile_step(model, step))
+        compiled = _CompiledLosses(model.variables, backends.compile_step(model, step))
         model._compiled_losses = compiled
     return compiled.function
 

@@ -30,6 +30,29 @@ class Checkpoint:
 
         return to_model_weights(self.tensors, self.mapping, expected_shapes, self.source)
 
+    def quantized_weight(self, our_name, mode):
+        """The `quantization.QuantizedWeight` in `mode` of one of our variables
+        (e.g. `decoder_block_3/attention/query/kernel`), decoded from the file's
+        own quantized form without a float32 copy, or None where the file
+        offers no exact one (float tensors, other block types, a tensor laid
+        out differently from ours): the loader then quantizes the float weight.
+
+        >>> checkpoint.quantized_weight("token_embedding/embeddings", "int8")  # doctest: +SKIP
+        QuantizedWeight(mode='int8', kernel=array(...), ..., group_size=32)
+        """
+        from gemma_keras.checkpoints.weight_mapping import SAME, WeightsError
+
+        if our_name not in self.mapping:
+            raise WeightsError(
+                f"{self.source} has no weight {our_name!r}; names look like "
+                "'decoder_block_0/attention/query/kernel' or 'token_embedding/embeddings'."
+            )
+        their_name, layout = self.mapping[our_name]
+        tensor = self.tensors[their_name]
+        if layout is not SAME or not hasattr(tensor, "quantized"):
+            return None
+        return tensor.quantized(mode)
+
 
 class LazyWeights(Mapping):
     """`{name: array}` whose arrays are produced by `loaders[name]()` on each lookup."""

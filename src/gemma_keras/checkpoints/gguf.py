@@ -9,7 +9,9 @@ turns one into a `Checkpoint`:
   architecture without storing it (layer pattern, local RoPE base, query
   scale of the 27B models);
 - the weights stay in the file until a tensor is looked up, and are then
-  dequantized to float32 (`gguf.quants.dequantize`);
+  dequantized to float32 (`gguf.quants.dequantize`), or, for load-time
+  quantization, decoded straight into gemma_keras' int8/int4 forms where the
+  block type maps onto them exactly (`GGUFTensor.quantized`);
 - the tokenizer is rebuilt as a SentencePiece model that encodes like the
   original Gemma one, after undoing what llama.cpp's converter changed.
 
@@ -26,6 +28,7 @@ import os
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2
 
+from gemma_keras import quantization
 from gemma_keras.checkpoints.checkpoint import Checkpoint
 from gemma_keras.checkpoints.weight_mapping import SAME, Layout
 from gemma_keras.config import (
@@ -269,7 +272,8 @@ def weight_mapping(config):
 
 class GGUFTensor:
     """One tensor of a GGUF file, read and dequantized to float32 only when
-    converted with `np.asarray`.
+    converted with `np.asarray`, or decoded into a `QuantizedWeight` by
+    `quantized(mode)`.
 
     `shape` is in numpy order (GGUFReader reports ggml's reversed order).
     Creating one checks that the tensor's type can be dequantized, so an
@@ -293,8 +297,156 @@ class GGUFTensor:
         array = np.asarray(values, dtype=dtype or np.float32)
         return array.copy() if copy else array
 
+    def quantized(self, mode):
+        """The tensor as a `quantization.QuantizedWeight` in `mode` ("int8" or
+        "int4"), `[out, in]` like `shape`, decoded from the stored blocks without
+        a float32 copy; None where the block type does not map onto `mode`
+        exactly (see `EXACT_FORMS`) or the tensor is not a matrix.
+
+        `quantization.dequantize_numpy` of the result equals
+        `gguf.quants.dequantize` of the tensor bit for bit: every product of a
+        scale and a value is the one gguf (and llama.cpp) computes, or exact.
+
+        >>> weight = checkpoint.tensors["blk.0.ffn_down.weight"]  # doctest: +SKIP
+        >>> weight.quantized("int8").group_size  # Q6_K: 16 values per scale  # doctest: +SKIP
+        16
+        """
+        quantization.check_mode(mode)
+        decode = EXACT_FORMS.get((self.quantization.name, mode))
+        if decode is None or len(self.shape) != 2:
+            return None
+        rows, columns = self.shape
+        block_size, bytes_per_block = gguf.GGML_QUANT_SIZES[self.quantization]
+        blocks = self._data.reshape(rows, columns // block_size, bytes_per_block)
+        kernel, scale, offset, group_size = _decode_by_rows(decode, blocks)
+        return quantization.QuantizedWeight(mode, kernel, scale, offset, group_size)
+
     def __repr__(self):
         return f"GGUFTensor({self.name!r}, {self.quantization.name}, shape={self.shape})"
+
+
+# ---------------------------------------------------------------------------
+# GGUF blocks decoded into quantization.py's int8 and int4 forms
+# ---------------------------------------------------------------------------
+#
+# Each decoder takes the raw blocks of some rows, uint8 `[rows, blocks,
+# bytes_per_block]`, and returns `(kernel, scale, offset, group_size)` for
+# those rows. The byte layouts are llama.cpp's (ggml-common.h; the loops of
+# ggml-quants.c's `dequantize_row_*`), which gguf-py's `quants.py` mirrors.
+
+# Rows are decoded a slice at a time, so that the uint8 temporaries of a
+# large tensor (a 262k-row embedding) stay small next to the result.
+_BLOCK_BYTES_PER_SLICE = 1 << 22
+
+
+def _decode_by_rows(decode, blocks):
+    rows = blocks.shape[0]
+    rows_per_slice = max(1, _BLOCK_BYTES_PER_SLICE // (blocks.shape[1] * blocks.shape[2]))
+    outputs = None
+    for start in range(0, rows, rows_per_slice):
+        *arrays, group_size = decode(np.asarray(blocks[start : start + rows_per_slice]))
+        if outputs is None:
+            outputs = [
+                None if array is None else np.empty((rows, *array.shape[1:]), array.dtype)
+                for array in arrays
+            ]
+        for output, array in zip(outputs, arrays, strict=True):
+            if output is not None:
+                output[start : start + len(array)] = array
+    return (*outputs, group_size)
+
+
+def _float16_at(blocks, byte):
+    """The float16 stored at `byte` of every block, as float32 `[rows, blocks]`."""
+    halves = np.ascontiguousarray(blocks[..., byte : byte + 2]).view(np.float16)
+    return halves[..., 0].astype(np.float32)
+
+
+def _nibbles(packed):
+    """uint8 `[..., n]` -> `[..., 2, n]`: the low nibbles, then the high ones."""
+    return np.stack([packed & 0x0F, packed >> 4], axis=-2)
+
+
+def _decode_q8_0(blocks):
+    # d (float16), then 32 int8 values: w = d * q.
+    rows = blocks.shape[0]
+    q = np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)
+    return q.reshape(rows, -1), _float16_at(blocks, 0), None, 32
+
+
+def _decode_q5_0(blocks):
+    # d, 32 high bits (bit j belongs to value j), 16 bytes of low nibbles
+    # (byte k: value k low, value 16 + k high); w = d * (q - 16).
+    rows = blocks.shape[0]
+    high_bits = np.unpackbits(blocks[..., 2:6], axis=-1, bitorder="little")
+    low = _nibbles(blocks[..., 6:22]).reshape(high_bits.shape)
+    q = ((low | (high_bits << 4)).astype(np.int8) - 16).reshape(rows, -1)
+    return q, _float16_at(blocks, 0), None, 32
+
+
+def _decode_q4_0(blocks):
+    # d, 16 bytes packed exactly as quantization.py packs int4; w = d * (q - 8),
+    # held as q * d + (-8 * d): both products are exact (11-bit d times a
+    # 4-bit integer), so the sum rounds to the same float32 as gguf's.
+    rows = blocks.shape[0]
+    scale = _float16_at(blocks, 0)
+    kernel = np.ascontiguousarray(blocks[..., 2:18]).reshape(rows, -1)
+    return kernel, scale, -8 * scale, 32
+
+
+def _q4_k_scales_and_mins(packed):
+    """The eight 6-bit scales and mins of Q4_K super-blocks, uint8 `[..., 12]`
+    -> two `[..., 8]` (llama.cpp's `get_scale_min_k4`): sub-blocks 0-3 in the
+    low 6 bits of bytes 0-3 (scales) and 4-7 (mins); sub-blocks 4-7 in the
+    nibbles of bytes 8-11 plus the top 2 bits of bytes 0-3 and 4-7."""
+    first, second, last = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate([first & 63, (last & 0x0F) | ((first >> 6) << 4)], axis=-1)
+    mins = np.concatenate([second & 63, (last >> 4) | ((second >> 6) << 4)], axis=-1)
+    return scales, mins
+
+
+def _decode_q4_k(blocks):
+    # Super-blocks of 256: d, dmin, 12 bytes of 6-bit scales and mins, 128 bytes
+    # of nibbles. Byte l of chunk c (32 bytes) holds value 64c + l in its low
+    # nibble and 64c + 32 + l in its high one; sub-block j (32 values) is
+    # w = (d * scale_j) * q - dmin * min_j. The values are repacked into
+    # quantization.py's order.
+    rows, count = blocks.shape[:2]
+    sub_scales, sub_mins = _q4_k_scales_and_mins(blocks[..., 4:16])
+    scale = _float16_at(blocks, 0)[..., None] * sub_scales.astype(np.float32)
+    offset = -(_float16_at(blocks, 2)[..., None] * sub_mins.astype(np.float32))
+    values = _nibbles(blocks[..., 16:144].reshape(rows, count, 4, 32))
+    kernel = quantization.pack_int4(values.reshape(rows, -1))
+    return kernel, scale.reshape(rows, -1), offset.reshape(rows, -1), 32
+
+
+def _decode_q6_k(blocks):
+    # Super-blocks of 256: 128 bytes of low nibbles, 64 bytes of 2-bit highs,
+    # 16 int8 sub-scales, d. In each half h (128 values), quarter p's value l
+    # (value 128h + 32p + l) has its low 4 bits in byte 64h + 32 * (p % 2) + l
+    # (the low nibble for p < 2, the high one after) and its high 2 bits at
+    # bit 2p of byte 128 + 32h + l; w = (d * sub_scale) * (q - 32), 16 values
+    # per sub-scale.
+    rows, count = blocks.shape[:2]
+    low = _nibbles(blocks[..., 0:128].reshape(rows, count, 2, 64))  # [.., h, nibble, byte]
+    shifts = np.array([0, 2, 4, 6], np.uint8)[:, None]
+    high = (blocks[..., 128:192].reshape(rows, count, 2, 1, 32) >> shifts) & 3
+    q = (low.reshape(high.shape) | (high << 4)).astype(np.int8) - 32
+    sub_scales = np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32)
+    scale = _float16_at(blocks, 208)[..., None] * sub_scales
+    return q.reshape(rows, -1), scale.reshape(rows, -1), None, 16
+
+
+# `{(GGML type name, mode): decoder}`: the pairs whose blocks are the form as
+# they are. Other pairs (Q5_0 as int4, Q4_K as int8, K-quants of other widths)
+# return None, and the loader quantizes the float tensor itself.
+EXACT_FORMS = {
+    ("Q8_0", "int8"): _decode_q8_0,
+    ("Q5_0", "int8"): _decode_q5_0,
+    ("Q6_K", "int8"): _decode_q6_k,
+    ("Q4_0", "int4"): _decode_q4_0,
+    ("Q4_K", "int4"): _decode_q4_k,
+}
 
 
 _DEQUANTIZABLE = {}

@@ -9,6 +9,7 @@ import keras
 import ml_dtypes
 import numpy as np
 
+from gemma_keras import quantization
 from gemma_keras.checkpoints.checkpoint import Checkpoint
 from gemma_keras.checkpoints.weight_mapping import (
     SAME,
@@ -305,9 +306,56 @@ def read_preset(directory):
         )
     with open(vocabulary, "rb") as file:
         tokenizer_proto = file.read()
-    return Checkpoint(
-        config, read_weight_files(directory), weight_mapping(config), tokenizer_proto, directory
-    )
+    tensors, mapping = read_weight_files(directory), weight_mapping(config)
+    for name, tensor in _stored_quantized(tensors).items():
+        tensors[tensor.group_name] = tensor
+        mapping[name] = (tensor.group_name, SAME)
+    return Checkpoint(config, tensors, mapping, tokenizer_proto, directory)
+
+
+# Quantized weights in a preset that gemma_keras writes: one h5 group per
+# weight, `gemma_keras_quantized/<our name>` holding `kernel`, `scale` (and
+# `offset`), with the mode and group size as attributes, in our `[out, in]`
+# layout. KerasHub's loaders do not read them.
+QUANTIZED_GROUP = "gemma_keras_quantized"
+
+
+class StoredQuantizedTensor:
+    """A quantized weight stored in a preset: `.quantized(mode)` gives it as it
+    is stored (when `mode` is the stored one), `np.asarray` dequantizes it."""
+
+    def __init__(self, group_name, datasets):
+        self.group_name = group_name
+        attributes = datasets["kernel"].dataset.parent.attrs
+        self.mode = str(attributes["mode"])
+        self.group_size = int(attributes["group_size"])
+        self.shape = tuple(int(size) for size in attributes["shape"])
+        self._datasets = datasets
+
+    def stored(self):
+        arrays = {name: np.asarray(dataset) for name, dataset in self._datasets.items()}
+        return quantization.QuantizedWeight(
+            self.mode, arrays["kernel"], arrays["scale"], arrays.get("offset"), self.group_size
+        )
+
+    def quantized(self, mode):
+        return self.stored() if mode == self.mode else None
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(quantization.dequantize_numpy(self.stored()), dtype=dtype)
+
+
+def _stored_quantized(tensors):
+    """`{our name: StoredQuantizedTensor}` of the quantized weights among `tensors`."""
+    grouped = {}
+    prefix = QUANTIZED_GROUP + "/"
+    for path in [path for path in tensors if path.startswith(prefix)]:
+        group_name, array_name = path.rsplit("/", 1)
+        grouped.setdefault(group_name, {})[array_name] = tensors.pop(path)
+    return {
+        group_name[len(prefix) :]: StoredQuantizedTensor(group_name, datasets)
+        for group_name, datasets in grouped.items()
+    }
 
 
 def _write_json(path, data):
@@ -389,13 +437,16 @@ def _preset_json_files(registered_name, backbone_fields, dtype, tokenizer_proto)
     }
 
 
-def write_preset(directory, config, weights, tokenizer_proto, dtype="float32"):
+def write_preset(directory, config, weights, tokenizer_proto, dtype="float32", quantized=None):
     """Writes a preset directory that KerasHub's `GemmaCausalLM.from_preset` (Gemma 1/2)
     or `Gemma3CausalLM.from_preset` loads, task and preprocessor included.
 
     `weights` is `{our_name: array}`; arrays are stored in `dtype` (float32 or
     bfloat16, which Keras stores as raw 16-bit with a dtype attribute).
+    `quantized` (`{our_name: QuantizedWeight}`) are stored as they are instead
+    (see `QUANTIZED_GROUP`); such a preset loads in gemma_keras only.
     """
+    quantized = quantized or {}
     registered_name, fields = keras_hub_config(config)
     os.makedirs(os.path.join(directory, os.path.dirname(VOCABULARY_FILE)), exist_ok=True)
     json_files = _preset_json_files(registered_name, fields, dtype, tokenizer_proto)
@@ -407,6 +458,9 @@ def write_preset(directory, config, weights, tokenizer_proto, dtype="float32"):
     temporary = os.path.join(directory, WEIGHTS_FILE + ".partial")
     with h5py.File(temporary, "w") as h5_file:
         for ours, (theirs, layout) in weight_mapping(config).items():
+            if ours in quantized:
+                _write_quantized(h5_file, ours, quantized[ours])
+                continue
             array = np.asarray(layout.theirs(np.asarray(weights[ours]))).astype(store_dtype)
             dataset = h5_file.create_dataset(theirs, data=array)
             if dtype == "bfloat16":  # as Keras writes it: opaque 16-bit values, tagged
@@ -422,6 +476,14 @@ def write_preset(directory, config, weights, tokenizer_proto, dtype="float32"):
             "tasks": ["CausalLM"],
         },
     )
+
+
+def _write_quantized(h5_file, name, quantized):
+    group = h5_file.create_group(f"{QUANTIZED_GROUP}/{name}")
+    group.attrs.update(mode=quantized.mode, group_size=quantized.group_size, shape=quantized.shape)
+    names = {"": "kernel", "_scale": "scale", "_offset": "offset"}
+    for suffix, array in quantized.arrays().items():
+        group.create_dataset(names[suffix], data=array)
 
 
 def _package_version():

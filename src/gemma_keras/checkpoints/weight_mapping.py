@@ -113,7 +113,8 @@ def from_model_weights(our_arrays, mapping):
 def model_variables(model):
     """`{name: variable}` of a `GemmaBackbone` or `GemmaCausalLM`, names like
     `decoder_block_0/attention/query/kernel` (the same in both); LoRA
-    adapters are not among them (see `get_weights`)."""
+    adapters are not among them (see `get_weights`). A quantized layer's
+    variables are its integer kernel and its scales (and offsets)."""
     backbone = getattr(model, "backbone", model)
     adapters = {
         id(weight)
@@ -124,26 +125,51 @@ def model_variables(model):
     return {v.path: v for v in backbone.weights if id(v) not in adapters}
 
 
+def quantized_layers(model):
+    """`{kernel name: layer}` of the model's quantized layers, e.g.
+    `decoder_block_0/attention/query/kernel`."""
+    backbone = getattr(model, "backbone", model)
+    return {
+        layer.base_weight.path: layer
+        for layer in backbone.lora_layers().values()
+        if layer.quantization_mode is not None
+    }
+
+
 def model_shapes(model):
-    return {name: tuple(variable.shape) for name, variable in model_variables(model).items()}
+    """`{name: shape}` of every float weight a checkpoint holds for the model: a
+    quantized layer's kernel by its float shape, its scales left out."""
+    shapes = {name: tuple(variable.shape) for name, variable in model_variables(model).items()}
+    for name, layer in quantized_layers(model).items():
+        for suffix in ("_scale", "_offset"):
+            shapes.pop(name + suffix, None)
+        shapes[name] = tuple(layer.weight_shape)
+    return shapes
 
 
-def get_weights(model):
-    """`{name: numpy array}` of every weight of the model, LoRA adapters folded
-    into the weights they adapt (what a checkpoint of the model holds)."""
+def get_weights(model, skip=()):
+    """`{name: numpy array}` of every weight of the model as floats (what a
+    checkpoint of the model holds): LoRA adapters folded into the weights
+    they adapt, quantized weights dequantized to float32. Names in `skip`
+    are left out."""
     from keras import ops
 
     backbone = getattr(model, "backbone", model)
-    adapted = {
-        id(layer.base_weight): layer
+    special = {
+        layer.base_weight.path: layer
         for layer in backbone.lora_layers().values()
-        if layer.lora_enabled
+        if layer.lora_enabled or layer.quantization_mode is not None
     }
+    variables = model_variables(model)
     weights = {}
-    for name, variable in model_variables(model).items():
-        layer = adapted.get(id(variable))
-        value = variable.numpy() if layer is None else ops.convert_to_numpy(layer.merged_weight())
-        weights[name] = np.asarray(value)
+    for name in model_shapes(model):
+        if name in skip:
+            continue
+        layer = special.get(name)
+        if layer is None:
+            weights[name] = np.asarray(variables[name].numpy())
+        else:
+            weights[name] = np.asarray(ops.convert_to_numpy(layer.merged_weight()))
     return weights
 
 

@@ -5,7 +5,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from gemma_keras.backend import einsum
+from gemma_keras.backends import einsum
 from gemma_keras.layers.projection import Projection
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding, rotary_tables

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras.backend import add_kernel, linear
+from gemma_keras.backends import add_kernel, linear, quantized_linear
 from gemma_keras.layers.lora import LoraLayer
 
 
@@ -16,6 +16,9 @@ class Projection(LoraLayer):
     `[input_dim, rank]`, `lora_kernel_b` `[rank, output_dim]`) the output is
     `x @ kernel.T + (x @ a) @ b * (lora_alpha / rank)`: the base product keeps
     its fast path and the low-rank one is computed in float32.
+
+    `quantize("int8")` or `quantize("int4")` (Keras' protocol) replaces the
+    kernel by its quantized form (see `LoraLayer` and `gemma_keras.quantization`).
 
     Example:
 
@@ -43,8 +46,15 @@ class Projection(LoraLayer):
     def compute_output_spec(self, x):
         return keras.KerasTensor(tuple(x.shape[:-1]) + (self.output_dim,), self.compute_dtype)
 
+    @property
+    def weight_shape(self):
+        return (self.output_dim, self.input_dim)
+
     def call(self, x):
-        y = linear(x, self.kernel)
+        if self.quantization_mode is None:
+            y = linear(x, self.kernel)
+        else:
+            y = quantized_linear(x, self.quantization_mode, *self.quantized_arrays())
         if self.lora_enabled:
             low_rank = ops.matmul(ops.cast(x, "float32"), self.lora_kernel_a)
             low_rank = ops.matmul(low_rank, self.lora_kernel_b) * self.lora_scale
@@ -57,11 +67,6 @@ class Projection(LoraLayer):
     def lora_delta(self):
         delta = ops.matmul(self.lora_kernel_a, self.lora_kernel_b)  # [in, out]
         return ops.transpose(delta) * self.lora_scale
-
-    def quantize(self, mode=None, type_check=True, config=None):
-        raise NotImplementedError(
-            f"gemma_keras does not quantize its projections yet (asked for {mode!r})."
-        )
 
     def get_config(self):
         return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim}

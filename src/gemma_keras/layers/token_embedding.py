@@ -5,8 +5,9 @@ import math
 import keras
 from keras import ops
 
-from gemma_keras import backend
-from gemma_keras.backend import linear
+from gemma_keras import backends as backend
+from gemma_keras import quantization
+from gemma_keras.backends import linear
 from gemma_keras.layers.lora import LoraLayer
 from gemma_keras.layers.soft_cap import soft_cap
 
@@ -46,6 +47,8 @@ class TokenEmbedding(LoraLayer):
     LoRA as `keras.layers.Embedding.enable_lora` has it: `lora_embeddings_a`
     `[vocabulary_size, rank]` and `lora_embeddings_b` `[rank, hidden_dim]`
     add `a @ b * (lora_alpha / rank)` to the table, both ways round.
+    `quantize("int8")`/`quantize("int4")` quantize the table by rows (one
+    vocabulary entry's groups along the hidden axis), for both directions.
 
     Example:
 
@@ -81,16 +84,28 @@ class TokenEmbedding(LoraLayer):
             return keras.KerasTensor(tuple(inputs.shape[:-1]) + (self.vocabulary_size,), "float32")
         return keras.KerasTensor(tuple(inputs.shape) + (self.hidden_dim,), self.compute_dtype)
 
+    @property
+    def weight_shape(self):
+        return (self.vocabulary_size, self.hidden_dim)
+
     def call(self, inputs, reverse=False):
         if reverse:
-            logits = ops.cast(linear(inputs, self.embeddings), "float32")
+            if self.quantization_mode is None:
+                logits = linear(inputs, self.embeddings)
+            else:
+                arrays = self.quantized_arrays()
+                logits = backend.quantized_linear(inputs, self.quantization_mode, *arrays)
+            logits = ops.cast(logits, "float32")
             if self.lora_enabled:
                 low_rank = ops.matmul(ops.cast(inputs, "float32"), ops.transpose(self.lora_b))
                 logits = logits + ops.matmul(low_rank, ops.transpose(self.lora_a)) * self.lora_scale
             return soft_cap(logits, self.logit_soft_cap)
         check_token_ids(inputs, self.vocabulary_size)
         token_ids = ops.cast(inputs, "int32")
-        rows = backend.take_rows(self.embeddings, token_ids)
+        if self.quantization_mode is None:
+            rows = backend.take_rows(self.embeddings, token_ids)
+        else:
+            rows = self._dequantized_rows(token_ids)
         if self.lora_enabled:
             low_rank = ops.matmul(ops.take(self.lora_a, token_ids, axis=0), self.lora_b)
             rows = ops.cast(rows, "float32") + low_rank * self.lora_scale
@@ -111,10 +126,13 @@ class TokenEmbedding(LoraLayer):
     def lora_delta(self):
         return ops.matmul(self.lora_a, self.lora_b) * self.lora_scale
 
-    def quantize(self, mode=None, type_check=True, config=None):
-        raise NotImplementedError(
-            f"gemma_keras does not quantize its embedding yet (asked for {mode!r})."
-        )
+    def _dequantized_rows(self, token_ids):
+        """The rows of a quantized table that `token_ids` pick, as float32."""
+        flat = ops.reshape(token_ids, (-1,))
+        arrays = self.quantized_arrays()
+        kernel, scale, offset = (None if a is None else ops.take(a, flat, axis=0) for a in arrays)
+        rows = quantization.dequantize(self.quantization_mode, kernel, scale, offset)
+        return ops.reshape(rows, (*ops.shape(token_ids), self.hidden_dim))
 
     def get_config(self):
         return {

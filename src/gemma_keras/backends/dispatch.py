@@ -1,0 +1,233 @@
+"""Which product computes a call: one pure function of the backend, the
+platform the tensors live on and the CPU's features.
+
+Nothing here imports a framework or probes the machine, so every choice,
+a GPU's and a TPU's included, can be checked on any CPU:
+
+>>> choose_product("jax", "gpu", "bfloat16", "bfloat16", rows=1, width=2048,
+...                cpu_features=frozenset())
+'dot'
+>>> choose_product("jax", "cpu", "bfloat16", "bfloat16", rows=1, width=2048,
+...                cpu_features=frozenset({"native_kernel"}))
+'native_kernel'
+
+The row limits and the products they choose between were measured on two
+CPUs (see "Products per backend (measured)" in docs/performance.md).
+"""
+
+# Products that only run on a CPU. A GPU or TPU gets none of them.
+NATIVE_KERNEL = "native_kernel"  # gemma_keras.native's kernel (FFI call, torch operator, TF op)
+ONEDNN_INNER_PRODUCT = "onednn_inner_product"  # torch.ops.mkldnn._linear_pointwise
+ONEDNN_INNER_PRODUCT_IN_FLOAT32 = "onednn_inner_product_in_float32"
+LINEAR_IN_FLOAT32 = "linear_in_float32"  # torch's F.linear on float32 copies
+MULTIPLY_AND_SUM = "multiply_and_sum"  # JAX: one bfloat16 row, read in place by YNNPACK
+DOT_FLOAT32_ACCUMULATED = "dot_float32_accumulated"  # XLA CPU's bfloat16 dot, summed in float32
+DOUBLED_ROW_DOT_FLOAT32_ACCUMULATED = "doubled_row_dot_float32_accumulated"  # TensorFlow
+EINSUM_IN_FLOAT32 = "einsum_in_float32"
+STEP_WITHOUT_XLA = "without_xla"  # TensorFlow's decode step on the native kernel
+NATIVE_QUANTIZED_KERNEL = "native_quantized_kernel"  # int8/int4 products of gemma_keras.native
+
+CPU_ONLY = frozenset(
+    {
+        NATIVE_KERNEL,
+        ONEDNN_INNER_PRODUCT,
+        ONEDNN_INNER_PRODUCT_IN_FLOAT32,
+        LINEAR_IN_FLOAT32,
+        MULTIPLY_AND_SUM,
+        DOT_FLOAT32_ACCUMULATED,
+        DOUBLED_ROW_DOT_FLOAT32_ACCUMULATED,
+        EINSUM_IN_FLOAT32,
+        STEP_WITHOUT_XLA,
+        NATIVE_QUANTIZED_KERNEL,
+    }
+)
+# The backends' own products, what a GPU or TPU runs.
+DOT = "dot"  # JAX: keras.ops.einsum
+LINEAR = "linear"  # torch: F.linear
+MATMUL = "matmul"  # TensorFlow: tf.matmul(x, kernel, transpose_b=True)
+EINSUM = "einsum"
+STEP_JIT = "jit"  # JAX
+STEP_TRACE = "trace"  # torch
+STEP_XLA = "xla"  # TensorFlow
+DEQUANTIZED = "dequantized"  # a quantized weight dequantized to x's dtype, then `linear`
+
+# Most rows (tokens in a step) whose products take the native kernel. On a
+# CPU without AVX512-BF16 it ran faster than the backends' own bfloat16
+# products up to 128 rows, and than torch's float32 ones up to 16; with
+# AVX512-BF16 the backends multiply bfloat16 in hardware and it wins up to 8.
+NATIVE_MAX_ROWS = 128
+NATIVE_MAX_FLOAT32_ROWS = 16
+NATIVE_MAX_ROWS_WITH_BFLOAT16_DOT = 8
+# torch on a CPU without AVX512 runs a bfloat16 F.linear row by row: from
+# this many rows (a prefill) a float32 copy is faster.
+TORCH_FLOAT32_COPY_MIN_ROWS = 32
+# TensorFlow: one bfloat16 row wider than this takes XLA's float32 copy of
+# the kernel unless it is doubled; up to this many rows take XLA's
+# float32-accumulated bfloat16 dot.
+TENSORFLOW_WIDEST_SINGLE_ROW = 3072
+TENSORFLOW_MAX_ACCUMULATED_ROWS = 32
+
+# Most rows whose int8/int4 products take the native kernel: it reads the
+# integers as they are (decoding); more rows are compute-bound, where the
+# dequantized weight's product is faster.
+NATIVE_MAX_QUANTIZED_ROWS = 16
+
+BACKENDS = ("jax", "tensorflow", "torch")
+
+
+def native_max_rows(cpu_features, float32=False):
+    """The most rows whose products take the native kernel on a CPU with
+    `cpu_features`: bfloat16 products, or with `float32` torch's float32 ones."""
+    if "avx512_bf16" in cpu_features:
+        return NATIVE_MAX_ROWS_WITH_BFLOAT16_DOT
+    return NATIVE_MAX_FLOAT32_ROWS if float32 else NATIVE_MAX_ROWS
+
+
+def choose_product(
+    backend,
+    platform,
+    x_dtype,
+    kernel_dtype,
+    rows,
+    width,
+    cpu_features,
+    *,
+    records_gradient=False,
+    without_xla=False,
+):
+    """The product that computes `x @ kernel.T` for `linear`.
+
+    Args:
+        backend: "jax", "tensorflow" or "torch".
+        platform: where the tensors live: "cpu", "gpu", "tpu" (anything but
+            "cpu" gets the backend's own product).
+        x_dtype, kernel_dtype: "float32" or "bfloat16" (a float32 kernel with
+            bfloat16 `x` is a mixed_bfloat16 model's).
+        rows: tokens in the call (the product of `x`'s leading axes), or None
+            where a graph is traced for any batch size.
+        width: `x`'s last axis (the kernel's inputs), or None where unknown.
+        cpu_features: answers `name in cpu_features` for "native_kernel" (the
+            kernel is on and loads for this backend), "avx512_bf16" and, on
+            torch, "avx512". Asked only on a CPU, and only as far as the
+            choice needs, since answering may build the kernel.
+        records_gradient: torch's autograd records the product (a training
+            step); the native kernel and oneDNN's product have no gradient.
+        without_xla: TensorFlow is tracing its step without XLA, where the
+            native operation can run.
+    Returns:
+        One of the product names above.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend is {backend!r}; gemma_keras runs on {', '.join(BACKENDS)}.")
+    own_product = {"jax": DOT, "tensorflow": MATMUL, "torch": LINEAR}[backend]
+    if platform != "cpu":
+        return own_product
+    if _takes_native_kernel(
+        backend, x_dtype, kernel_dtype, rows, width, cpu_features, records_gradient, without_xla
+    ):
+        return NATIVE_KERNEL
+    bfloat16 = x_dtype == "bfloat16"
+    if backend == "jax":
+        if not bfloat16:
+            return DOT
+        return MULTIPLY_AND_SUM if rows == 1 else DOT_FLOAT32_ACCUMULATED
+    if backend == "tensorflow":
+        if bfloat16 and rows == 1 and width is not None and width > TENSORFLOW_WIDEST_SINGLE_ROW:
+            return DOUBLED_ROW_DOT_FLOAT32_ACCUMULATED
+        if bfloat16 and rows is not None and 1 < rows <= TENSORFLOW_MAX_ACCUMULATED_ROWS:
+            return DOT_FLOAT32_ACCUMULATED
+        return MATMUL
+    if x_dtype == "float32":
+        return LINEAR if records_gradient else ONEDNN_INNER_PRODUCT
+    slow_bfloat16 = bfloat16 and "avx512" not in cpu_features
+    if slow_bfloat16 and rows is not None and rows >= TORCH_FLOAT32_COPY_MIN_ROWS:
+        return LINEAR_IN_FLOAT32 if records_gradient else ONEDNN_INNER_PRODUCT_IN_FLOAT32
+    return LINEAR
+
+
+def _takes_native_kernel(
+    backend, x_dtype, kernel_dtype, rows, width, cpu_features, records_gradient, without_xla
+):
+    """Whether the native kernel takes a product on a CPU: bfloat16 `x` with a
+    bfloat16 or float32 kernel (which it rounds to bfloat16 as it reads), on
+    torch also float32 with float32 (XLA reads float32 at full speed already),
+    up to `native_max_rows` rows, a width its 16-wide blocks divide."""
+    dtypes = (x_dtype, kernel_dtype)
+    if dtypes not in (("bfloat16", "bfloat16"), ("bfloat16", "float32"), ("float32", "float32")):
+        return False
+    if dtypes == ("float32", "float32") and backend != "torch":
+        return False
+    if backend == "torch" and records_gradient:
+        return False
+    if backend == "tensorflow" and not without_xla:  # TensorFlow's XLA takes no custom call
+        return False
+    if rows is None or width is None or width % 16:
+        return False
+    float32 = x_dtype == "float32"
+    return rows <= native_max_rows(cpu_features, float32) and "native_kernel" in cpu_features
+
+
+def choose_quantized_product(
+    backend, platform, rows, cpu_features, *, records_gradient=False, without_xla=False
+):
+    """The product for `quantized_linear`: `NATIVE_QUANTIZED_KERNEL` on a CPU
+    for up to `NATIVE_MAX_QUANTIZED_ROWS` rows where the kernel loads
+    ("native_quantized_kernel" in `cpu_features`), outside TensorFlow's XLA
+    and torch's autograd; else `DEQUANTIZED`."""
+    if platform != "cpu" or rows is None or rows > NATIVE_MAX_QUANTIZED_ROWS:
+        return DEQUANTIZED
+    if (backend == "torch" and records_gradient) or (backend == "tensorflow" and not without_xla):
+        return DEQUANTIZED
+    return NATIVE_QUANTIZED_KERNEL if "native_quantized_kernel" in cpu_features else DEQUANTIZED
+
+
+def choose_einsum(backend, platform, a_dtype, b_dtype, cpu_features, *, without_xla=False):
+    """`EINSUM`, or `EINSUM_IN_FLOAT32` (computed in float32, rounded to
+    bfloat16 once) where a bfloat16 einsum is slow or inexact: torch's on a
+    CPU without AVX512, TensorFlow's without XLA (it rounds partial sums)."""
+    if platform != "cpu":
+        return EINSUM
+    if backend == "torch" and a_dtype == b_dtype == "bfloat16" and "avx512" not in cpu_features:
+        return EINSUM_IN_FLOAT32
+    if backend == "tensorflow" and without_xla and a_dtype == "bfloat16":
+        return EINSUM_IN_FLOAT32
+    return EINSUM
+
+
+def choose_step(backend, platform, compute_dtype, rows, cpu_features, quantized=False):
+    """How a step is compiled: `STEP_JIT` (JAX), `STEP_TRACE` (torch), and on
+    TensorFlow `STEP_XLA`, or on a CPU for a bfloat16 step of up to
+    `native_max_rows` rows, or a `quantized` model's step of up to
+    `NATIVE_MAX_QUANTIZED_ROWS`, `STEP_WITHOUT_XLA`, whose products then take
+    the native operations (kept only where all of them do)."""
+    if backend == "jax":
+        return STEP_JIT
+    if backend == "torch":
+        return STEP_TRACE
+    if quantized:
+        kernel = platform == "cpu" and "native_quantized_kernel" in cpu_features
+        return STEP_WITHOUT_XLA if kernel and rows <= NATIVE_MAX_QUANTIZED_ROWS else STEP_XLA
+    if (
+        platform == "cpu"
+        and compute_dtype == "bfloat16"
+        and rows <= native_max_rows(cpu_features)
+        and "native_kernel" in cpu_features
+    ):
+        return STEP_WITHOUT_XLA
+    return STEP_XLA
+
+
+class CpuFeatures:
+    """`name in features` answered by `probes[name]()` on each question, so
+    that a feature that costs a build (the native kernel) is probed only
+    when a choice asks for it, and an environment change is seen at once."""
+
+    def __init__(self, **probes):
+        self._probes = probes
+
+    def __contains__(self, name):
+        probe = self._probes.get(name)
+        return probe is not None and bool(probe())
+
+    def __repr__(self):
+        return f"CpuFeatures({', '.join(self._probes)})"

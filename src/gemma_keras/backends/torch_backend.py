@@ -1,0 +1,231 @@
+"""torch's products and compiled step (see `gemma_keras.backends`).
+
+On a CPU, products of up to `native_max_rows()` rows take the native kernel
+as the operator `gemma_keras::bf16_linear` (bfloat16, and float32 up to
+`native_max_rows(float32=True)`), other float32 products oneDNN's inner
+product, and on a CPU without AVX512 bfloat16 prefills a float32 copy. On
+a GPU every product is `F.linear`. Measurements: "Products per backend
+(measured)" in docs/performance.md.
+"""
+
+import contextlib
+import functools
+import math
+import warnings
+
+import keras
+import torch
+
+from gemma_keras import native, quantization
+from gemma_keras.backends import dispatch
+from gemma_keras.backends.steps import flatten, pairs, with_values
+
+NATIVE_OPERATOR = "gemma_keras::bf16_linear"
+NATIVE_OPERATORS = {NATIVE_OPERATOR, "gemma_keras::int8_linear", "gemma_keras::int4_linear"}
+
+
+def platform_of(*tensors):
+    """ "cpu" where all `tensors` are on the CPU, else the platform of the
+    first that is not ("gpu" for CUDA and ROCm, "tpu" for XLA devices)."""
+    for tensor in tensors:
+        device = tensor.device.type
+        if device != "cpu":
+            return {"cuda": "gpu", "xla": "tpu"}.get(device, device)
+    return "cpu"
+
+
+def linear(x, kernel):
+    """`x @ kernel.T` (see `gemma_keras.backends.linear`)."""
+    kernel = keras.ops.convert_to_tensor(kernel)
+    platform = platform_of(x, kernel)
+    records_gradient = _records_gradient(x, kernel)
+    product = dispatch.choose_product(
+        "torch",
+        platform,
+        keras.backend.standardize_dtype(x.dtype),
+        keras.backend.standardize_dtype(kernel.dtype),
+        # While `torch.jit.trace` records, sizes are tensors; each graph has one shape.
+        math.prod(int(size) for size in x.shape[:-1]),
+        int(x.shape[-1]),
+        cpu_features if platform == "cpu" else frozenset(),
+        records_gradient=records_gradient,
+    )
+    if product == dispatch.NATIVE_KERNEL:
+        return native_linear()(x, kernel, torch.get_num_threads())
+    # Float32 weights of a mixed policy's model, cast as Keras' autocast does.
+    kernel = kernel.to(x.dtype)
+    if product == dispatch.ONEDNN_INNER_PRODUCT:
+        return _onednn_linear()(x, kernel)
+    if product == dispatch.ONEDNN_INNER_PRODUCT_IN_FLOAT32:
+        return _onednn_linear()(x.float(), kernel.float()).to(x.dtype)
+    if product == dispatch.LINEAR_IN_FLOAT32:
+        return torch.nn.functional.linear(x.float(), kernel.float()).to(x.dtype)
+    return torch.nn.functional.linear(x, kernel)
+
+
+def quantized_linear(x, mode, kernel, scale, offset):
+    """`x @ w.T` for a quantized weight (see `gemma_keras.backends.quantized_linear`)."""
+    platform = platform_of(x, kernel)
+    product = dispatch.choose_quantized_product(
+        "torch",
+        platform,
+        math.prod(int(size) for size in x.shape[:-1]),
+        cpu_features if platform == "cpu" else frozenset(),
+        records_gradient=_records_gradient(x),
+    )
+    if product == dispatch.NATIVE_QUANTIZED_KERNEL:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        threads = torch.get_num_threads()
+        if mode == "int8":
+            out = torch.ops.gemma_keras.int8_linear(flat, kernel, scale, threads)
+        else:
+            out = torch.ops.gemma_keras.int4_linear(flat, kernel, scale, offset, threads)
+        return out.to(x.dtype).reshape(*x.shape[:-1], kernel.shape[0])
+    return linear(x, quantization.dequantize(mode, kernel, scale, offset, x.dtype))
+
+
+def _records_gradient(*tensors):
+    """Whether autograd records an operation on `tensors` (a training step),
+    which products without a gradient of their own leave to torch's."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _native_kernel_available():
+    return native.enabled() and native_linear() is not None
+
+
+def _has_avx512():
+    # AVX512-BF16 or AMX is what makes torch's bfloat16 matrix products fast.
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+# Asked only for products on a CPU (see `dispatch.choose_product`).
+cpu_features = dispatch.CpuFeatures(
+    native_kernel=_native_kernel_available,
+    native_quantized_kernel=_native_kernel_available,
+    avx512_bf16=native.has_bfloat16_dot,
+    avx512=_has_avx512,
+)
+
+
+@functools.cache
+def native_linear():
+    """The native kernel as the torch operator `gemma_keras::bf16_linear(x,
+    kernel, threads)`, or None where it cannot be built here. An operator,
+    not a plain call, so that `torch.jit.trace` records it in a step's
+    graph; it runs on `threads` threads of its own."""
+    return native.load_torch()
+
+
+@functools.cache
+def _onednn_linear():
+    def onednn_linear(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, kernel, None, "none", [], "")
+
+    # Scripted so that `torch.jit.trace` records the call; tracing the op
+    # directly fails on its empty `scalars` list.
+    with quiet_torch_jit():
+        return torch.jit.script(onednn_linear)
+
+
+@contextlib.contextmanager
+def quiet_torch_jit():
+    """torch 2.13 marks `torch.jit` deprecated for `torch.compile` and
+    `torch.export`, which decode slower here (docs/performance.md), so the
+    notice would only tell users to do worse."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def einsum(equation, a, b):
+    """`keras.ops.einsum`; in float32 where torch's bfloat16 one is slow
+    (a CPU without AVX512: its bf16 `bmm` took 19 of the 20 s of a 512-token
+    270M prefill)."""
+    platform = platform_of(a, b)
+    choice = dispatch.choose_einsum(
+        "torch",
+        platform,
+        keras.backend.standardize_dtype(a.dtype),
+        keras.backend.standardize_dtype(b.dtype),
+        cpu_features if platform == "cpu" else frozenset(),
+    )
+    if choice == dispatch.EINSUM_IN_FLOAT32:
+        return keras.ops.einsum(equation, a.float(), b.float()).to(a.dtype)
+    return keras.ops.einsum(equation, a, b)
+
+
+def take_rows(table, ids):
+    return keras.ops.take(keras.ops.convert_to_tensor(table), ids, axis=0)
+
+
+def is_concrete(x):
+    tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return not tracing and not isinstance(x, keras.KerasTensor)
+
+
+def compile_step(model, step):
+    """One `torch.jit.trace` graph per input shape, the variables' values as inputs.
+
+    Eager Keras spends about as long in Python per decode step as the 270M
+    spends reading its weights; a traced graph replays the same torch ops
+    without it. Tracing records one path through Python, which is sound
+    here because every data-dependent choice in the step is a tensor op (the
+    cache slot is a tensor input) and shapes are fixed per graph.
+    `torch.compile` and `torch.export` decode slower, and folding the graph
+    with torch's private `_jit_pass_*` edits won 2-4% (docs/performance.md).
+    """
+    variables = model.variables
+    graphs = {}
+
+    def traced_step(caches, *inputs):
+        flat_caches, inputs, key = flatten(caches, inputs)
+        # Under `no_grad` the trace needs no detached copies of the weights.
+        values = [variable.value for variable in variables]
+        with torch.no_grad():
+            if key not in graphs:
+
+                def pure_step(values, flat_caches, *inputs):
+                    logits, new_caches = with_values(
+                        variables, values, step, pairs(flat_caches), *inputs
+                    )
+                    return logits, [tensor for pair in new_caches for tensor in pair]
+
+                with quiet_torch_jit():
+                    graph = torch.jit.trace(
+                        pure_step, (values, flat_caches, *inputs), check_trace=False
+                    )
+                graphs[key] = graph, _only_native_products(graph.graph)
+            graph, only_native_products = graphs[key]
+            threads = on_one_thread() if only_native_products else contextlib.nullcontext()
+            # With optimisation, the second call of every graph spends ~1-2 s
+            # profiling and the steps after it are no faster.
+            with torch.jit.optimized_execution(False), threads:
+                logits, flat_caches = graph(values, flat_caches, *inputs)
+        return logits, pairs(flat_caches)
+
+    return traced_step
+
+
+def _only_native_products(graph):
+    """Whether every weight product in a traced graph is the native kernel's
+    (a decode step, a short prefill), so that torch may run the rest on one
+    thread. A longer prefill also has one: its last position's logits."""
+    kinds = {node.kind() for node in graph.nodes()}
+    # `_onednn_linear` is a scripted function: the trace records a call to it.
+    torch_products = {"aten::linear", "prim::CallFunction"}
+    return bool(kinds & NATIVE_OPERATORS) and not kinds & torch_products
+
+
+@contextlib.contextmanager
+def on_one_thread():
+    """torch on one thread inside the block, for a graph whose products are
+    all the native kernel's: it brings threads of its own, and torch's idle
+    OpenMP workers keep spinning on the cores it needs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,1092 @@
+// The native CPU kernels of gemma_keras: the matrix-vector products of
+// decoding on an x86-64 CPU with AVX2 and FMA, built by gemma_keras/native.py
+// into one library per backend. Entry points and their call signatures:
+//
+//   bfloat16 (and float32) kernel, x float32/bfloat16 (see below):
+//     XLA FFI `gemma_bf16_linear_ffi`(x f32 [rows, n_in], kernel bf16|f32 [n_out, n_in])
+//       -> f32 [rows, n_out]
+//     TensorFlow `GemmaBf16Linear`(x bf16 [..., n_in], kernel bf16|f32) -> bf16 [..., n_out]
+//     torch `gemma_keras::bf16_linear`(x, kernel, int threads) -> x's dtype
+//   int8 kernel (gemma_keras/quantization.py: w = q * scale, groups of a multiple of 16):
+//     XLA FFI `gemma_int8_linear_ffi`(x f32 [..., n_in], kernel s8 [n_out, n_in],
+//       scale f32 [n_out, n_in / group]) -> f32 [..., n_out]
+//     TensorFlow `GemmaInt8Linear`(x float, kernel int8, scale float) -> float
+//     torch `gemma_keras::int8_linear`(x f32, kernel int8, scale f32, int threads) -> f32
+//   int4 kernel (w = q * scale + offset, q packed two to a byte per block of 32
+//   inputs, groups of a multiple of 32):
+//     XLA FFI `gemma_int4_linear_ffi`(x f32 [..., n_in], kernel u8 [n_out, n_in / 2],
+//       scale f32 [n_out, n_in / group], offset f32 [n_out, n_in / group]) -> f32 [..., n_out]
+//     TensorFlow `GemmaInt4Linear`(x float, kernel uint8, scale float, offset float) -> float
+//     torch `gemma_keras::int4_linear`(x f32, kernel uint8, scale f32, offset f32,
+//       int threads) -> f32
+//   ctypes: `gemma_quantized_linear` (int8 and int4; see its comment),
+//     `gemma_bf16_linear_supported`, `gemma_cpu_has_bfloat16_dot`,
+//     `gemma_quantized_linear_isa`.
+// XLA FFI handlers are compiled where GEMMA_KERAS_XLA_FFI is defined (against
+// jaxlib's headers), TensorFlow operations where GEMMA_KERAS_TF_OP is
+// (against TensorFlow's), torch operators where GEMMA_KERAS_TORCH_OP is
+// (against torch's). The FFI handlers and TensorFlow operations run on their
+// framework's intra-op threads, torch's and ctypes' on threads of the
+// library's own. The int8 and int4 loops take AVX512 where the CPU has it.
+//
+// ---------------------------------------------------------------------------
+// The bfloat16 kernel.
+//
+// out = x @ kernel.T in bfloat16 precision, with float32 x and float32 out:
+// the matrix-vector products of bfloat16 decoding on an x86-64 CPU with AVX2.
+// The kernel is held in bfloat16, or in float32 (Keras' mixed_bfloat16 policy,
+// whose layers cast each float32 weight to bfloat16 before multiplying): then
+// each value is rounded to bfloat16 as it is read, as that cast rounds it, and
+// the result is the one of the bfloat16 kernel the cast would have written.
+// On torch it also multiplies float32 x by a float32 kernel as it is, where
+// it reads faster than torch's own float32 product (see the torch operator).
+//
+// Why it exists: decoding reads every weight once per token, so its speed is
+// the rate at which the kernel streams from memory. XLA's CPU backend has no
+// bfloat16 dot (it reads bfloat16 at 8-12 GB/s through YNNPACK or writes a
+// float32 copy), and torch's bfloat16 product on a CPU without AVX512 read
+// 9-10 GB/s, on a CPU whose float32 product reads 20-35 GB/s (with
+// AVX512-BF16 it reads 17 GB/s of a row where this kernel reads 33). Widening
+// bfloat16 to float32 is a 16-bit shift, so a plain loop of shifts and fused
+// multiply-adds reads the kernel at close to the memory's speed. A float32
+// kernel cast to bfloat16 on every step instead writes a new bfloat16 copy
+// of every weight per token (the 270M on JAX: 2.8 against 50 tokens/s).
+//
+// Layout: kernel [n_out, n_in] (bfloat16 bits or float32), x [rows, n_in],
+// out [rows, n_out]; n_in is a multiple of 16. Sums run in float32, 8 lanes
+// each, and the caller rounds `out` to bfloat16 (unless x is float32). Built by
+// gemma_keras/native.py, with one entry point per backend:
+// `gemma_bf16_linear_ffi`, an XLA FFI handler for JAX (compiled where
+// GEMMA_KERAS_XLA_FFI is defined, against jaxlib's headers), the TensorFlow
+// operation `GemmaBf16Linear` (where GEMMA_KERAS_TF_OP is defined, against
+// TensorFlow's), and the torch operator `gemma_keras::bf16_linear`
+// (GEMMA_KERAS_TORCH_OP, against torch's), on threads of the library's own.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#ifdef GEMMA_KERAS_XLA_FFI
+#include "xla/ffi/api/ffi.h"
+#endif
+#ifdef GEMMA_KERAS_TF_OP
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#endif
+#ifdef GEMMA_KERAS_TORCH_OP
+#include <ATen/ATen.h>
+#include <torch/library.h>
+#endif
+
+namespace {
+
+// How far ahead of its reads each kernel row stream asks for memory, in
+// bytes (8 cache lines). The hardware prefetchers stop at each 4 KB page;
+// asking ahead carries a stream across pages (1 GB bfloat16 kernel, 2
+// threads, medians of 12 alternating rounds: 13.2 and 14.9 GB/s against 10.6
+// and 12.9 without; 256 to 768 bytes ahead read alike).
+constexpr int64_t kPrefetchBytes = 512;
+
+// Shares of kernel rows per thread, claimed by whichever thread is free: a
+// thread that starts late (woken from sleep) or runs slow leaves its shares
+// to the others, where with one share per thread the others wait for it.
+// kSpin: how long a thread with nothing to do keeps checking for work before
+// it sleeps, since waking a sleeping thread is slow on a VM and a decode step
+// starts its next product well within 2 ms. The 2B's 127 products of one
+// decode step on 2 threads, alternating in one process, medians of 8: 311 ms
+// with one share per thread and no spinning, 259 with 8 shares, 233 with 8
+// shares and 2 ms of spinning.
+constexpr int64_t kSharesPerThread = 8;
+constexpr auto kSpin = std::chrono::milliseconds(2);
+
+// Whether `done()` became true within kSpin, checking without sleeping.
+template <typename Done>
+bool spin_until(Done done) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > until) return false;
+    _mm_pause();
+  }
+  return true;
+}
+
+// How the kernel holds its values, and how they are multiplied.
+enum class Kind {
+  kBfloat16,         // bfloat16 bits
+  kFloat32Rounded,   // float32 values, multiplied as their bfloat16 cast (mixed_bfloat16)
+  kFloat32,          // float32 values, multiplied as they are (float32 decoding on torch)
+};
+
+template <Kind K>
+using Weight = std::conditional_t<K == Kind::kBfloat16, uint16_t, float>;
+
+struct Problem {
+  const void* kernel;  // Weight<K> values
+  const float* x;      // x with each 16-wide block in the order `widen` reads the
+                       // kernel's (see `slot_column`)
+  float* out;
+  int64_t rows, n_out, n_in;
+};
+
+// 16 bfloat16 values, packed in order, as two float32 vectors: the even
+// columns (the low half of each 32-bit lane, shifted up) and the odd ones
+// (the high half, masked).
+inline void widen_bfloat16(const uint16_t* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xffff0000u))));
+}
+
+// 8 float32 values rounded to bfloat16 (to nearest, ties to even, as a cast
+// rounds them): float32 bits with the low 16 bits zero. A NaN becomes a NaN
+// with every bit set, where the rounding's carry could turn it into an
+// infinity or a zero.
+inline __m256 bfloat16_rounded(const float* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i lowest_kept = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i rounded = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lowest_kept));
+  const __m256 value = _mm256_castsi256_ps(bits);
+  rounded = _mm256_or_si256(rounded, _mm256_castps_si256(_mm256_cmp_ps(value, value, _CMP_UNORD_Q)));
+  return _mm256_castsi256_ps(_mm256_and_si256(rounded, _mm256_set1_epi32(int32_t(0xffff0000u))));
+}
+
+// 16 float32 values rounded to bfloat16, split into even and odd columns as
+// the bfloat16 kernel's are, but with the lanes in kFloat32Lanes' order:
+// in-lane shuffles cost less than putting them in column order, and the
+// rounding leaves a core little time to spare between reads (a 768 KB kernel
+// read from cache on one core, medians of 5: 21.2 GB/s against 17.5 with a
+// pack and a cross-lane permute). `block` puts the sums' lanes back in the
+// bfloat16 kernel's order before adding them, so a float32 kernel gives the
+// bits its bfloat16 cast gives.
+constexpr int kFloat32Lanes[8] = {0, 1, 4, 5, 2, 3, 6, 7};  // column pair of each lane
+
+inline void widen_rounded(const float* p, __m256& even, __m256& odd) {
+  const __m256 low = bfloat16_rounded(p), high = bfloat16_rounded(p + 8);
+  even = _mm256_shuffle_ps(low, high, 0x88);  // columns 0 2 8 10 | 4 6 12 14
+  odd = _mm256_shuffle_ps(low, high, 0xDD);   // columns 1 3 9 11 | 5 7 13 15
+}
+
+// 16 kernel values as two float32 vectors, `first` and `second`.
+template <Kind K>
+inline void widen(const Weight<K>* p, __m256& first, __m256& second) {
+  if constexpr (K == Kind::kBfloat16) {
+    widen_bfloat16(p, first, second);
+  } else if constexpr (K == Kind::kFloat32Rounded) {
+    widen_rounded(p, first, second);
+  } else {  // columns 0-7 and 8-15, as they are
+    first = _mm256_loadu_ps(p);
+    second = _mm256_loadu_ps(p + 8);
+  }
+}
+
+// The column of a 16-wide block that `widen` puts in each of its 16 slots
+// (slots 0-7: the first vector's lanes, 8-15: the second's); x is blocked the
+// same way.
+inline int64_t slot_column(Kind kind, int64_t slot) {
+  const int64_t lane = slot % 8, second = slot / 8;
+  switch (kind) {
+    case Kind::kBfloat16: return 2 * lane + second;
+    case Kind::kFloat32Rounded: return 2 * kFloat32Lanes[lane] + second;
+    case Kind::kFloat32: return slot;
+  }
+  return slot;
+}
+
+inline float sum_lanes(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// Kernel rows o[0..R) against M rows of x from x row `r`. R * M
+// accumulators stay in registers; each kernel value is read once.
+template <Kind K, int R, int M>
+void block(const Problem& p, const int64_t (&o)[R], int64_t r) {
+  const Weight<K>* kernel = static_cast<const Weight<K>*>(p.kernel);
+  constexpr int64_t ahead = kPrefetchBytes / sizeof(Weight<K>), per_line = 64 / sizeof(Weight<K>);
+  __m256 acc[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) acc[i][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < p.n_in; k += 16) {
+    __m256 first[R], second[R];
+    for (int i = 0; i < R; ++i) {
+      const Weight<K>* row = kernel + o[i] * p.n_in + k;
+      // Once per 64-byte line; a prefetch past the kernel's end never faults.
+      if (k % per_line == 0) _mm_prefetch(reinterpret_cast<const char*>(row + ahead), _MM_HINT_T0);
+      widen<K>(row, first[i], second[i]);
+    }
+    for (int j = 0; j < M; ++j) {
+      const float* x = p.x + (r + j) * p.n_in + k;
+      const __m256 x_first = _mm256_loadu_ps(x), x_second = _mm256_loadu_ps(x + 8);
+      for (int i = 0; i < R; ++i) {
+        acc[i][j] = _mm256_fmadd_ps(first[i], x_first, acc[i][j]);
+        acc[i][j] = _mm256_fmadd_ps(second[i], x_second, acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) {
+      __m256 sums = acc[i][j];
+      // kFloat32Lanes swaps the middle two pairs of lanes; so does 0xD8.
+      if (K == Kind::kFloat32Rounded)
+        sums = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(sums), 0xD8));
+      p.out[(r + j) * p.n_out + o[i]] = sum_lanes(sums);
+    }
+}
+
+// Kernel rows o[0..R) against every row of x, 4 x rows at a time: for R = 2,
+// 8 accumulators, 4 widened kernel vectors and one x pair fill 14 of the 16
+// vector registers (as do 4 accumulators and 8 kernel vectors in block<4, 1>).
+template <Kind K, int R>
+void x_rows(const Problem& p, const int64_t (&o)[R]) {
+  int64_t r = 0;
+  for (; r + 4 <= p.rows; r += 4) block<K, R, 4>(p, o, r);
+  switch (p.rows - r) {
+    case 3: block<K, R, 3>(p, o, r); break;
+    case 2: block<K, R, 2>(p, o, r); break;
+    case 1: block<K, R, 1>(p, o, r); break;
+  }
+}
+
+// Calls step(o) with R kernel rows o at a time, one from each R-th part of
+// [begin, end); returns where the rows that no step covers begin.
+template <int R, typename Step>
+int64_t in_streams(int64_t begin, int64_t end, Step step) {
+  const int64_t part = (end - begin) / R;
+  for (int64_t j = 0; j < part; ++j) {
+    int64_t o[R];
+    for (int i = 0; i < R; ++i) o[i] = begin + i * part + j;
+    step(o);
+  }
+  return begin + R * part;
+}
+
+// Kernel rows [begin, end). Several kernel rows go at once, one from each
+// part of the range: the core then reads long sequential streams, which its
+// prefetchers keep ahead of, where neighbouring rows are streams that end
+// after one row (a 2048-wide row is one 4 KB page). One row of x: four
+// streams (1 GB kernel, 2 threads, median of 6 rounds: 17.2 against
+// 14.5 GB/s for four neighbouring rows). More rows of x: two, so that each
+// x vector loaded serves two kernel rows (16384x2048 kernel, 8 rows of x:
+// 10.0-11.0 against 20.9 ms for one kernel row at a time).
+template <Kind K>
+void run_rows(const Problem& p, int64_t begin, int64_t end) {
+  if (p.rows == 1)
+    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { block<K, 4, 1>(p, o, 0); });
+  else
+    begin = in_streams<2>(begin, end, [&](const int64_t (&o)[2]) { x_rows<K, 2>(p, o); });
+  for (int64_t o = begin; o < end; ++o) x_rows<K, 1>(p, {o});
+}
+
+// A product cut into `parts()` shares of kernel rows (multiples of 8) for up
+// to `threads()` threads; `run(part)` computes one share. The bfloat16 and
+// the int8/int4 products share it, and the threads below that run it.
+class SharedWork {
+ public:
+  virtual ~SharedWork() = default;
+  int64_t parts() const { return parts_; }
+  int64_t threads() const { return threads_; }
+  void run(int64_t part) const {
+    const int64_t begin = part * share_;
+    compute_rows(begin, std::min(n_out_, begin + share_));
+  }
+
+ protected:
+  // Cuts `n_out` kernel rows, `bytes` in all, into shares for `threads`.
+  void split(int64_t n_out, int64_t bytes, int64_t threads) {
+    n_out_ = n_out;
+    // Small kernels (under 2 MB) are not worth a second thread.
+    threads_ = bytes < (int64_t(2) << 20) || threads < 1 ? 1 : threads;
+    const int64_t wanted = threads_ == 1 ? 1 : threads_ * kSharesPerThread;
+    share_ = std::max<int64_t>(8, ((n_out + wanted - 1) / wanted + 7) / 8 * 8);
+    parts_ = std::max<int64_t>(1, (n_out + share_ - 1) / share_);
+    threads_ = std::min(threads_, parts_);
+  }
+
+ private:
+  // Kernel rows [begin, end) against every row of x.
+  virtual void compute_rows(int64_t begin, int64_t end) const = 0;
+  int64_t n_out_ = 0, threads_ = 1, share_ = 1, parts_ = 0;
+};
+
+// The bfloat16 (or float32) product, with x reordered for `block`.
+class Bf16Product : public SharedWork {
+ public:
+  Bf16Product(const void* kernel, Kind kind, const float* x, float* out, int64_t rows,
+              int64_t n_out, int64_t n_in, int64_t threads)
+      : x_blocked_(rows * n_in),
+        problem_{kernel, x_blocked_.data(), out, rows, n_out, n_in},
+        run_rows_(kind == Kind::kBfloat16         ? run_rows<Kind::kBfloat16>
+                  : kind == Kind::kFloat32Rounded ? run_rows<Kind::kFloat32Rounded>
+                                                  : run_rows<Kind::kFloat32>) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < n_in; k += 16)
+        for (int64_t slot = 0; slot < 16; ++slot)
+          x_blocked_[r * n_in + k + slot] = x[r * n_in + k + slot_column(kind, slot)];
+    const int64_t bytes = n_out * n_in * (kind == Kind::kBfloat16 ? sizeof(uint16_t) : sizeof(float));
+    split(n_out, bytes, threads);
+  }
+
+ private:
+  void compute_rows(int64_t begin, int64_t end) const override { run_rows_(problem_, begin, end); }
+  std::vector<float> x_blocked_;
+  Problem problem_;
+  void (*run_rows_)(const Problem&, int64_t, int64_t);
+};
+
+// A product's shares, claimed by whichever thread is free. A thread pool may
+// run tasks late or run several products at once (XLA runs independent ones
+// side by side), so no thread may wait for a share still queued behind it:
+// every thread, the caller included, claims shares until none is left, and
+// the caller then waits only for shares that other threads are running. A
+// task that starts after all shares are claimed returns at once, never
+// reading the product; it owns a reference to the counters, which outlive
+// the call.
+struct Shares {
+  explicit Shares(int64_t count) : count(count) {}
+  const int64_t count;
+  std::atomic<int64_t> next{0}, finished{0};
+  std::mutex mutex;
+  std::condition_variable all_finished;
+
+  // Runs shares until none is left.
+  void work(const SharedWork& product) {
+    for (int64_t part; (part = next++) < count;) {
+      product.run(part);
+      if (++finished == count) {
+        std::lock_guard<std::mutex> lock(mutex);
+        all_finished.notify_all();
+      }
+    }
+  }
+
+  // Waits until every claimed share has finished.
+  void wait() {
+    if (spin_until([&] { return finished == count; })) return;
+    std::unique_lock<std::mutex> lock(mutex);
+    all_finished.wait(lock, [&] { return finished == count; });
+  }
+};
+
+// Runs `product` on the calling thread and on a thread pool's (XLA's or
+// TensorFlow's), whose `schedule(task)` runs a task on one of its threads.
+template <typename Schedule>
+void run_on_pool(const SharedWork& product, Schedule schedule) {
+  auto shares = std::make_shared<Shares>(product.parts());
+  for (int64_t helper = 1; helper < product.threads(); ++helper)
+    schedule([shares, &product] {
+      // Reads `product` only after claiming a share, while the caller waits.
+      shares->work(product);
+    });
+  shares->work(product);
+  shares->wait();
+}
+
+// Helper threads of the library's own, for callers without a thread pool
+// (torch): started on first use, asleep between products after kSpin. One
+// product runs at a time; a helper that wakes after its product is done
+// finds no share.
+class OwnThreads {
+ public:
+  void run(const SharedWork& product) {
+    std::lock_guard<std::mutex> one_at_a_time(calls_);
+    auto shares = std::make_shared<Shares>(product.parts());
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (; helpers_ + 1 < product.threads(); ++helpers_)
+        std::thread([this] { serve(); }).detach();
+      shares_ = shares;
+      product_ = &product;
+      ++generation_;
+    }
+    wake_.notify_all();
+    shares->work(product);
+    shares->wait();
+  }
+
+ private:
+  void serve() {
+    for (uint64_t seen = 0;;) {
+      std::shared_ptr<Shares> shares;
+      const SharedWork* product;
+      {
+        spin_until([&] { return generation_ != seen; });
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        shares = shares_;
+        product = product_;
+      }
+      shares->work(*product);
+    }
+  }
+
+  std::mutex calls_, mutex_;
+  std::condition_variable wake_;
+  std::shared_ptr<Shares> shares_;
+  const SharedWork* product_ = nullptr;
+  std::atomic<uint64_t> generation_{0};
+  int64_t helpers_ = 0;
+};
+
+// The library's own helper threads, shared by every torch operator and the
+// ctypes entry point. Never freed: detached helpers wait on them until the
+// process exits.
+OwnThreads& own_threads() {
+  static OwnThreads* threads = new OwnThreads;
+  return *threads;
+}
+
+// ---------------------------------------------------------------------------
+// int8 and int4 kernels (gemma_keras/quantization.py's forms). Each group of
+// `group` consecutive inputs of a kernel row has a float32 scale (int4: and an
+// offset): w = q * scale (+ offset). A group's sum is taken over the integers
+// as they are, dot(x, q), and scaled once per group, scale * dot(x, q) +
+// offset * sum(x), so no weight is widened past the register it is
+// multiplied in. The kernel is read 16 bytes a step: 16 int8 inputs, or one
+// int4 block of 32 (byte k: input k low, input 16 + k high), whose two
+// nibbles line up with x[k, k + 16) and x[k + 16, k + 32) as they are.
+
+enum class Bits { kInt8, kInt4 };
+
+struct QuantizedProblem {
+  Bits bits;
+  const uint8_t* kernel;  // int8 [n_out, n_in], or int4 [n_out, n_in / 2]
+  const float* scale;     // [n_out, groups]
+  const float* offset;    // [n_out, groups], int4 only
+  const float* x;         // [rows, n_in]
+  const float* x_sums;    // [rows, groups]: each group's x summed, int4 only
+  float* out;             // [rows, n_out]
+  int64_t rows, n_out, n_in, group;
+  int64_t groups() const { return n_in / group; }
+  int64_t row_bytes() const { return bits == Bits::kInt8 ? n_in : n_in / 2; }
+};
+
+// Inputs per 16 kernel bytes.
+template <Bits B>
+constexpr int64_t kStepInputs = B == Bits::kInt8 ? 16 : 32;
+
+
+// How far ahead of its reads each kernel row stream asks for memory: as the
+// bfloat16 kernel's, once per 64-byte line (4 steps).
+inline void prefetch_ahead(const uint8_t* row, int64_t byte) {
+  if (byte % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + byte + kPrefetchBytes), _MM_HINT_T0);
+}
+
+// AVX2: 8 lanes. A step's 16 bytes make `kPieces` vectors of 8 inputs each;
+// piece s is read from `bytes + 8 * (s / 2)` (int4) and multiplies x from
+// the step's input `piece_input(s)`.
+namespace avx2 {
+
+template <Bits B>
+constexpr int kPieces = B == Bits::kInt8 ? 2 : 4;
+
+template <Bits B>
+constexpr int64_t piece_input(int s) {
+  return B == Bits::kInt8 ? 8 * s : 8 * (s / 2) + 16 * (s % 2);  // int4: low, high, low, high
+}
+
+template <Bits B>
+inline __m256 widen(const uint8_t* bytes, int s) {
+  if constexpr (B == Bits::kInt8) {
+    const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * s));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
+  } else {
+    const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * (s / 2)));
+    const __m256i wide = _mm256_cvtepu8_epi32(packed);
+    const __m256i q = s % 2 ? _mm256_srli_epi32(wide, 4) : _mm256_and_si256(wide, _mm256_set1_epi32(15));
+    return _mm256_cvtepi32_ps(q);
+  }
+}
+
+// The lane sums of a[0..n) * b[0..n): int4's offsets against the x sums of
+// their groups, once per kernel row: a term per group in the group loop
+// slowed int4 in groups of 32 (512x2048 kernel, one thread, AVX512: 15.6
+// against 19.3 G weights/s on one x row, 2.5 against 3.4 on 8).
+inline __m256 dot(const float* a, const float* b, int64_t n) {
+  __m256 sums = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) sums = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), sums);
+  float rest = 0;
+  for (; k < n; ++k) rest += a[k] * b[k];
+  return _mm256_add_ps(sums, _mm256_zextps128_ps256(_mm_set_ss(rest)));
+}
+
+// Several x rows: blocks of 2 kernel rows by 2 x rows keep 4 row sums, 4
+// group sums, 2 kernel vectors and an x vector in 11 of the 16 registers.
+constexpr int kKernelRows = 2, kXRows = 2;
+
+// Kernel rows o[0..R) against x rows [r, r + M): out = the sums of R * M
+// accumulators, each kernel byte read once.
+template <Bits B, int R, int M>
+void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+  const int64_t groups = p.groups();
+  const uint8_t* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = p.kernel + o[i] * p.row_bytes();
+  __m256 sums[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) sums[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256 group_sums[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < M; ++j) group_sums[i][j] = _mm256_setzero_ps();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += kStepInputs<B>) {
+      const int64_t byte = B == Bits::kInt8 ? k : k / 2;
+      for (int i = 0; i < R; ++i) prefetch_ahead(rows[i], byte);
+      for (int s = 0; s < kPieces<B>; ++s) {
+        __m256 w[R];
+        for (int i = 0; i < R; ++i) w[i] = widen<B>(rows[i] + byte, s);
+        for (int j = 0; j < M; ++j) {
+          const __m256 x = _mm256_loadu_ps(p.x + (r + j) * p.n_in + k + piece_input<B>(s));
+          for (int i = 0; i < R; ++i) group_sums[i][j] = _mm256_fmadd_ps(w[i], x, group_sums[i][j]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m256 scale = _mm256_set1_ps(p.scale[o[i] * groups + g]);
+      for (int j = 0; j < M; ++j) sums[i][j] = _mm256_fmadd_ps(scale, group_sums[i][j], sums[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) {
+      if constexpr (B == Bits::kInt4)  // + sum over groups of offset * sum(x)
+        sums[i][j] = _mm256_add_ps(sums[i][j], dot(p.offset + o[i] * groups, p.x_sums + (r + j) * groups, groups));
+      p.out[(r + j) * p.n_out + o[i]] = sum_lanes(sums[i][j]);
+    }
+}
+
+}  // namespace avx2
+
+// AVX512: 16 lanes, so a step is one vector of int8 inputs, or an int4
+// block's low nibbles then its high ones. The same loop as AVX2's.
+namespace avx512 {
+
+#define GEMMA_KERAS_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
+
+template <Bits B>
+constexpr int kPieces = B == Bits::kInt8 ? 1 : 2;
+
+template <Bits B>
+GEMMA_KERAS_AVX512 inline __m512 widen(const uint8_t* bytes, int s) {
+  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+  if constexpr (B == Bits::kInt8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(packed));
+  } else {
+    // vpermps reads the low 4 bits of each index: a table lookup of q as a
+    // float, without masking the low nibble or converting (512x2048 kernel,
+    // groups of 32, one thread: 20.2 against 16.8 G weights/s on one x row).
+    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i wide = _mm512_cvtepu8_epi32(packed);
+    return _mm512_permutexvar_ps(s ? _mm512_srli_epi32(wide, 4) : wide, values);
+  }
+}
+
+GEMMA_KERAS_AVX512 inline __m512 dot(const float* a, const float* b, int64_t n) {
+  __m512 sums = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __mmask16 valid = n - k >= 16 ? 0xffff : (1u << (n - k)) - 1;
+    sums = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(valid, a + k), _mm512_maskz_loadu_ps(valid, b + k), sums);
+  }
+  return sums;
+}
+
+// Several x rows: blocks of 4 kernel rows by 2 x rows (22 of the 32
+// registers), so that each x vector loaded serves 4 kernel rows: x rows
+// come from L2 once a few of them outgrow L1 (512x2048 int8 kernel, 8 x
+// rows, one thread: 389 us with 2 kernel rows by 4 x rows, 227 us).
+constexpr int kKernelRows = 4, kXRows = 2;
+
+template <Bits B, int R, int M>
+GEMMA_KERAS_AVX512 void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+  const int64_t groups = p.groups();
+  const uint8_t* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = p.kernel + o[i] * p.row_bytes();
+  __m512 sums[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) sums[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 group_sums[R][M];
+    for (int i = 0; i < R; ++i)
+      for (int j = 0; j < M; ++j) group_sums[i][j] = _mm512_setzero_ps();
+    for (int64_t k = g * p.group; k < (g + 1) * p.group; k += kStepInputs<B>) {
+      const int64_t byte = B == Bits::kInt8 ? k : k / 2;
+      for (int i = 0; i < R; ++i) prefetch_ahead(rows[i], byte);
+      for (int s = 0; s < kPieces<B>; ++s) {
+        __m512 w[R];
+        for (int i = 0; i < R; ++i) w[i] = widen<B>(rows[i] + byte, s);
+        for (int j = 0; j < M; ++j) {
+          const __m512 x = _mm512_loadu_ps(p.x + (r + j) * p.n_in + k + 16 * s);
+          for (int i = 0; i < R; ++i) group_sums[i][j] = _mm512_fmadd_ps(w[i], x, group_sums[i][j]);
+        }
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m512 scale = _mm512_set1_ps(p.scale[o[i] * groups + g]);
+      for (int j = 0; j < M; ++j) sums[i][j] = _mm512_fmadd_ps(scale, group_sums[i][j], sums[i][j]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) {
+      if constexpr (B == Bits::kInt4)
+        sums[i][j] = _mm512_add_ps(sums[i][j], dot(p.offset + o[i] * groups, p.x_sums + (r + j) * groups, groups));
+      p.out[(r + j) * p.n_out + o[i]] = _mm512_reduce_add_ps(sums[i][j]);
+    }
+}
+
+}  // namespace avx512
+
+// One instruction set's blocks: `Isa` is the namespace's tag below.
+struct Avx2 {
+  static constexpr int kKernelRows = avx2::kKernelRows, kXRows = avx2::kXRows;
+  template <Bits B, int R, int M>
+  static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+    avx2::block<B, R, M>(p, o, r);
+  }
+};
+struct Avx512 {
+  static constexpr int kKernelRows = avx512::kKernelRows, kXRows = avx512::kXRows;
+  template <Bits B, int R, int M>
+  static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+    avx512::block<B, R, M>(p, o, r);
+  }
+};
+
+// Kernel rows o[0..R) against every row of x, Isa::kXRows at a time.
+template <typename Isa, Bits B, int R>
+void quantized_x_rows(const QuantizedProblem& p, const int64_t (&o)[R]) {
+  int64_t r = 0;
+  for (; r + Isa::kXRows <= p.rows; r += Isa::kXRows) Isa::template block<B, R, Isa::kXRows>(p, o, r);
+  for (; r < p.rows; ++r) Isa::template block<B, R, 1>(p, o, r);
+}
+
+// Kernel rows [begin, end) in streams, as the bfloat16 kernel's `run_rows`.
+template <typename Isa, Bits B>
+void quantized_run_rows(const QuantizedProblem& p, int64_t begin, int64_t end) {
+  if (p.rows == 1)
+    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { Isa::template block<B, 4, 1>(p, o, 0); });
+  else
+    begin = in_streams<Isa::kKernelRows>(begin, end, [&](const int64_t (&o)[Isa::kKernelRows]) {
+      quantized_x_rows<Isa, B, Isa::kKernelRows>(p, o);
+    });
+  for (int64_t o = begin; o < end; ++o) quantized_x_rows<Isa, B, 1>(p, {o});
+}
+
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+// The int8 or int4 product, on AVX512 where the CPU has it (unless
+// `avx2_only`), cut into shares.
+class QuantizedProduct : public SharedWork {
+ public:
+  QuantizedProduct(const QuantizedProblem& problem, int64_t threads, bool avx2_only = false)
+      : problem_(problem) {
+    if (problem.bits == Bits::kInt4) {  // sums in double, rounded once
+      const int64_t groups = problem.groups();
+      x_sums_.resize(problem.rows * groups);
+      for (int64_t r = 0; r < problem.rows; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+          double sum = 0;
+          for (int64_t k = g * problem.group; k < (g + 1) * problem.group; ++k)
+            sum += problem.x[r * problem.n_in + k];
+          x_sums_[r * groups + g] = float(sum);
+        }
+      problem_.x_sums = x_sums_.data();
+    }
+    const bool avx512 = !avx2_only && cpu_has_avx512();
+    const bool int8 = problem.bits == Bits::kInt8;
+    run_rows_ = avx512 ? (int8 ? quantized_run_rows<Avx512, Bits::kInt8> : quantized_run_rows<Avx512, Bits::kInt4>)
+                       : (int8 ? quantized_run_rows<Avx2, Bits::kInt8> : quantized_run_rows<Avx2, Bits::kInt4>);
+    split(problem.n_out, problem.n_out * problem.row_bytes(), threads);
+  }
+
+ private:
+  void compute_rows(int64_t begin, int64_t end) const override { run_rows_(problem_, begin, end); }
+  QuantizedProblem problem_;
+  std::vector<float> x_sums_;
+  void (*run_rows_)(const QuantizedProblem&, int64_t, int64_t);
+};
+
+// Whether the arrays make a product: x [..., n_in], kernel [n_out, n_in]
+// (int8) or [n_out, n_in / 2] (int4), scale (and int4's offset)
+// [n_out, n_in / group] with group a multiple of 16 (int8) or 32 (int4).
+bool quantized_shapes_fit(Bits bits, int64_t n_in, const std::vector<int64_t>& kernel,
+                          const std::vector<int64_t>& scale, const std::vector<int64_t>* offset) {
+  const int64_t multiple = bits == Bits::kInt8 ? 16 : 32;
+  if (kernel.size() != 2 || scale.size() != 2 || n_in <= 0) return false;
+  if (kernel[1] != (bits == Bits::kInt8 ? n_in : n_in / 2) || scale[0] != kernel[0]) return false;
+  if (scale[1] <= 0 || n_in % scale[1] != 0 || (n_in / scale[1]) % multiple != 0) return false;
+  return bits == Bits::kInt8 ? offset == nullptr : offset != nullptr && *offset == scale;
+}
+
+// The one-line error of arrays that do not fit, for every binding.
+std::string quantized_shapes_error(Bits bits, const std::string& x, const std::string& kernel,
+                                   const std::string& scale) {
+  const std::string expected =
+      bits == Bits::kInt8
+          ? "gemma int8_linear takes float32 x [..., n_in], int8 kernel [n_out, n_in] and float32 "
+            "scale [n_out, n_in / group], group a multiple of 16"
+          : "gemma int4_linear takes float32 x [..., n_in], uint8 kernel [n_out, n_in / 2] and "
+            "float32 scale and offset [n_out, n_in / group], group a multiple of 32";
+  return expected + "; not x " + x + ", kernel " + kernel + ", scale " + scale;
+}
+
+std::string shape_string(const std::vector<int64_t>& dims) {
+  std::string text = "[";
+  for (size_t i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
+}  // namespace
+
+extern "C" int gemma_bf16_linear_supported() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+// Whether the CPU multiplies bfloat16 itself (AVX512-BF16): there the
+// backends' own bfloat16 products are fast, and this kernel, widening and
+// multiplying in float32 with AVX2, wins only on the fewest rows.
+extern "C" int gemma_cpu_has_bfloat16_dot() {
+  return __builtin_cpu_supports("avx512bf16");
+}
+
+// The instruction set of the int8 and int4 products here: "avx512" or "avx2".
+extern "C" const char* gemma_quantized_linear_isa() { return cpu_has_avx512() ? "avx512" : "avx2"; }
+
+// The int8 (bits 8) or int4 (bits 4) product for ctypes (tests, benchmarks),
+// on the calling thread and `threads - 1` of the library's own; `avx2_only`
+// takes the AVX2 loop on a CPU with AVX512 too. `offset` is null for int8.
+// Returns 0, or -1 where the shapes do not fit (see `quantized_shapes_fit`).
+extern "C" int gemma_quantized_linear(int bits, const void* kernel, const float* scale,
+                                      const float* offset, const float* x, float* out,
+                                      int64_t rows, int64_t n_out, int64_t n_in, int64_t group,
+                                      int64_t threads, int avx2_only) {
+  const Bits kind = bits == 8 ? Bits::kInt8 : Bits::kInt4;
+  const std::vector<int64_t> kernel_dims = {n_out, kind == Bits::kInt8 ? n_in : n_in / 2};
+  const std::vector<int64_t> scale_dims = {n_out, group > 0 ? n_in / group : 0};
+  if ((bits != 8 && bits != 4) || rows < 1 || group <= 0 || n_in % group != 0 ||
+      !quantized_shapes_fit(kind, n_in, kernel_dims, scale_dims, offset ? &scale_dims : nullptr))
+    return -1;
+  const QuantizedProblem problem{kind, static_cast<const uint8_t*>(kernel), scale, offset, x,
+                                 nullptr, out, rows, n_out, n_in, group};
+  own_threads().run(QuantizedProduct(problem, threads, avx2_only != 0));
+  return 0;
+}
+
+#ifdef GEMMA_KERAS_XLA_FFI
+namespace ffi = xla::ffi;
+
+// The XLA FFI handler, for a bfloat16 or float32 kernel: the shares run on
+// XLA's own intra-op threads. Threads of its own beside them read less (a 2B
+// decode step: 442 against 366 ms), as XLA's idle workers keep spinning on
+// the cores for a while.
+static ffi::Error Bf16Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer kernel,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  const bool float32_kernel = kernel.element_type() == ffi::DataType::F32;
+  if (!float32_kernel && kernel.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("gemma_bf16_linear takes a bfloat16 or float32 kernel");
+  auto kernel_dims = kernel.dimensions();
+  const Kind kind = float32_kernel ? Kind::kFloat32Rounded : Kind::kBfloat16;
+  Bf16Product product(kernel.untyped_data(), kind, x.typed_data(), out->typed_data(),
+                  x.dimensions()[0], kernel_dims[0], kernel_dims[1], pool.num_threads());
+  run_on_pool(product, [&](auto task) { pool.Schedule(std::move(task)); });
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_bf16_linear_ffi, Bf16Linear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// The XLA FFI handlers of the int8 and int4 products, on XLA's threads as
+// the bfloat16 one: x float32 [..., n_in] -> out float32 [..., n_out].
+template <typename Dimensions>
+std::vector<int64_t> dims(Dimensions span) {
+  return std::vector<int64_t>(span.begin(), span.end());
+}
+
+static ffi::Error QuantizedLinear(Bits bits, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  const void* kernel, const std::vector<int64_t>& kernel_dims,
+                                  ffi::Buffer<ffi::F32> scale, const ffi::Buffer<ffi::F32>* offset,
+                                  ffi::ResultBuffer<ffi::F32> out) {
+  const std::vector<int64_t> x_dims = dims(x.dimensions()), scale_dims = dims(scale.dimensions());
+  const std::vector<int64_t> offset_dims = offset ? dims(offset->dimensions()) : std::vector<int64_t>();
+  const int64_t n_in = x_dims.empty() ? 0 : x_dims.back();
+  if (!quantized_shapes_fit(bits, n_in, kernel_dims, scale_dims, offset ? &offset_dims : nullptr))
+    return ffi::Error::InvalidArgument(quantized_shapes_error(
+        bits, shape_string(x_dims), shape_string(kernel_dims), shape_string(scale_dims)));
+  const int64_t n_out = kernel_dims[0];
+  const QuantizedProblem problem{bits, static_cast<const uint8_t*>(kernel), scale.typed_data(),
+                                 offset ? offset->typed_data() : nullptr, x.typed_data(), nullptr,
+                                 out->typed_data(), int64_t(x.element_count()) / n_in, n_out, n_in,
+                                 n_in / scale_dims[1]};
+  QuantizedProduct product(problem, pool.num_threads());
+  run_on_pool(product, [&](auto task) { pool.Schedule(std::move(task)); });
+  return ffi::Error::Success();
+}
+
+static ffi::Error Int8Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::S8> kernel, ffi::Buffer<ffi::F32> scale,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  return QuantizedLinear(Bits::kInt8, pool, x, kernel.typed_data(), dims(kernel.dimensions()),
+                         scale, nullptr, out);
+}
+
+static ffi::Error Int4Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                             ffi::Buffer<ffi::U8> kernel, ffi::Buffer<ffi::F32> scale,
+                             ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> out) {
+  return QuantizedLinear(Bits::kInt4, pool, x, kernel.typed_data(), dims(kernel.dimensions()),
+                         scale, &offset, out);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_int8_linear_ffi, Int8Linear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_int4_linear_ffi, Int4Linear,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+#endif  // GEMMA_KERAS_XLA_FFI
+
+#ifdef GEMMA_KERAS_TF_OP
+// The TensorFlow operation GemmaBf16Linear(x: bfloat16 [..., n_in], kernel:
+// bfloat16 or float32 [n_out, n_in]) -> bfloat16 [..., n_out], for decode
+// steps that run without XLA (TensorFlow's XLA takes no custom calls). It
+// widens x and rounds out itself, as TensorFlow's casts do (Eigen's bfloat16
+// conversions), since each operation around it costs a decode step a
+// dispatch per product (127 per 2B step). Its shares run on TensorFlow's
+// intra-op threads, as the FFI handler's run on XLA's.
+namespace tf = tensorflow;
+
+REGISTER_OP("GemmaBf16Linear")
+    .Input("x: bfloat16")
+    .Input("kernel: T")
+    .Output("out: bfloat16")
+    .Attr("T: {bfloat16, float}")
+    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
+      tf::shape_inference::ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->ReplaceDim(c->input(0), -1, c->Dim(c->input(1), 0), &out));
+      c->set_output(0, out);
+      return tf::OkStatus();
+    });
+
+class GemmaBf16LinearOp : public tf::OpKernel {
+ public:
+  using OpKernel::OpKernel;
+  void Compute(tf::OpKernelContext* context) override {
+    const tf::Tensor& x = context->input(0);
+    const tf::Tensor& kernel = context->input(1);
+    OP_REQUIRES(context, x.dims() >= 1 && kernel.dims() == 2 &&
+                             x.dim_size(x.dims() - 1) == kernel.dim_size(1) &&
+                             kernel.dim_size(1) % 16 == 0,
+                tf::errors::InvalidArgument("GemmaBf16Linear takes x [..., n_in] and kernel [n_out, n_in] "
+                                            "with n_in a multiple of 16, not ",
+                                            x.shape().DebugString(), " and ", kernel.shape().DebugString()));
+    const int64_t n_out = kernel.dim_size(0), n_in = kernel.dim_size(1);
+    const int64_t rows = x.NumElements() / n_in;
+    tf::TensorShape out_shape = x.shape();
+    out_shape.set_dim(x.dims() - 1, n_out);
+    tf::Tensor* out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, out_shape, &out));
+    tf::Tensor wide_x, wide_out;
+    OP_REQUIRES_OK(context, context->allocate_temp(tf::DT_FLOAT, tf::TensorShape({rows, n_in}), &wide_x));
+    OP_REQUIRES_OK(context, context->allocate_temp(tf::DT_FLOAT, tf::TensorShape({rows, n_out}), &wide_out));
+    const auto x_values = x.flat<Eigen::bfloat16>();
+    auto wide_x_values = wide_x.flat<float>();
+    for (int64_t i = 0; i < rows * n_in; ++i) wide_x_values(i) = static_cast<float>(x_values(i));
+    auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+    const Kind kind = kernel.dtype() == tf::DT_FLOAT ? Kind::kFloat32Rounded : Kind::kBfloat16;
+    Bf16Product product(kernel.tensor_data().data(), kind, wide_x_values.data(),
+                    wide_out.flat<float>().data(), rows, n_out, n_in, pool->NumThreads());
+    run_on_pool(product, [&](auto task) { pool->Schedule(std::move(task)); });
+    const auto wide_out_values = wide_out.flat<float>();
+    auto out_values = out->flat<Eigen::bfloat16>();
+    for (int64_t i = 0; i < rows * n_out; ++i) out_values(i) = Eigen::bfloat16(wide_out_values(i));
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("GemmaBf16Linear").Device(tf::DEVICE_CPU), GemmaBf16LinearOp);
+
+// The TensorFlow operations GemmaInt8Linear(x: float [..., n_in], kernel:
+// int8 [n_out, n_in], scale: float [n_out, groups]) and GemmaInt4Linear(x,
+// kernel: uint8 [n_out, n_in / 2], scale, offset: float [n_out, groups]) ->
+// float [..., n_out], on TensorFlow's intra-op threads.
+REGISTER_OP("GemmaInt8Linear")
+    .Input("x: float")
+    .Input("kernel: int8")
+    .Input("scale: float")
+    .Output("out: float")
+    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
+      tf::shape_inference::ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->ReplaceDim(c->input(0), -1, c->Dim(c->input(1), 0), &out));
+      c->set_output(0, out);
+      return tf::OkStatus();
+    });
+
+REGISTER_OP("GemmaInt4Linear")
+    .Input("x: float")
+    .Input("kernel: uint8")
+    .Input("scale: float")
+    .Input("offset: float")
+    .Output("out: float")
+    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
+      tf::shape_inference::ShapeHandle out;
+      TF_RETURN_IF_ERROR(c->ReplaceDim(c->input(0), -1, c->Dim(c->input(1), 0), &out));
+      c->set_output(0, out);
+      return tf::OkStatus();
+    });
+
+template <Bits B>
+class GemmaQuantizedLinearOp : public tf::OpKernel {
+ public:
+  using OpKernel::OpKernel;
+  void Compute(tf::OpKernelContext* context) override {
+    const tf::Tensor& x = context->input(0);
+    const tf::Tensor& kernel = context->input(1);
+    const tf::Tensor& scale = context->input(2);
+    const tf::Tensor* offset = B == Bits::kInt4 ? &context->input(3) : nullptr;
+    const auto dims = [](const tf::Tensor& t) {
+      std::vector<int64_t> sizes;
+      for (int i = 0; i < t.dims(); ++i) sizes.push_back(t.dim_size(i));
+      return sizes;
+    };
+    const std::vector<int64_t> kernel_dims = dims(kernel), scale_dims = dims(scale);
+    const std::vector<int64_t> offset_dims = offset ? dims(*offset) : std::vector<int64_t>();
+    const int64_t n_in = x.dims() >= 1 ? x.dim_size(x.dims() - 1) : 0;
+    OP_REQUIRES(context, quantized_shapes_fit(B, n_in, kernel_dims, scale_dims, offset ? &offset_dims : nullptr),
+                tf::errors::InvalidArgument(quantized_shapes_error(
+                    B, x.shape().DebugString(), kernel.shape().DebugString(), scale.shape().DebugString())));
+    const int64_t n_out = kernel_dims[0];
+    tf::TensorShape out_shape = x.shape();
+    out_shape.set_dim(x.dims() - 1, n_out);
+    tf::Tensor* out = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, out_shape, &out));
+    const QuantizedProblem problem{B, reinterpret_cast<const uint8_t*>(kernel.tensor_data().data()),
+                                   scale.flat<float>().data(), offset ? offset->flat<float>().data() : nullptr,
+                                   x.flat<float>().data(), nullptr, out->flat<float>().data(),
+                                   x.NumElements() / n_in, n_out, n_in, n_in / scale_dims[1]};
+    auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+    QuantizedProduct product(problem, pool->NumThreads());
+    run_on_pool(product, [&](auto task) { pool->Schedule(std::move(task)); });
+  }
+};
+
+REGISTER_KERNEL_BUILDER(Name("GemmaInt8Linear").Device(tf::DEVICE_CPU), GemmaQuantizedLinearOp<Bits::kInt8>);
+REGISTER_KERNEL_BUILDER(Name("GemmaInt4Linear").Device(tf::DEVICE_CPU), GemmaQuantizedLinearOp<Bits::kInt4>);
+#endif  // GEMMA_KERAS_TF_OP
+
+#ifdef GEMMA_KERAS_TORCH_OP
+// The torch operator gemma_keras::bf16_linear(x [..., n_in], kernel [n_out,
+// n_in], threads) -> [..., n_out] in x's dtype, on the calling thread and
+// `threads - 1` of the library's own (torch has no pool to lend). Bfloat16 x
+// takes a bfloat16 kernel or a float32 one (multiplied as its bfloat16
+// cast); float32 x takes a float32 kernel, multiplied as it is (torch's own
+// float32 product reads one row at 72-77% of XLA's rate here, and 2 to 8
+// rows slower than this kernel reads 8). Registered from C++ so that a
+// traced step calls it without Python: a Python-implemented operator cost
+// about 50 us a call against 8 (127 calls per 2B decode step).
+at::Tensor TorchBf16Linear(const at::Tensor& x, const at::Tensor& kernel, int64_t threads) {
+  const bool float32_x = x.scalar_type() == at::kFloat;
+  const bool float32_kernel = kernel.scalar_type() == at::kFloat;
+  TORCH_CHECK((float32_x ? float32_kernel
+                         : x.scalar_type() == at::kBFloat16 &&
+                               (float32_kernel || kernel.scalar_type() == at::kBFloat16)) &&
+                  kernel.dim() == 2 && x.dim() >= 1 && x.size(-1) == kernel.size(1) &&
+                  kernel.size(1) % 16 == 0,
+              "gemma_keras::bf16_linear takes bfloat16 x [..., n_in] with a bfloat16 or float32 "
+              "kernel [n_out, n_in], or float32 x with a float32 kernel, n_in a multiple of 16; "
+              "not ", x.scalar_type(), " ", x.sizes(), " and ", kernel.scalar_type(), " ",
+              kernel.sizes());
+  const Kind kind = float32_x        ? Kind::kFloat32
+                    : float32_kernel ? Kind::kFloat32Rounded
+                                     : Kind::kBfloat16;
+  const at::Tensor flat = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+  const at::Tensor rows_major = kernel.contiguous();
+  at::Tensor out = at::empty({flat.size(0), kernel.size(0)}, flat.options());
+  own_threads().run(Bf16Product(rows_major.data_ptr(), kind, flat.data_ptr<float>(),
+                           out.data_ptr<float>(), flat.size(0), kernel.size(0), kernel.size(1),
+                           threads));
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = kernel.size(0);
+  return out.to(x.scalar_type()).reshape(sizes);
+}
+
+// The torch operators gemma_keras::int8_linear(x, kernel, scale, threads) and
+// gemma_keras::int4_linear(x, kernel, scale, offset, threads): float32 x
+// [..., n_in] -> float32 [..., n_out], with an int8 kernel [n_out, n_in] or a
+// uint8 (packed int4) one [n_out, n_in / 2] and float32 scale (and offset)
+// [n_out, groups]; on the calling thread and `threads - 1` of the library's own.
+at::Tensor TorchQuantizedLinear(Bits bits, const at::Tensor& x, const at::Tensor& kernel,
+                                const at::Tensor& scale, const at::Tensor* offset, int64_t threads) {
+  const std::vector<int64_t> kernel_dims = kernel.sizes().vec(), scale_dims = scale.sizes().vec();
+  const std::vector<int64_t> offset_dims = offset ? offset->sizes().vec() : std::vector<int64_t>();
+  const int64_t n_in = x.dim() >= 1 ? x.size(-1) : 0;
+  const bool dtypes_fit =
+      x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+      kernel.scalar_type() == (bits == Bits::kInt8 ? at::kChar : at::kByte) &&
+      (offset == nullptr || offset->scalar_type() == at::kFloat);
+  TORCH_CHECK(dtypes_fit && quantized_shapes_fit(bits, n_in, kernel_dims, scale_dims,
+                                                 offset ? &offset_dims : nullptr),
+              quantized_shapes_error(bits, shape_string(x.sizes().vec()), shape_string(kernel_dims),
+                                     shape_string(scale_dims)),
+              " (dtypes ", x.scalar_type(), ", ", kernel.scalar_type(), ", ", scale.scalar_type(), ")");
+  const at::Tensor flat = x.reshape({-1, n_in}).contiguous();
+  const at::Tensor kernel_rows = kernel.contiguous(), scales = scale.contiguous();
+  const at::Tensor offsets = offset ? offset->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({flat.size(0), kernel_dims[0]}, flat.options());
+  const QuantizedProblem problem{bits, static_cast<const uint8_t*>(kernel_rows.data_ptr()),
+                                 scales.data_ptr<float>(), offset ? offsets.data_ptr<float>() : nullptr,
+                                 flat.data_ptr<float>(), nullptr, out.data_ptr<float>(),
+                                 flat.size(0), kernel_dims[0], n_in, n_in / scale_dims[1]};
+  own_threads().run(QuantizedProduct(problem, threads));
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = kernel_dims[0];
+  return out.reshape(sizes);
+}
+
+at::Tensor TorchInt8Linear(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& scale,
+                           int64_t threads) {
+  return TorchQuantizedLinear(Bits::kInt8, x, kernel, scale, nullptr, threads);
+}
+
+at::Tensor TorchInt4Linear(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& scale,
+                           const at::Tensor& offset, int64_t threads) {
+  return TorchQuantizedLinear(Bits::kInt4, x, kernel, scale, &offset, threads);
+}
+
+TORCH_LIBRARY(gemma_keras, library) {
+  library.def("bf16_linear(Tensor x, Tensor kernel, int threads) -> Tensor");
+  library.def("int8_linear(Tensor x, Tensor kernel, Tensor scale, int threads) -> Tensor");
+  library.def("int4_linear(Tensor x, Tensor kernel, Tensor scale, Tensor offset, int threads) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(gemma_keras, CPU, library) {
+  library.impl("bf16_linear", &TorchBf16Linear);
+  library.impl("int8_linear", &TorchInt8Linear);
+  library.impl("int4_linear", &TorchInt4Linear);
+}
+#endif  // GEMMA_KERAS_TORCH_OP

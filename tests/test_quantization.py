@@ -1,0 +1,276 @@
+"""int8 and int4 weights: the forms, the layers' `quantize` (Keras' protocol),
+load-time quantization, quantized presets, QLoRA, and bad requests refused.
+
+A quantized model must compute exactly what a float model holding its
+dequantized weights computes (up to float32 summation order), so each model
+test compares against such a float model rather than against fixed numbers.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+from keras.quantizers import Int4QuantizationConfig
+
+from conftest import BACKEND, randomize, tiny_config
+from gemma_keras import GemmaCausalLM, GemmaTokenizer, quantization
+from gemma_keras.checkpoints.weight_mapping import (
+    WeightsError,
+    assign_weights,
+    get_weights,
+    model_shapes,
+)
+from gemma_keras.quantization import QuantizationError
+from training_helpers import batch_for
+
+# float32 sums in another order, through a few layers of a tiny model.
+LOGITS_TOLERANCE = 2e-5
+
+
+def random_model(variant="gemma1_mqa", dtype="float32", seed=0):
+    model = GemmaCausalLM.from_gemma_config(tiny_config(variant), dtype=dtype)
+    assign_weights(model, randomize(model_shapes(model), seed=seed))
+    return model
+
+
+def logits(model, x):
+    return keras.ops.convert_to_numpy(model(x)).astype("float32")
+
+
+def inputs(vocabulary_size=1000, batch=2, length=9, seed=3):
+    ids = np.random.default_rng(seed).integers(3, vocabulary_size, (batch, length)).astype("int32")
+    return {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+
+
+def dequantized_twin(model):
+    """A float model holding `model`'s weights as its quantized forms stand for them."""
+    twin = GemmaCausalLM.from_gemma_config(model.config)
+    assign_weights(twin, get_weights(model))
+    return twin
+
+
+# --- the forms ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, group_size", [("int8", 64), ("int8", 16), ("int4", 32), ("int4", 128)]
+)
+def test_forms_round_trip_within_half_a_step(mode, group_size):
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(48, 256)).astype("float32")
+    weight[:, 7] *= 20  # an outlier column
+    weight[3, 128:] = -0.25  # all-equal groups
+    quantized = quantization.quantize(weight, mode, group_size)
+    assert quantized.shape == weight.shape
+    assert quantized.kernel.dtype == (np.int8 if mode == "int8" else np.uint8)
+    assert quantized.scale.shape == (48, 256 // group_size)
+    restored = quantization.dequantize_numpy(quantized)
+    step = np.repeat(quantized.scale, group_size, axis=1)
+    # Rounding to nearest is within half a step; the least-squares fit may
+    # move a value at the clipped end by up to a step, never more.
+    assert np.all(np.abs(restored - weight) <= step * 1.0 + 1e-6)
+    np.testing.assert_allclose(restored[3, 128:], weight[3, 128:], rtol=1e-6)
+
+
+def test_int4_packing_is_llama_cpp_q4_0_order():
+    values = np.tile(np.arange(32) % 16, (2, 2)).astype(np.uint8)  # [2, 64]
+    values[1] = values[1][::-1]
+    packed = quantization.pack_int4(values)
+    assert packed.shape == (2, 32)
+    # byte k of a block: input k low, input 16 + k high
+    assert packed[0, 1] == (1 | (1 << 4))
+    np.testing.assert_array_equal(np.asarray(quantization.unpack_int4(packed)), values)
+
+
+def test_the_fit_never_loses_to_plain_rounding():
+    rng = np.random.default_rng(1)
+    weight = rng.standard_t(3, size=(64, 256)).astype("float32")
+    # (mode, group size, the most error the fit keeps of plain rounding's)
+    for mode, group_size, kept in [("int8", 256, 0.995), ("int4", 32, 0.97)]:
+        fitted = quantization.dequantize_numpy(quantization.quantize(weight, mode, group_size))
+        saved, quantization.FIT_ROUNDS = quantization.FIT_ROUNDS, 0
+        try:
+            plain = quantization.dequantize_numpy(quantization.quantize(weight, mode, group_size))
+        finally:
+            quantization.FIT_ROUNDS = saved
+        fitted_error = np.square(fitted - weight).reshape(64, -1, group_size).sum(-1)
+        plain_error = np.square(plain - weight).reshape(64, -1, group_size).sum(-1)
+        assert np.all(fitted_error <= plain_error + 1e-6)
+        assert fitted_error.sum() < kept * plain_error.sum()
+
+
+def test_group_sizes():
+    assert quantization.group_size_for("int8", 640) == 640
+    assert quantization.group_size_for("int4", 640) == 128
+    assert quantization.group_size_for("int4", 96) == 96  # 128 does not divide: fallback
+    assert quantization.group_size_for("int4", 640, Int4QuantizationConfig(block_size=32)) == 32
+    assert quantization.group_size_for("int4", 640, Int4QuantizationConfig(block_size=None)) == 640
+    with pytest.raises(QuantizationError, match="multiple of 32 that divides"):
+        quantization.group_size_for("int4", 80)
+    with pytest.raises(QuantizationError, match="group size 48 .* input width 640"):
+        quantization.group_size_for("int4", 640, group_size=48)
+
+
+# --- models ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["gemma1_mqa", "gemma2", "gemma3"])
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_model_computes_its_dequantized_weights(variant, mode):
+    model = random_model(variant)
+    x = inputs()
+    before = logits(model, x)
+    model.quantize(mode)
+    layers = model.backbone.lora_layers().values()
+    assert {layer.quantization_mode for layer in layers} == {mode}
+    after = logits(model, x)
+    np.testing.assert_allclose(after, logits(dequantized_twin(model), x), atol=LOGITS_TOLERANCE)
+    # and it is close to the float model it came from
+    assert np.abs(after - before).max() < (0.05 if mode == "int8" else 0.6) * np.abs(before).max()
+    generated = model.generate(x["token_ids"][:1, :4], max_length=8)
+    assert len(generated[0]) == 8
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
+def test_low_precision_policies(dtype):
+    model = random_model("gemma3", dtype=dtype)
+    model.quantize("int8")
+    x = inputs()
+    out = logits(model, x)
+    assert np.isfinite(out).all()
+    twin = GemmaCausalLM.from_gemma_config(model.config, dtype=dtype)
+    assign_weights(twin, get_weights(model))
+    # bfloat16 products: a few bfloat16 steps of the largest logit apart
+    np.testing.assert_allclose(out, logits(twin, x), atol=0.03 * np.abs(out).max())
+
+
+def test_filters_and_group_size():
+    model = random_model("gemma1_mha")
+    model.quantize("int4", filters="ffw", group_size=32)
+    quantized = {p for p, layer in model.backbone.lora_layers().items() if layer.quantization_mode}
+    assert quantized and all("/ffw/" in path for path in quantized)
+    assert {model.backbone.lora_layers()[p].quantization_group_size for p in quantized} == {32}
+    model.quantize("int8", filters=lambda layer: "attention" in layer.path)
+    assert model.backbone.token_embedding.quantization_mode is None
+
+
+def test_qlora_trains_the_adapters_only():
+    model = random_model("gemma2")
+    model.quantize("int8")
+    model.backbone.enable_lora(2)
+    frozen = {w.path: keras.ops.convert_to_numpy(w) for w in model.weights if "lora" not in w.path}
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))
+    x, y, sample_weight = batch_for(model.config.vocabulary_size)
+    history = model.fit(x, y, sample_weight=sample_weight, epochs=3, batch_size=2, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    assert {w.path.rsplit("/", 1)[1] for w in model.trainable_weights} == {
+        "lora_kernel_a",
+        "lora_kernel_b",
+    }
+    for w in model.weights:
+        if "lora" not in w.path:
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(w), frozen[w.path], w.path)
+    # merging re-quantizes the merged weight and removes the adapters
+    x_eval = inputs()
+    with_adapter = logits(model, x_eval)
+    model.backbone.merge_lora_weights()
+    assert not model.backbone.lora_layers()["decoder_block_0/attention/query"].lora_enabled
+    merged = logits(model, x_eval)
+    assert np.abs(merged - with_adapter).max() < 0.05 * np.abs(with_adapter).max()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_decoding_on_the_native_kernel_equals_the_dequantized_product(mode, monkeypatch):
+    from gemma_keras import backends
+
+    model = random_model("gemma2")
+    model.quantize(mode, group_size=32)
+    query = model.backbone.lora_layers()["decoder_block_1/attention/query"]
+    x = keras.ops.convert_to_tensor(np.random.default_rng(4).normal(size=(1, 1, 64)), "float32")
+    fast = keras.ops.convert_to_numpy(backends.quantized_linear(x, mode, *query.quantized_arrays()))
+    plain = keras.ops.convert_to_numpy(backends.linear(x, query.float_weight()))
+    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    prompt = inputs(batch=2, length=5)["token_ids"]
+    on_kernel = model.generate(prompt, max_length=12)
+    monkeypatch.setenv("GEMMA_KERAS_NATIVE", "0")
+    model_without = random_model("gemma2")
+    model_without.quantize(mode, group_size=32)
+    np.testing.assert_array_equal(on_kernel, model_without.generate(prompt, max_length=12))
+
+
+# --- loading and presets -----------------------------------------------------
+
+
+@pytest.fixture
+def float_preset(tmp_path, tokenizer_proto):
+    model = random_model("gemma3")
+    model.tokenizer = GemmaTokenizer(tokenizer_proto)
+    model.save_to_preset(tmp_path / "float")
+    return model, tmp_path / "float"
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_load_time_quantization_and_quantized_presets(float_preset, tmp_path, mode):
+    model, directory = float_preset
+    x = inputs()
+    loaded = GemmaCausalLM.from_preset(directory, quantize=mode)
+    model.quantize(mode)
+    np.testing.assert_array_equal(logits(loaded, x), logits(model, x))
+
+    loaded.save_to_preset(tmp_path / mode)
+    size = (tmp_path / mode / "model.weights.h5").stat().st_size
+    assert size < 0.5 * (directory / "model.weights.h5").stat().st_size
+    reloaded = GemmaCausalLM.from_preset(tmp_path / mode)
+    assert reloaded.backbone.token_embedding.quantization_mode == mode
+    np.testing.assert_array_equal(logits(reloaded, x), logits(model, x))
+
+    # a transformers checkpoint of a quantized model holds its dequantized weights
+    loaded.export_to_huggingface(tmp_path / f"hf-{mode}")
+    from_hf = GemmaCausalLM.from_preset(tmp_path / f"hf-{mode}")
+    np.testing.assert_allclose(logits(from_hf, x), logits(model, x), atol=LOGITS_TOLERANCE)
+
+
+def test_quantized_preset_of_another_shape_is_refused(float_preset, tmp_path):
+    model, _ = float_preset
+    model.quantize("int8")
+    model.save_to_preset(tmp_path / "q")
+    config_path = tmp_path / "q" / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["config"]["intermediate_dim"] *= 2
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"gemma_keras_quantized/.*ffw/gate/kernel.* has shape"):
+        GemmaCausalLM.from_preset(tmp_path / "q")
+
+
+def test_bad_requests():
+    model = random_model("gemma1_mqa")
+    with pytest.raises(ValueError, match="int8"):
+        model.quantize("int2")
+    with pytest.raises(QuantizationError, match="gemma_keras quantizes weights to one of"):
+        model.quantize("float8")
+    with pytest.raises(QuantizationError, match="group size 48 does not fit .*64 wide"):
+        model.quantize("int4", group_size=48)
+    assert model.backbone.token_embedding.quantization_mode is None  # nothing half done
+    model.backbone.enable_lora(2)
+    with pytest.raises(QuantizationError, match="merge_lora_weights"):
+        model.quantize("int8")
+    model.backbone.merge_lora_weights()
+    model.quantize("int8")
+    with pytest.raises(QuantizationError, match="already quantized"):
+        model.quantize("int4")
+    with pytest.raises(ValueError, match="mode"):
+        GemmaCausalLM.from_gemma_config(tiny_config("gemma1_mqa")).quantize(mode=None)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="one backend is enough for a file-format check")
+def test_quantized_weights_are_stored_in_a_group_of_their_own(float_preset, tmp_path):
+    import h5py
+
+    model, _ = float_preset
+    model.quantize("int4", group_size=32)
+    model.save_to_preset(tmp_path / "q")
+    with h5py.File(tmp_path / "q" / "model.weights.h5") as file:
+        group = file["gemma_keras_quantized/decoder_block_0/attention/query/kernel"]
+        assert group.attrs["mode"] == "int4" and group.attrs["group_size"] == 32
+        assert group["kernel"].dtype == np.uint8 and set(group) == {"kernel", "scale", "offset"}
