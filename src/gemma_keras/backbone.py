@@ -5,7 +5,7 @@ import re
 import keras
 from keras import ops
 
-from gemma_keras import lora_weights, quantization
+from gemma_keras import gptq, lora_weights, quantization
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.decoder_block import DecoderBlock
 from gemma_keras.layers.rms_norm import RMSNorm
@@ -164,13 +164,20 @@ class GemmaBackbone(keras.Model):
         `Int4QuantizationConfig`); `filters`, a regex (or list of them) on layer
         paths or a callable on layers, picks which. Every layer is checked
         before any changes. See `gemma_keras.quantization` for the forms.
+        "gptq" with a `keras.quantizers.GPTQConfig` calibrates the int4
+        (`weight_bits=4`) or int8 (8) forms on data: see `gemma_keras.gptq`.
 
         >>> model.backbone.quantize("int8")  # doctest: +SKIP
         """
         kwargs.pop("type_check", None)
         if kwargs:
             raise TypeError(f"quantize() got unexpected arguments {sorted(kwargs)}.")
-        quantization.check_mode(mode)
+        if mode == "gptq" and group_size is not None:
+            raise quantization.QuantizationError(
+                "quantize('gptq') takes its group size from `GPTQConfig(group_size=...)`."
+            )
+        if mode != "gptq":
+            quantization.check_mode(mode)
         layers = self.lora_layers()
         chosen = {path: layer for path, layer in layers.items() if _selected(layer, filters)}
         done = sorted(path for path, layer in chosen.items() if layer.quantization_mode)
@@ -185,6 +192,9 @@ class GemmaBackbone(keras.Model):
                 f"{adapted[0]} has a LoRA adapter: call `merge_lora_weights()` first, or "
                 "quantize before `enable_lora` (QLoRA)."
             )
+        if mode == "gptq":
+            gptq.quantize_backbone(self, chosen, config)
+            return
         for path, layer in chosen.items():
             columns = layer.weight_shape[1]
             where = f"{path} ({columns} wide)"

@@ -202,6 +202,11 @@ def measure_engine(args, result, generate_for, vocabulary_size, batches):
     """Decode at each of `batches` and prefill at batch 1, into `result`."""
     rng = np.random.default_rng(0)
     probe = lambda: read_bandwidth(args.probe_gb / 2)  # noqa: E731
+    # The engine's own peak (loading, and generating at the largest batch),
+    # taken before the bandwidth probes allocate their matrices.
+    largest = random_prompts(rng, max(batches), args.prompt, vocabulary_size)
+    generate_for(largest)(args.new)()
+    result["peak_rss_gb"] = peak_rss_gb()
     for batch in batches:
         prompts = random_prompts(rng, batch, args.prompt, vocabulary_size)
         result[f"batch_{batch}"] = measure(
@@ -209,7 +214,6 @@ def measure_engine(args, result, generate_for, vocabulary_size, batches):
         )
     long_prompt = random_prompts(rng, 1, args.prefill, vocabulary_size)
     result.update(measure_prefill(generate_for(long_prompt)(1), args.prefill, args.repeats))
-    result["peak_rss_gb"] = peak_rss_gb()
     return result
 
 
@@ -276,27 +280,20 @@ def worker_keras_hub(args):
     model = keras_hub.models.GemmaCausalLM(backbone=backbone, preprocessor=None)
     model.compile(sampler="greedy")
     result = {"engine": "keras_hub", "weight_bytes": weight_bytes(backbone)}
-    rng = np.random.default_rng(0)
 
     def generate_for(prompts):
         def new(count):
             # KerasHub generates up to the padded length of its input.
-            token_ids = np.zeros((len(prompts), args.prompt + count), "int32")
-            token_ids[:, : args.prompt] = prompts
+            length = len(prompts[0])
+            token_ids = np.zeros((len(prompts), length + count), "int32")
+            token_ids[:, :length] = prompts
             padding_mask = (token_ids != 0).astype("int32")
             inputs = {"token_ids": token_ids, "padding_mask": padding_mask}
             return lambda: model.generate(inputs, stop_token_ids=None)
 
         return new
 
-    probe = lambda: read_bandwidth(args.probe_gb / 2)  # noqa: E731
-    for batch in args.batch:
-        prompts = random_prompts(rng, batch, args.prompt, config.vocabulary_size)
-        result[f"batch_{batch}"] = measure(
-            generate_for(prompts), batch, args.new, probe, args.repeats
-        )
-    result["peak_rss_gb"] = peak_rss_gb()
-    return result
+    return measure_engine(args, result, generate_for, config.vocabulary_size, args.batch)
 
 
 def worker_transformers(args):

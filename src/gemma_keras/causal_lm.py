@@ -153,10 +153,15 @@ class GemmaCausalLM(keras.Model):
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
-        """Quantizes the weights, "int8" or "int4": see `GemmaBackbone.quantize`.
-        The QLoRA recipe is `quantize("int8")`, `backbone.enable_lora(4)`, `fit`.
+        """Quantizes the weights, "int8" or "int4", or "gptq" with a
+        `keras.quantizers.GPTQConfig` (calibrated int4/int8: see `gemma_keras.gptq`):
+        see `GemmaBackbone.quantize`. The QLoRA recipe is `quantize("int8")`,
+        `backbone.enable_lora(4)`, `fit`.
 
         >>> model.quantize("int4")  # doctest: +SKIP
+        >>> config = keras.quantizers.GPTQConfig(
+        ...     texts, model.tokenizer, weight_bits=4, group_size=32)  # doctest: +SKIP
+        >>> model.quantize("gptq", config=config)  # doctest: +SKIP
         """
         self.backbone.quantize(mode, config=config, filters=filters, **kwargs)
         # As `keras.Model.quantize`: the compiled functions held the old variables.

@@ -180,6 +180,7 @@ def load_lora_weights(backbone, filepath):
 
 def _load_ours(backbone, file, filepath):
     arrays = {}
+
     def collect(name, item):
         if isinstance(item, h5py.Dataset):
             arrays[name] = item

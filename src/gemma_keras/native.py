@@ -1,6 +1,6 @@
 """Builds and loads the native CPU kernels: `cpu_kernels.cc`, the
 matrix-vector products of decoding on the CPU for every backend, for x86-64
-CPUs with AVX2 and FMA (see the file, and `gemma_keras.backend.linear`):
+CPUs with AVX2 and FMA (see the file, and `gemma_keras.backends.linear`):
 
 - bfloat16 (and on torch float32) kernels: XLA FFI handler
   `gemma_bf16_linear_ffi`, TensorFlow operation `GemmaBf16Linear`, torch

@@ -9,7 +9,7 @@ from gemma_keras.layers.lora import LoraLayer
 
 class Projection(LoraLayer):
     """`x @ kernel.T`, the kernel stored `[output_dim, input_dim]` as torch,
-    Hugging Face and GGUF store it; `gemma_keras.backend.linear` multiplies it
+    Hugging Face and GGUF store it; `gemma_keras.backends.linear` multiplies it
     with each backend's fastest product, a decode step's included.
 
     With LoRA (`enable_lora`, as `keras.layers.Dense` has it: `lora_kernel_a`
