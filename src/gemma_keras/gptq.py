@@ -39,7 +39,6 @@ import dataclasses
 
 import numpy as np
 from keras import ops
-from keras.quantizers import GPTQConfig
 
 from gemma_keras import quantization
 from gemma_keras.quantization import QuantizationError
@@ -52,6 +51,9 @@ MODE_OF_BITS = {4: "int4", 8: "int8"}
 def check_config(config, layers):
     """`(mode, {path: group_size})` for quantizing `layers` ({path: layer})
     as `config` asks, or a one-line `QuantizationError`."""
+    # Keras has GPTQConfig from 3.12 on; older ones never reach here ("gptq" is not a mode there).
+    from keras.quantizers import GPTQConfig
+
     if not isinstance(config, GPTQConfig):
         raise QuantizationError(
             f"quantize('gptq') takes `config=keras.quantizers.GPTQConfig(...)`, got "
