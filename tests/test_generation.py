@@ -61,7 +61,7 @@ def test_greedy_equals_uncached_argmax_for_a_ragged_batch(model):
     assert model.generate(prompts[1], max_new_tokens=12) == outputs[1]
 
 
-def test_finished_rows_leave_the_batch(model):
+def test_finished_rows_leave_the_batch(model, monkeypatch):
     """With `max_length`, shorter prompts get longer budgets, so rows finish at
     different steps; the batch shrinks to the unfinished rows, and every row's
     tokens stay those it gets in a batch that never shrinks."""
@@ -69,20 +69,22 @@ def test_finished_rows_leave_the_batch(model):
     assert len(set(map(len, prompts))) == len(prompts)
     max_length = max(map(len, prompts)) + 6
     budgets = [max_length - len(p) for p in prompts]
-    step = generation.compiled_step(model)
+    compiled_step = generation.compiled_step
     batch_sizes = []
 
-    def recording_step(caches, token_ids, *inputs):
-        batch_sizes.append(token_ids.shape[0])
-        return step(caches, token_ids, *inputs)
+    def recording_compiled_step(model, *reduction):
+        step = compiled_step(model, *reduction)
 
-    saved = model._compiled_step
-    model._compiled_step = (saved[0], recording_step)
-    try:
+        def recording_step(caches, token_ids, *inputs):
+            batch_sizes.append(token_ids.shape[0])
+            return step(caches, token_ids, *inputs)
+
+        return recording_step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(generation, "compiled_step", recording_compiled_step)
         greedy = model.generate(prompts, max_length=max_length)
         sampled = model.generate(prompts, max_length=max_length, sampler="top_k", seed=5)
-    finally:
-        model._compiled_step = saved
     assert greedy == [argmax_loop(model, [p], n)[0] for p, n in zip(prompts, budgets, strict=True)]
     # A batch is cut only when that at least halves it: 3 rows go straight to 1.
     assert batch_sizes[0] == 3 and batch_sizes[-1] == 1 and set(batch_sizes) == {1, 3}

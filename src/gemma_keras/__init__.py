@@ -38,6 +38,7 @@ _choose_default_backend()
 _EXPORTS = {
     "BeamSampler": "gemma_keras.samplers",
     "ConfigError": "gemma_keras.config",
+    "DistributionError": "gemma_keras.distribution",
     "DownloadError": "gemma_keras.resolve",
     "EvaluationError": "gemma_keras.evaluation",
     "GemmaBackbone": "gemma_keras.backbone",

@@ -5,7 +5,7 @@ import re
 import keras
 from keras import ops
 
-from gemma_keras import gptq, lora_weights, quantization
+from gemma_keras import distribution, gptq, lora_weights, quantization
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.decoder_block import DecoderBlock
 from gemma_keras.layers.rms_norm import RMSNorm
@@ -36,6 +36,9 @@ class GemmaBackbone(keras.Model):
     def __init__(self, config, dtype=None, **kwargs):
         if isinstance(config, dict):
             config = GemmaConfig.from_dict(config)
+        # Under a keras.distribution, a split that does not divide fails here
+        # with the weight's name, not deep inside JAX as the weight is made.
+        distribution.check_model(config)
         policy = (
             keras.dtype_policies.get(dtype) if dtype is not None else keras.config.dtype_policy()
         )
@@ -104,8 +107,26 @@ class GemmaBackbone(keras.Model):
             if layer_type == "local":
                 slots = min(cache_length, config.sliding_window)
             shape = (batch_size, slots, config.num_key_value_heads, config.head_dim)
-            caches.append((ops.zeros(shape, dtype), ops.zeros(shape, dtype)))
+            caches.append((_zeros(shape, dtype), _zeros(shape, dtype)))
         return caches
+
+    @staticmethod
+    def get_layout_map(
+        device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch"
+    ):
+        """A `keras.distribution.LayoutMap` that shards every Gemma (1, 2, 3;
+        MHA, GQA and MQA) over `device_mesh`, as KerasHub's
+        `GemmaBackbone.get_layout_map`; see `gemma_keras.distribution`.
+
+        >>> import keras  # doctest: +SKIP
+        >>> mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"],
+        ...                                      keras.distribution.list_devices())
+        >>> layout_map = GemmaBackbone.get_layout_map(mesh)
+        >>> keras.distribution.set_distribution(keras.distribution.ModelParallel(
+        ...     layout_map=layout_map, batch_dim_name="batch"))
+        >>> model = GemmaCausalLM.from_preset("gemma_2b_en")  # each shard on its device
+        """
+        return distribution.layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name)
 
     def lora_layers(self):
         """`{path: layer}` of every layer that takes a LoRA adapter, keyed by a
@@ -198,7 +219,9 @@ class GemmaBackbone(keras.Model):
         for path, layer in chosen.items():
             columns = layer.weight_shape[1]
             where = f"{path} ({columns} wide)"
-            quantization.group_size_for(mode, columns, config, where, group_size)
+            size = quantization.group_size_for(mode, columns, config, where, group_size)
+            shapes = layer.quantized_variable_shapes(mode, size)
+            distribution.check_layouts({f"{path}/{key}": s for key, (s, _) in shapes.items()})
         for layer in chosen.values():
             layer.quantize(mode, config=config, group_size=group_size)
 
@@ -213,6 +236,14 @@ class GemmaBackbone(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _zeros(shape, dtype):
+    """Zeros, laid out over the current distribution's mesh when there is one."""
+    layout = distribution.cache_layout(shape)
+    if layout is None:
+        return ops.zeros(shape, dtype)
+    return keras.distribution.distribute_tensor(ops.zeros(shape, dtype), layout)
 
 
 def _selected(layer, filters):

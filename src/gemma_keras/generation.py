@@ -3,8 +3,14 @@
 The loop is plain Python around one compiled step per shape bucket (see
 `backends.compile_step`):
 
-    prefill:  step(caches, prompts [batch, prompt_slots], ...) -> last logits
-    decode:   step(caches, token [batch, 1], ...)              -> next logits
+    prefill:  step(caches, prompts [batch, prompt_slots], ...) -> last logits, reduced
+    decode:   step(caches, token [batch, 1], ...)              -> next logits, reduced
+
+Each step reduces its logits on the device to what the sampler needs (see
+`samplers.Reduction`): greedy decoding copies one token id per row to the
+host, top-k and top-p a few candidates per row, never the `[batch,
+vocabulary]` logits unless the sampler needs them all (temperature only,
+beam search) or a row falls back to them (top-p past the candidates).
 
 Prompts of a batch are left-padded to a common length so that every row
 writes its next token into the same cache slot; padding is masked out of
@@ -25,7 +31,15 @@ import numpy as np
 
 from gemma_keras import backends
 from gemma_keras.layers.token_embedding import check_token_ids
-from gemma_keras.samplers import BeamSampler, Sampler, get_sampler, is_integer
+from gemma_keras.samplers import (
+    LOGITS,
+    BeamSampler,
+    Candidates,
+    Reduction,
+    Sampler,
+    get_sampler,
+    is_integer,
+)
 
 
 class GenerationError(ValueError):
@@ -36,37 +50,120 @@ def _bucket(length, minimum):
     return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
-def _step(model, caches, token_ids, key_mask, positions, cache_index):
-    """Runs `token_ids` through the model; logits of the last position only (the
-    vocabulary projection of every prompt position would cost more than the
-    whole prefill)."""
+def _step(model, reduction, decodable, caches, token_ids, key_mask, positions, cache_index):
+    """Runs `token_ids` through the model: the last position's logits reduced
+    for the sampler (`_reduce`), and the caches. Only the last position goes
+    through the vocabulary projection (every prompt position's would cost more
+    than the whole prefill)."""
     hidden, caches = model.backbone.call_with_cache(
         token_ids, key_mask, positions, caches, cache_index
     )
     logits = model.backbone.token_embedding(hidden[:, -1:, :], reverse=True)
-    return logits[:, 0, :], caches
+    return _reduce(logits[:, 0, :], reduction, decodable), caches
 
 
-def compiled_step(model):
-    """The model's compiled step function, built once per model and again when
-    its variables change (LoRA enabled, merged or loaded) or LoRA is switched on."""
-    key = tuple(id(variable) for variable in model.variables)
-    compiled = getattr(model, "_compiled_step", None)
-    if compiled is None or compiled[0] != key:
-        step = backends.compile_step(model, lambda *args: _step(model, *args))
-        model._compiled_step = compiled = (key, step)
-    return compiled[1]
-
-
-def _host_logits(model, logits):
-    """Logits as float32 numpy; ids the tokenizer cannot decode (Gemma 3 4B+ has 64
-    image tokens beyond its text vocabulary) are never chosen."""
+def _reduce(logits, reduction, decodable):
+    """The outputs of a step for `reduction` (see `samplers.Reduction`), from
+    `logits` [batch, vocabulary]: a tuple of tensors, still on the device.
+    Ids from `decodable` on (Gemma 3 4B+ has 64 image tokens beyond its text
+    vocabulary) are never chosen."""
     from keras import ops
 
-    logits = np.array(ops.convert_to_numpy(logits), dtype=np.float32)
+    logits = ops.cast(logits, "float32")
+    width = logits.shape[-1]
+    ids = ops.arange(width, dtype="int32")
+    if decodable < width:
+        logits = ops.where(ids < decodable, logits, -np.inf)
+    if reduction.kind == "argmax":
+        # The lowest id among the largest logits, as numpy's argmax: TensorFlow's
+        # may return any of them, and XLA's runs slower on a CPU than this.
+        largest = ops.max(logits, axis=-1, keepdims=True)
+        return (ops.min(ops.where(logits == largest, ids, width - 1), axis=-1),)
+    if reduction.kind == "logits":
+        return (logits,)
+    values, top_ids = ops.top_k(logits, reduction.count, sorted=False)
+    # The logits come back too, left on the device unless a row needs them.
+    outputs = (values, ops.cast(top_ids, "int32"), logits)
+    if reduction.temperature is not None:
+        outputs += (ops.logsumexp(logits / reduction.temperature, axis=-1),)
+    return outputs
+
+
+def compiled_step(model, reduction=LOGITS):
+    """The model's compiled step for `reduction`, built once per model and
+    reduction, and again when its variables change (LoRA enabled, merged or
+    loaded) or its tokenizer does."""
+    decodable = model.config.vocabulary_size
     if model.tokenizer is not None:
-        logits[:, model.tokenizer.vocabulary_size :] = -np.inf
-    return logits
+        decodable = min(decodable, model.tokenizer.vocabulary_size)
+    key = (tuple(id(variable) for variable in model.variables), decodable)
+    compiled = getattr(model, "_compiled_step", None)
+    if compiled is None or compiled[0] != key:
+        model._compiled_step = compiled = (key, {})
+    steps = compiled[1]
+    if reduction not in steps:
+        steps[reduction] = backends.compile_step(
+            model, lambda *args: _step(model, reduction, decodable, *args)
+        )
+    return steps[reduction]
+
+
+class StepResult:
+    """What a step hands the host for choosing next tokens: its reduced
+    outputs (see `samplers.Reduction`), copied at once, and after a "top"
+    step the full logits, left on the device unless a row needs them.
+    `host_bytes` counts what has been copied to the host so far."""
+
+    def __init__(self, reduction, outputs):
+        self.reduction = reduction
+        self.host_bytes = 0
+        self._device_logits = None
+        self._logits = self._token_ids = self._candidates = None
+        if reduction.kind == "argmax":
+            self._token_ids = self._fetch(outputs[0])
+        elif reduction.kind == "logits":
+            self._logits = self._fetch(outputs[0])
+        else:
+            values, ids, self._device_logits = outputs[:3]
+            normalizer = self._fetch(outputs[3]) if len(outputs) > 3 else None
+            width = self._device_logits.shape[-1]
+            self._candidates = Candidates(self._fetch(values), self._fetch(ids), width, normalizer)
+
+    def _fetch(self, tensor):
+        from keras import ops
+
+        array = np.asarray(ops.convert_to_numpy(tensor))
+        self.host_bytes += array.nbytes
+        return array
+
+    def logits(self):
+        """The full float32 logits [batch, vocabulary] (copied to the host once)."""
+        if self._logits is None:
+            if self._device_logits is None:
+                raise GenerationError(
+                    "This step returned token ids only; compile it for the logits "
+                    "(prefill or extend with samplers.LOGITS)."
+                )
+            self._logits = self._fetch(self._device_logits).astype(np.float32, copy=False)
+        return self._logits
+
+    def token_ids(self):
+        """Each row's most likely token (the lowest id among ties)."""
+        if self._token_ids is None:
+            self._token_ids = np.argmax(self.logits(), axis=-1)
+        return self._token_ids
+
+    def candidates(self):
+        """`samplers.Candidates` for sampling: the step's, or every token."""
+        if self._candidates is None:
+            self._candidates = Candidates.from_logits(self.logits())
+        return self._candidates
+
+    def next_tokens(self, sampler, uniforms):
+        """`sampler`'s tokens [batch] with one uniform number per row (none for greedy)."""
+        if sampler.is_greedy:
+            return self.token_ids()
+        return sampler.sample(self.candidates(), uniforms, self.logits)
 
 
 @dataclasses.dataclass
@@ -77,9 +174,18 @@ class DecodeState:
     key_mask: np.ndarray  # [batch, cache_length] int32
     lengths: np.ndarray  # [batch] real tokens per row so far (the next RoPE position)
     next_slot: int  # cache slot the next token goes to (the same for every row)
-    # The model's compiled step, looked up once per prefill: checking the
-    # model's variables walks every layer, too slow for each decode step.
+    # The model's compiled step for `reduction`, looked up once per prefill (or
+    # change of sampler): checking the model's variables walks every layer, too
+    # slow for each decode step.
     step: object = None
+    reduction: Reduction = None
+
+    def reduce_for(self, model, sampler):
+        """Makes the next steps return what `sampler` needs (see
+        `samplers.Reduction`); with `sampler=None`, the full logits."""
+        reduction = LOGITS if sampler is None else sampler.reduction(model.config.vocabulary_size)
+        if reduction != self.reduction:
+            self.step, self.reduction = compiled_step(model, reduction), reduction
 
     @property
     def cache_length(self):
@@ -120,8 +226,11 @@ def plan_lengths(model, prompt_lengths, max_new_tokens):
     return prompt_slots, cache_length
 
 
-def prefill(model, prompts, max_new_tokens):
-    """Runs the prompts (lists of ids) through the model: `(logits [batch, vocab], state)`."""
+def prefill(model, prompts, max_new_tokens, sampler=None):
+    """Runs the prompts (lists of ids) through the model: `(StepResult, state)`.
+
+    The result (and those of `extend` on the state) holds what `sampler`
+    needs; without one, the full logits."""
     prompt_slots, cache_length = plan_lengths(model, [len(p) for p in prompts], max_new_tokens)
     batch = len(prompts)
     token_ids = np.zeros((batch, prompt_slots), np.int32)
@@ -137,14 +246,14 @@ def prefill(model, prompts, max_new_tokens):
         key_mask,
         np.array([len(p) for p in prompts], np.int32),
         prompt_slots,
-        compiled_step(model),
     )
-    logits, state.caches = state.step(state.caches, token_ids, key_mask, positions, np.int32(0))
-    return _host_logits(model, logits), state
+    state.reduce_for(model, sampler)
+    outputs, state.caches = state.step(state.caches, token_ids, key_mask, positions, np.int32(0))
+    return StepResult(state.reduction, outputs), state
 
 
 def extend(model, state, token_ids):
-    """Appends `token_ids` [batch, n] to every row: `logits [batch, vocab]` of the last one.
+    """Appends `token_ids` [batch, n] to every row: the `StepResult` of the last one.
 
     n > 1 (a chat follow-up) is fed in power-of-two chunks, so any length
     compiles at most log2(n) step shapes.
@@ -157,21 +266,21 @@ def extend(model, state, token_ids):
         )
     while token_ids.shape[1]:
         chunk = 1 << (token_ids.shape[1].bit_length() - 1)
-        logits = _extend_chunk(model, state, token_ids[:, :chunk])
+        result = _extend_chunk(state, token_ids[:, :chunk])
         token_ids = token_ids[:, chunk:]
-    return logits
+    return result
 
 
-def _extend_chunk(model, state, token_ids):
+def _extend_chunk(state, token_ids):
     count = token_ids.shape[1]
     state.key_mask[:, state.next_slot : state.next_slot + count] = 1
     positions = state.lengths[:, None] + np.arange(count, dtype=np.int32)[None, :]
-    logits, state.caches = state.step(
+    outputs, state.caches = state.step(
         state.caches, token_ids, state.key_mask, positions, np.int32(state.next_slot)
     )
     state.next_slot += count
     state.lengths += count
-    return _host_logits(model, logits)
+    return StepResult(state.reduction, outputs)
 
 
 def normalize_inputs(model, inputs):
@@ -293,10 +402,10 @@ class _StopStrings:
         return (text[: min(found)], True) if found else (text, False)
 
 
-def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng):
-    """Samples from `logits`, feeds the tokens back, and repeats. Yields after each
-    step each row's new token ids so far (stop tokens excluded) and which rows
-    are finished.
+def decode_loop(model, result, state, budgets, sampler, stops, stop_strings, rng):
+    """Samples from `result` (the `StepResult` of a prefill or an extend),
+    feeds the tokens back, and repeats. Yields after each step each row's new
+    token ids so far (stop tokens excluded) and which rows are finished.
 
     A finished row is fed padding while the rest of its batch runs on; once
     the unfinished rows fit a power-of-two batch of at most half the size,
@@ -306,16 +415,15 @@ def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng
     batch = len(budgets)
     generated = [[] for _ in range(batch)]
     finished = np.zeros(batch, bool)
-    rows = np.arange(batch)  # the request row of each row of `state` and `logits`
+    rows = np.arange(batch)  # the request row of each row of `state` and `result`
     pad = model.tokenizer.pad_id if model.tokenizer is not None else 0
+    state.reduce_for(model, sampler)
     while True:
-        if len(rows) < batch:
-            # The sampler sees every request row, so that a row draws the same
-            # random numbers however early the other rows finish.
-            every_row = np.zeros((batch, logits.shape[-1]), np.float32)
-            every_row[rows] = logits
-            logits = every_row
-        tokens = sampler(logits, rng)
+        # One uniform number per request row (as `Sampler.__call__` draws), so
+        # that a row draws the same numbers however early the others finish.
+        uniforms = None if sampler.is_greedy else rng.random(batch)[rows]
+        tokens = np.full(batch, pad, np.int64)
+        tokens[rows] = result.next_tokens(sampler, uniforms)
         for row in range(batch):
             if finished[row]:
                 continue
@@ -333,7 +441,7 @@ def decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng
             return
         rows = _drop_finished_rows(state, rows, finished)
         tokens = np.where(finished[rows], pad, tokens[rows]).astype(np.int32)
-        logits = extend(model, state, tokens[:, None])
+        result = extend(model, state, tokens[:, None])
 
 
 def _drop_finished_rows(state, rows, finished):
@@ -363,15 +471,16 @@ def random_generator(seed):
 def sample_loop(model, prompts, budgets, sampler, stops, stop_strings, seed):
     """`decode_loop` over freshly prefilled prompts."""
     rng = random_generator(seed)
-    logits, state = prefill(model, prompts, max(budgets))
-    yield from decode_loop(model, logits, state, budgets, sampler, stops, stop_strings, rng)
+    result, state = prefill(model, prompts, max(budgets), sampler)
+    yield from decode_loop(model, result, state, budgets, sampler, stops, stop_strings, rng)
 
 
 def beam_search(model, prompts, budgets, beam, stops):
     """Beam search: per prompt, the continuation with the highest total log-probability."""
     width = beam.num_beams
     expanded = [prompt for prompt in prompts for _ in range(width)]
-    logits, state = prefill(model, expanded, max(budgets))
+    result, state = prefill(model, expanded, max(budgets))
+    logits = result.logits()
     batch, vocabulary = len(prompts), logits.shape[-1]
     scores = np.tile(np.array([0.0] + [-np.inf] * (width - 1)), (batch, 1))
     beams = [[[] for _ in range(width)] for _ in range(batch)]
@@ -413,7 +522,7 @@ def beam_search(model, prompts, budgets, beam, stops):
         order = (np.arange(batch)[:, None] * width + parents).reshape(-1)
         state.select(order)
         feed = np.where(done.reshape(-1), pad, tokens.reshape(-1)).astype(np.int32)
-        logits = extend(model, state, feed[:, None])
+        logits = extend(model, state, feed[:, None]).logits()
     best_beam = np.argmax(scores, axis=-1)
     return [beams[row][best_beam[row]] for row in range(batch)]
 

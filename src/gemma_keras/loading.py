@@ -95,11 +95,8 @@ def build_model(config, dtype=None, checkpoint=None, quantize=None):
                 _load_quantized(layer, checkpoint, weights, name, mode)
                 continue
 
-            def initial_value(shape, dtype, name=name):
-                return np.asarray(weights[name]).astype(_numpy_dtype(dtype), copy=False)
-
-            variable._initializer = initial_value
-            variable._deferred_initialize()
+            value = np.asarray(weights[name]).astype(_numpy_dtype(variable.dtype), copy=False)
+            _initialize(variable, value)
     finally:
         # Keras keeps a list of variables awaiting initialisation; ours are done
         # (or, after an error, abandoned) and must not be initialised later.
@@ -111,6 +108,18 @@ def build_model(config, dtype=None, checkpoint=None, quantize=None):
             "uninitialized_variables", [v for v in pending if id(v) not in ours]
         )
     return model
+
+
+def _initialize(variable, value):
+    """Gives a variable made in a stateless scope its first value, a host array."""
+    if keras.distribution.distribution() is not None:
+        # The host array goes to `jax.device_put` with the variable's layout:
+        # each device receives its own shard, never a copy of the whole tensor.
+        variable._initializer = None
+        variable._initialize(value)
+    else:
+        variable._initializer = lambda shape, dtype: value
+        variable._deferred_initialize()
 
 
 def _stored_mode(checkpoint, name):

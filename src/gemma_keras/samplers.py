@@ -1,20 +1,92 @@
 """Choosing the next token from logits: greedy, temperature, top-k, top-p, and beam search.
 
-Sampling runs on the host in numpy on the float32 logits of the last
-position ([batch, vocabulary], ~1 MB for Gemma 3): the same seed then gives
-the same tokens on JAX, TensorFlow and PyTorch.
+Random numbers come from a seeded numpy generator on the host, so the same
+seed gives the same tokens on JAX, TensorFlow and PyTorch. The logits stay
+where the model ran: a decode step hands the host only what its sampler
+needs (`Sampler.reduction`), not the `[batch, vocabulary]` logits (1 MB a
+row for Gemma 3):
+
+- greedy: the argmax of each row;
+- top-k: the k + 1 largest logits of each row and their ids (`Candidates`);
+- top-p without top-k: the `CANDIDATES` largest, plus the log-sum-exp of
+  the row, which gives each candidate its probability;
+- plain temperature sampling and beam search: the logits.
+
+Candidates choose exactly the token the full logits choose: tokens outside
+the top-k or the nucleus have probability zero, and the draw walks the
+allowed tokens in id order either way. Where the candidates cannot decide a
+row (the nucleus goes past them, ties of the k-th logit go on beyond them),
+that row is sampled from the full logits.
 
 >>> import numpy as np
 >>> sampler = get_sampler("top_k", k=2, temperature=0.7)
 >>> logits = np.array([[0.0, 5.0, 4.0, -1.0]], "float32")
 >>> int(sampler(logits, np.random.default_rng(0))[0]) in (1, 2)
 True
+>>> sampler.reduction(vocabulary_size=4)
+Reduction(kind='top', count=3, temperature=None)
 """
 
 import dataclasses
 import math
 
 import numpy as np
+
+# Candidates per row a decode step returns for top-p sampling without top-k,
+# and the most it returns for top-k (k + 1); a larger k takes the logits.
+# Measured on the embedded 270M (docs/performance.md, "Decode steps without
+# the logits"): ... TODO
+CANDIDATES = 1024
+# How far from `top_p` (in probability mass) a token's preceding mass must be
+# for the candidates to decide whether it is in the nucleus: the device's
+# float32 log-sum-exp may differ from the host's float64 one by ~1e-6 of the
+# mass; closer rows are sampled from the full logits.
+MASS_TOLERANCE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class Reduction:
+    """What a step returns for the sampler in place of the full logits.
+
+    kind: "argmax" (each row's token id), "top" (the `count` largest logits
+        of each row and their ids, and with `temperature` the log-sum-exp of
+        logits / temperature over the whole vocabulary), or "logits".
+    """
+
+    kind: str
+    count: int | None = None
+    temperature: float | None = None
+
+
+ARGMAX = Reduction("argmax")
+LOGITS = Reduction("logits")
+
+
+@dataclasses.dataclass
+class Candidates:
+    """Each row's largest logits: enough to sample as from the full logits.
+
+    `values` [batch, count] float32 logits in any order, `ids` [batch, count]
+    their token ids, `vocabulary_size` the logits' width, and `log_normalizer`
+    [batch] the log-sum-exp of logits / temperature over the whole
+    vocabulary (top-p needs it when the candidates are not every token).
+    """
+
+    values: np.ndarray
+    ids: np.ndarray
+    vocabulary_size: int
+    log_normalizer: np.ndarray | None = None
+
+    @classmethod
+    def from_logits(cls, logits):
+        """Every token of `logits` [batch, vocabulary] a candidate."""
+        logits = np.asarray(logits, dtype=np.float32)
+        ids = np.broadcast_to(np.arange(logits.shape[-1]), logits.shape)
+        return cls(logits, ids, logits.shape[-1])
+
+    @property
+    def complete(self):
+        return self.values.shape[-1] == self.vocabulary_size
 
 
 class SamplerError(ValueError):
@@ -61,24 +133,27 @@ class Sampler:
     def is_greedy(self):
         return self.temperature == 0
 
+    def reduction(self, vocabulary_size):
+        """What a decode step returns for this sampler (see `Reduction`) when its
+        logits are `vocabulary_size` wide."""
+        if self.is_greedy:
+            return ARGMAX
+        if self.top_k is not None and self.top_k < vocabulary_size:
+            # One more than k shows whether the k-th logit's ties go on past them.
+            if self.top_k + 1 <= CANDIDATES:
+                return Reduction("top", self.top_k + 1)
+            return LOGITS
+        if self.top_p is not None and self.top_p < 1 and CANDIDATES < vocabulary_size:
+            return Reduction("top", CANDIDATES, self.temperature)
+        return LOGITS
+
     def allowed(self, logits):
         """Boolean [batch, vocabulary]: the tokens this sampler may emit."""
-        logits = np.asarray(logits, dtype=np.float32)
-        allowed = np.ones(logits.shape, dtype=bool)
-        if self.top_k is not None and self.top_k < logits.shape[-1]:
-            kth = np.partition(logits, -self.top_k, axis=-1)[:, -self.top_k][:, None]
-            allowed &= logits >= kth
-        if self.top_p is not None and self.top_p < 1:
-            probabilities = _softmax(np.where(allowed, logits, -np.inf) / self.temperature)
-            order = np.argsort(-probabilities, axis=-1, kind="stable")
-            sorted_probabilities = np.take_along_axis(probabilities, order, axis=-1)
-            # Keep a token while the mass *before* it is below top_p: the most
-            # likely token is always kept.
-            mass_before = np.cumsum(sorted_probabilities, axis=-1) - sorted_probabilities
-            keep_sorted = mass_before < self.top_p
-            keep = np.zeros_like(allowed)
-            np.put_along_axis(keep, order, keep_sorted, axis=-1)
-            allowed &= keep
+        candidates = Candidates.from_logits(logits)
+        allowed = np.zeros(candidates.values.shape, dtype=bool)
+        for row in range(len(allowed)):
+            _, ids = self._allowed(candidates.values[row], candidates.ids[row], allowed.shape[-1])
+            allowed[row, ids] = True
         return allowed
 
     def __call__(self, logits, rng):
@@ -86,19 +161,87 @@ class Sampler:
         logits = np.asarray(logits, dtype=np.float32)
         if self.is_greedy:
             return np.argmax(logits, axis=-1)
-        allowed = self.allowed(logits)
-        probabilities = _softmax(np.where(allowed, logits / self.temperature, -np.inf))
-        # Inverse-CDF sampling: one uniform number per row, reproducible.
-        uniform = rng.random((logits.shape[0], 1))
-        cumulative = np.cumsum(probabilities, axis=-1)
-        chosen = (cumulative < uniform * cumulative[:, -1:]).sum(axis=-1)
-        chosen = np.minimum(chosen, logits.shape[-1] - 1)
-        # Guard against rounding landing on a disallowed token at the edge.
-        return np.where(
-            allowed[np.arange(len(chosen)), chosen],
-            chosen,
-            np.argmax(np.where(allowed, logits, -np.inf), axis=-1),
-        )
+        return self.sample(Candidates.from_logits(logits), rng.random(len(logits)))
+
+    def sample(self, candidates, uniforms, full_logits=None):
+        """Next token ids [batch] from `candidates`, with one uniform number in
+        [0, 1) per row (`rng.random(batch)`).
+
+        Rows the candidates cannot decide exactly are sampled from
+        `full_logits()` (a function returning [batch, vocabulary]), called at
+        most once."""
+        tokens = np.zeros(len(uniforms), dtype=np.int64)
+        undecided = []
+        for row, uniform in enumerate(uniforms):
+            normalizer = candidates.log_normalizer
+            allowed = self._allowed(
+                candidates.values[row],
+                candidates.ids[row],
+                candidates.vocabulary_size,
+                None if normalizer is None else normalizer[row],
+            )
+            if allowed is None:
+                undecided.append(row)
+            else:
+                tokens[row] = self._draw(*allowed, uniform)
+        if undecided:
+            logits = np.asarray(full_logits(), dtype=np.float32)
+            ids = np.arange(logits.shape[-1])
+            for row in undecided:
+                allowed = self._allowed(logits[row], ids, logits.shape[-1])
+                tokens[row] = self._draw(*allowed, uniforms[row])
+        return tokens
+
+    def _allowed(self, values, ids, vocabulary_size, log_normalizer=None):
+        """`(values, ids)` of the tokens this sampler may emit among one row's
+        candidates, or None where the candidates cannot tell (the full logits
+        can). Tokens rank by logit, ties by lower id.
+
+        `vocabulary_size`: the logits' width; where the candidates are fewer,
+        top-p needs `log_normalizer`, the log-sum-exp of all logits / temperature.
+        """
+        every_token = len(values) == vocabulary_size  # or every allowed one
+        if self.top_k is not None and self.top_k < vocabulary_size:
+            if len(values) <= self.top_k:
+                return None
+            kth = np.partition(values, -self.top_k)[-self.top_k]
+            # Every token tied with the k-th largest logit is allowed; where the
+            # least candidate ties with it, more may lie beyond the candidates.
+            if not every_token and values.min() >= kth:
+                return None
+            keep = values >= kth
+            values, ids = values[keep], ids[keep]
+            every_token = True  # top-p renormalizes over these
+        if self.top_p is not None and self.top_p < 1:
+            order = np.lexsort((ids, -values))
+            values, ids = values[order], ids[order]
+            scaled = values.astype(np.float64) / self.temperature
+            if every_token:
+                log_normalizer = _log_sum_exp(scaled)
+            probabilities = np.exp(scaled - log_normalizer)
+            # Keep a token while the mass *before* it is below top_p: the most
+            # likely token is always kept.
+            mass_before = np.cumsum(probabilities) - probabilities
+            keep = mass_before < self.top_p
+            if not every_token:
+                # The nucleus may go on past the candidates, or the device's
+                # normalizer may put a token on the other side of top_p.
+                reaches_the_last = keep[values == values[-1]].any()
+                near_the_edge = np.any(np.abs(mass_before - self.top_p) <= MASS_TOLERANCE)
+                if reaches_the_last or near_the_edge:
+                    return None
+            values, ids = values[keep], ids[keep]
+        return values, ids
+
+    def _draw(self, values, ids, uniform):
+        """Inverse-CDF sampling over the allowed tokens in id order: the same
+        token for the same uniform number whichever other tokens (of
+        probability zero) are listed."""
+        order = np.argsort(ids, kind="stable")
+        scaled = values[order].astype(np.float64) / self.temperature
+        cumulative = np.cumsum(np.exp(scaled - scaled.max()))
+        chosen = int((cumulative < uniform * cumulative[-1]).sum())
+        return ids[order][min(chosen, len(ids) - 1)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +256,9 @@ class BeamSampler:
         object.__setattr__(self, "num_beams", int(self.num_beams))
 
 
-def _softmax(x):
-    x = x - np.max(x, axis=-1, keepdims=True)
-    exponentials = np.exp(x)
-    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+def _log_sum_exp(x):
+    largest = x.max()
+    return largest + np.log(np.exp(x - largest).sum())
 
 
 SAMPLERS = ("greedy", "random", "top_k", "top_p", "beam")

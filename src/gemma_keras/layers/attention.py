@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from gemma_keras.backends import einsum
+from gemma_keras.layers.precision import FLOAT16_MAX
 from gemma_keras.layers.projection import Projection
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding, rotary_tables
@@ -51,6 +52,10 @@ class Attention(keras.layers.Layer):
     sequence slot ([batch, total_slots, kv_heads, head_dim]); a local
     (sliding-window) layer's cache is a ring buffer of at most
     `sliding_window` entries, whatever the context length.
+
+    In a float16 model, logits whose float16 product overflowed to +-inf
+    are clipped to +-65504 (the softmax of an inf is NaN); such a logit
+    outweighs the others entirely either way.
 
     Example:
 
@@ -178,7 +183,10 @@ class Attention(keras.layers.Layer):
             query, (batch, length, self.num_key_value_heads, self.num_groups, self.head_dim)
         )
         logits = einsum("bskgh,btkh->bkgst", query, ops.cast(keys, query.dtype))
-        logits = soft_cap(ops.cast(logits, "float32"), self.attention_logit_soft_cap)
+        logits = ops.cast(logits, "float32")
+        if self.compute_dtype == "float16":
+            logits = ops.clip(logits, -FLOAT16_MAX, FLOAT16_MAX)
+        logits = soft_cap(logits, self.attention_logit_soft_cap)
         logits = ops.where(plan.mask, logits, _MASKED_LOGIT)
         probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
         attended = einsum("bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype))

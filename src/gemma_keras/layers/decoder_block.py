@@ -6,6 +6,7 @@ from keras import ops
 from gemma_keras.config import GemmaConfig
 from gemma_keras.layers.attention import Attention
 from gemma_keras.layers.feed_forward import FeedForward
+from gemma_keras.layers.precision import residual_dtype
 from gemma_keras.layers.rms_norm import RMSNorm
 
 
@@ -17,6 +18,9 @@ class DecoderBlock(keras.layers.Layer):
     x = x + post_ffw_norm(ffw(pre_ffw_norm(x)))
     ```
     The post norms exist only when the config asks for them (Gemma 2 and 3).
+    `x`, the residual stream, is float32 in a float16 model (its sums pass
+    float16's range) and in the compute dtype otherwise: see
+    `gemma_keras.layers.precision`.
     Whether the layer is local (sliding window, local RoPE base) or global
     comes from `config.layer_types[layer_index]`.
 
@@ -34,9 +38,13 @@ class DecoderBlock(keras.layers.Layer):
         self.layer_index = layer_index
         is_local = config.layer_types[layer_index] == "local"
         epsilon = config.layer_norm_epsilon
+        self.residual_dtype = residual_dtype(self.compute_dtype)
+        if self.residual_dtype != self.compute_dtype:
+            # Keras would cast the float32 stream (and the caches) to float16 on the way in.
+            self.autocast = False
 
-        def norm(name):
-            return RMSNorm(epsilon, dtype=self.dtype_policy, name=name)
+        def norm(name, output_dtype=None):
+            return RMSNorm(epsilon, output_dtype, dtype=self.dtype_policy, name=name)
 
         self.pre_attention_norm = norm("pre_attention_norm")
         self.attention = Attention(
@@ -57,13 +65,17 @@ class DecoderBlock(keras.layers.Layer):
             name="attention",
         )
         self.post_attention_norm = (
-            norm("post_attention_norm") if config.use_post_attention_norm else None
+            norm("post_attention_norm", self.residual_dtype)
+            if config.use_post_attention_norm
+            else None
         )
         self.pre_ffw_norm = norm("pre_ffw_norm")
         self.ffw = FeedForward(
             config.hidden_dim, config.intermediate_dim, dtype=self.dtype_policy, name="ffw"
         )
-        self.post_ffw_norm = norm("post_ffw_norm") if config.use_post_ffw_norm else None
+        self.post_ffw_norm = (
+            norm("post_ffw_norm", self.residual_dtype) if config.use_post_ffw_norm else None
+        )
 
     def build(self, input_shape, *args, **kwargs):
         hidden_shape = (None, None, self.config.hidden_dim)
@@ -79,6 +91,7 @@ class DecoderBlock(keras.layers.Layer):
                 layer.build(hidden_shape)
 
     def call(self, x, key_mask=None, plan=None, cache=None):
+        x = ops.cast(x, self.residual_dtype)
         if plan is None:
             batch, length = ops.shape(x)[0], ops.shape(x)[1]
             positions = ops.broadcast_to(
@@ -90,17 +103,17 @@ class DecoderBlock(keras.layers.Layer):
             attended, cache = attended
         if self.post_attention_norm is not None:
             attended = self.post_attention_norm(attended)
-        x = x + attended
+        x = x + ops.cast(attended, x.dtype)
         transformed = self.ffw(self.pre_ffw_norm(x))
         if self.post_ffw_norm is not None:
             transformed = self.post_ffw_norm(transformed)
-        x = x + transformed
+        x = x + ops.cast(transformed, x.dtype)
         if cache is None:
             return x
         return x, cache
 
     def compute_output_spec(self, x, *args, cache=None, **kwargs):
-        output = keras.KerasTensor(x.shape, self.compute_dtype)
+        output = keras.KerasTensor(x.shape, self.residual_dtype)
         if cache is None:
             return output
         return output, cache

@@ -5,12 +5,26 @@ from keras import ops
 
 from gemma_keras.layers.projection import Projection
 
+# A float16 model's `gelu(gate) * up` is scaled per token so that its largest
+# value is at most this before `down` (see `FeedForward`): `down`'s outputs
+# are then at most this times the sum of a row's |weights|, which stays under
+# 65504 for rows that sum to less than 255.
+FLOAT16_DOWN_INPUT_LIMIT = 256.0
+
 
 class FeedForward(keras.layers.Layer):
     """`down(gelu_tanh(gate(x)) * up(x))`.
 
     `intermediate_dim` is the width of each of `gate` and `up` (16384 for
     Gemma 2B). Each is a `Projection` (kernel `[out, in]`).
+
+    A float16 model (see `gemma_keras.layers.precision`) multiplies
+    `gelu(gate) * up` in float32, divides each token's row by the power of
+    two that brings its largest value under `FLOAT16_DOWN_INPUT_LIMIT` (1
+    where it is already, as on the embedded 270M), multiplies by `down` in
+    float16 and undoes the scale in float32: it returns float32, which joins
+    the float32 residual stream. Rows are independent, so the scale changes
+    nothing but the range.
 
     Example:
 
@@ -34,8 +48,17 @@ class FeedForward(keras.layers.Layer):
             projection.build()
 
     def call(self, x):
-        gate = ops.gelu(self.gate(x), approximate=True)
-        return self.down(gate * self.up(x))
+        if self.compute_dtype != "float16":
+            gate = ops.gelu(self.gate(x), approximate=True)
+            return self.down(gate * self.up(x))
+        gate = ops.gelu(ops.cast(self.gate(x), "float32"), approximate=True)
+        hidden = gate * ops.cast(self.up(x), "float32")
+        peak = ops.max(ops.abs(hidden), axis=-1, keepdims=True)
+        # A power of two: dividing by it and multiplying back are exact.
+        exponent = ops.maximum(ops.ceil(ops.log2(peak / FLOAT16_DOWN_INPUT_LIMIT)), 0.0)
+        scale = ops.stop_gradient(ops.power(2.0, exponent))
+        down = self.down(ops.cast(hidden / scale, self.compute_dtype))
+        return ops.cast(down, "float32") * scale
 
     def get_config(self):
         return {

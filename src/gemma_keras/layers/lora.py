@@ -5,7 +5,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from gemma_keras import quantization
+from gemma_keras import distribution, quantization
 from gemma_keras.quantization import QuantizationError
 
 
@@ -91,9 +91,12 @@ class LoraLayer(keras.layers.Layer):
                 "enabled once per layer (`merge_lora()` folds it in and allows a new one)."
             )
         shapes = self.lora_shapes(rank)
+        names = self.lora_weight_names
+        distribution.check_layouts(
+            {f"{self.path}/{name}": shape for name, shape in zip(names, shapes, strict=True)}
+        )
         initializers = (a_initializer, b_initializer)
         self._tracker.unlock()
-        names = self.lora_weight_names
         for name, shape, initializer in zip(names, shapes, initializers, strict=True):
             weight = self.add_weight(
                 name=name,
@@ -183,15 +186,12 @@ class LoraLayer(keras.layers.Layer):
         """Replaces the float weight by uninitialised int8/int4 variables (in a
         `keras.StatelessScope(initialize_variables=False)` they wait for
         values, as when a quantized preset loads)."""
-        rows, columns = self.weight_shape
-        quantization.check_group_size(mode, group_size, columns, f"{self.path} ({columns} wide)")
-        name = self.base_weight_name
+        shapes = self.quantized_variable_shapes(mode, group_size)
+        distribution.check_layouts(
+            {f"{self.path}/{key}": shape for key, (shape, _) in shapes.items()}
+        )
         self._untrack_variable(self.base_weight)
-        object.__delattr__(self, name)
-        integers = ((rows, columns), "int8") if mode == "int8" else ((rows, columns // 2), "uint8")
-        shapes = {name: integers, f"{name}_scale": ((rows, columns // group_size), "float32")}
-        if mode == "int4":
-            shapes[f"{name}_offset"] = shapes[f"{name}_scale"]
+        object.__delattr__(self, self.base_weight_name)
         self._tracker.unlock()
         for weight_name, (shape, dtype) in shapes.items():
             weight = self.add_weight(
@@ -206,6 +206,17 @@ class LoraLayer(keras.layers.Layer):
         self._tracker.lock()
         self._quantization_mode = mode
         self.quantization_group_size = group_size
+
+    def quantized_variable_shapes(self, mode, group_size):
+        """`{variable name: (shape, dtype)}` of the weight's `mode` form."""
+        rows, columns = self.weight_shape
+        quantization.check_group_size(mode, group_size, columns, f"{self.path} ({columns} wide)")
+        name = self.base_weight_name
+        integers = ((rows, columns), "int8") if mode == "int8" else ((rows, columns // 2), "uint8")
+        shapes = {name: integers, f"{name}_scale": ((rows, columns // group_size), "float32")}
+        if mode == "int4":
+            shapes[f"{name}_offset"] = shapes[f"{name}_scale"]
+        return shapes
 
     def assign_quantized(self, quantized):
         """Sets the quantized variables from a `QuantizedWeight` of this layer's form."""

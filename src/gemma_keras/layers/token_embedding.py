@@ -9,6 +9,7 @@ from gemma_keras import backends as backend
 from gemma_keras import quantization
 from gemma_keras.backends import linear
 from gemma_keras.layers.lora import LoraLayer
+from gemma_keras.layers.precision import residual_dtype
 from gemma_keras.layers.soft_cap import soft_cap
 
 
@@ -41,7 +42,9 @@ class TokenEmbedding(LoraLayer):
 
     `call(token_ids)` returns `embeddings[token_ids] * sqrt(hidden_dim)`, the
     scale first cast to the compute dtype as Gemma was trained (bf16:
-    sqrt(2048) -> 45.25). `call(hidden, reverse=True)` returns float32 logits
+    sqrt(2048) -> 45.25), in float32 for a float16 model, whose residual
+    stream it starts (see `gemma_keras.layers.precision`).
+    `call(hidden, reverse=True)` returns float32 logits
     `hidden @ embeddings.T`, soft-capped by `logit_soft_cap` when set.
 
     LoRA as `keras.layers.Embedding.enable_lora` has it: `lora_embeddings_a`
@@ -82,7 +85,8 @@ class TokenEmbedding(LoraLayer):
     def compute_output_spec(self, inputs, reverse=False):
         if reverse:
             return keras.KerasTensor(tuple(inputs.shape[:-1]) + (self.vocabulary_size,), "float32")
-        return keras.KerasTensor(tuple(inputs.shape) + (self.hidden_dim,), self.compute_dtype)
+        output_dtype = residual_dtype(self.compute_dtype)
+        return keras.KerasTensor(tuple(inputs.shape) + (self.hidden_dim,), output_dtype)
 
     @property
     def weight_shape(self):
@@ -110,7 +114,10 @@ class TokenEmbedding(LoraLayer):
             low_rank = ops.matmul(ops.take(self.lora_a, token_ids, axis=0), self.lora_b)
             rows = ops.cast(rows, "float32") + low_rank * self.lora_scale
         embedded = ops.cast(rows, self.compute_dtype)
-        return embedded * ops.cast(math.sqrt(self.hidden_dim), self.compute_dtype)
+        scale = ops.cast(math.sqrt(self.hidden_dim), self.compute_dtype)
+        # A float16 model multiplies in float32: the product starts its float32 residual stream.
+        stream = residual_dtype(self.compute_dtype)
+        return ops.cast(embedded, stream) * ops.cast(scale, stream)
 
     @property
     def lora_a(self):
