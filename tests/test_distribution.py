@@ -154,6 +154,16 @@ def test_sharded_model_equals_one_device(presets, name, mesh_shape):
 
 
 @on_mesh
+@pytest.mark.parametrize("name", ["gemma1_mqa", "gemma3_gqa"])
+def test_data_parallel_model_equals_one_device(presets, name):
+    directory, logits, generations = presets(name)
+    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()).scope():
+        model = GemmaCausalLM.from_preset(directory)
+        np.testing.assert_allclose(_logits(model), logits, rtol=1e-5, atol=1e-5)
+        assert _generations(model) == generations
+
+
+@on_mesh
 def test_weights_load_as_shards(presets):
     """from_preset under a distribution gives each device its shard only."""
     directory, _, _ = presets("gemma1_mqa")
