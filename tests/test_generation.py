@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import randomize, tiny_config
-from gemma_keras import GemmaCausalLM, GemmaTokenizer, GenerationError, generation
+from gemma_keras import GemmaCausalLM, GemmaTokenizer, GenerationError, generation, samplers
+from gemma_keras.backends import dispatch
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
-from gemma_keras.samplers import SamplerError
+from gemma_keras.samplers import ARGMAX, LOGITS, Sampler, SamplerError
 
 PROMPTS = ["The capital of", "def add(a, b):\n    return", "Numbers like 12345 and"]
 
@@ -61,7 +62,7 @@ def test_greedy_equals_uncached_argmax_for_a_ragged_batch(model):
     assert model.generate(prompts[1], max_new_tokens=12) == outputs[1]
 
 
-def test_finished_rows_leave_the_batch(model, monkeypatch):
+def test_finished_rows_leave_the_batch(model):
     """With `max_length`, shorter prompts get longer budgets, so rows finish at
     different steps; the batch shrinks to the unfinished rows, and every row's
     tokens stay those it gets in a batch that never shrinks."""
@@ -69,22 +70,20 @@ def test_finished_rows_leave_the_batch(model, monkeypatch):
     assert len(set(map(len, prompts))) == len(prompts)
     max_length = max(map(len, prompts)) + 6
     budgets = [max_length - len(p) for p in prompts]
-    compiled_step = generation.compiled_step
+    step = generation.compiled_step(model)
     batch_sizes = []
 
-    def recording_compiled_step(model, *reduction):
-        step = compiled_step(model, *reduction)
+    def recording_step(caches, token_ids, *inputs):
+        batch_sizes.append(token_ids.shape[0])
+        return step(caches, token_ids, *inputs)
 
-        def recording_step(caches, token_ids, *inputs):
-            batch_sizes.append(token_ids.shape[0])
-            return step(caches, token_ids, *inputs)
-
-        return recording_step
-
-    with monkeypatch.context() as patch:
-        patch.setattr(generation, "compiled_step", recording_compiled_step)
+    saved = model._compiled_step
+    model._compiled_step = (saved[0], recording_step)
+    try:
         greedy = model.generate(prompts, max_length=max_length)
         sampled = model.generate(prompts, max_length=max_length, sampler="top_k", seed=5)
+    finally:
+        model._compiled_step = saved
     assert greedy == [argmax_loop(model, [p], n)[0] for p, n in zip(prompts, budgets, strict=True)]
     # A batch is cut only when that at least halves it: 3 rows go straight to 1.
     assert batch_sizes[0] == 3 and batch_sizes[-1] == 1 and set(batch_sizes) == {1, 3}
@@ -274,3 +273,106 @@ def test_mixed_bfloat16_generates_what_bfloat16_generates(tokenizer_proto):
     prompts = ["the cat", "a mat the cat sat on"]
     expected = cast.generate(prompts, max_new_tokens=8, return_ids=True)
     assert mixed.generate(prompts, max_new_tokens=8, return_ids=True) == expected
+
+
+# --------------------------------------------------------------------------- reduced decode steps
+
+
+def sample_full_logits(monkeypatch):
+    """Makes every sampling step copy the full logits, as before steps reduced them."""
+    monkeypatch.setattr(
+        Sampler, "reduction", lambda self, size: ARGMAX if self.is_greedy else LOGITS
+    )
+
+
+@pytest.fixture(scope="module")
+def gemma3_model(tokenizer_proto):
+    return make_model("gemma3", tokenizer_proto)
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [Sampler(top_k=5), Sampler(top_p=0.9), Sampler(temperature=0.7, top_k=5, top_p=0.8)],
+    ids=str,
+)
+def test_reduced_steps_sample_what_the_full_logits_sample(gemma3_model, sampler, monkeypatch):
+    """Seeded top-k and top-p generation from the steps' candidates (16 for
+    top-p, so that some rows fall back to the full logits) gives the tokens
+    that sampling the full logits gives."""
+    model = gemma3_model
+    monkeypatch.setattr(samplers, "CANDIDATES", 16)
+    assert sampler.reduction(model.config.vocabulary_size).kind == "top"
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    reduced = [model.generate(prompts, max_new_tokens=8, sampler=sampler, seed=s) for s in (0, 1)]
+    sample_full_logits(monkeypatch)
+    full = [model.generate(prompts, max_new_tokens=8, sampler=sampler, seed=s) for s in (0, 1)]
+    assert reduced == full and reduced[0] != reduced[1]
+
+
+def reduce_as_on_an_accelerator(monkeypatch):
+    """Makes steps reduce their logits as on a GPU or TPU, where reading them
+    is a device-to-host transfer (see `dispatch.choose_reduction`)."""
+    assert dispatch.choose_reduction("gpu", "argmax") == "argmax"
+    assert dispatch.choose_reduction("tpu", "top") == "top"
+    monkeypatch.setattr(dispatch, "choose_reduction", lambda platform, kind: kind)
+
+
+def test_decode_steps_copy_only_what_the_sampler_needs(tokenizer_proto, monkeypatch):
+    model = make_model("gemma1_mqa", tokenizer_proto)
+    monkeypatch.setattr(samplers, "CANDIDATES", 16)
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    batch, vocabulary = len(prompts), model.config.vocabulary_size
+    all_logits = batch * vocabulary * 4  # float32
+    # On a CPU the host reads a greedy step's logits in place (numpy's argmax was faster).
+    assert generation.prefill(model, prompts, 4, Sampler(0))[0].host_bytes == all_logits
+    reduce_as_on_an_accelerator(monkeypatch)
+    expected_bytes = {
+        Sampler(temperature=0): batch * 4,  # one int32 id a row
+        Sampler(top_k=5): batch * 6 * (4 + 4),  # k + 1 float32 logits and int32 ids
+        Sampler(top_p=0.9): batch * (16 * (4 + 4) + 4),  # and the remainder's log-sum-exp
+        Sampler(temperature=0.5): all_logits,
+    }
+    for sampler, expected in expected_bytes.items():
+        result, state = generation.prefill(model, prompts, 4, sampler)
+        assert result.host_bytes == expected, sampler
+        tokens = result.next_tokens(sampler, np.full(batch, 0.5))
+        step = generation.extend(model, state, tokens[:, None])
+        assert step.host_bytes == expected, sampler
+        # The logits stay on the device until asked for, a row at a time if need be.
+        np.testing.assert_array_equal(step.logits([1]), step.logits()[[1]])
+        if expected != all_logits:
+            assert step.host_bytes == expected + vocabulary * 4 + all_logits
+
+
+def test_greedy_steps_reduced_on_an_accelerator_equal_uncached_argmax(model, monkeypatch):
+    reduce_as_on_an_accelerator(monkeypatch)
+    prompts = [model.tokenizer.encode(p) for p in PROMPTS]
+    assert model.generate(prompts, max_new_tokens=6) == argmax_loop(model, prompts, 6)
+
+
+def test_ids_beyond_the_tokenizer_are_never_chosen(tokenizer_proto):
+    """Gemma 3 4B+ has image tokens beyond its text vocabulary; the steps mask
+    them out before choosing, whatever their logits."""
+    tokenizer = GemmaTokenizer(tokenizer_proto)
+    config = dataclasses.replace(
+        tiny_config("gemma1_mqa"), vocabulary_size=tokenizer.vocabulary_size + 64
+    )
+    model = GemmaCausalLM.from_gemma_config(config, dtype="float32")
+    weights = {k: v * 3 for k, v in randomize(model_shapes(model)).items()}
+    weights["token_embedding/embeddings"][tokenizer.vocabulary_size :] *= 100
+    assign_weights(model, weights)
+    model.tokenizer = tokenizer
+    prompt = tokenizer.encode(PROMPTS[0])
+    inputs = {"token_ids": np.array([prompt]), "padding_mask": np.ones((1, len(prompt)), "int32")}
+    unmasked = keras.ops.convert_to_numpy(model(inputs))[0, -1]
+    assert unmasked.argmax() >= tokenizer.vocabulary_size  # what the mask is there for
+    for sampler in ["greedy", "top_k", Sampler(top_p=0.9)]:
+        generated = model.generate(prompt, max_new_tokens=6, sampler=sampler, seed=3)
+        assert max(generated[len(prompt) :]) < tokenizer.vocabulary_size, sampler
+
+
+def test_steps_argmax_takes_the_lowest_id_among_ties_and_masks_undecodable_ids():
+    """As numpy's argmax, on every backend (TensorFlow's own may pick any)."""
+    logits = np.array([[1.0, 7.0, 7.0, 3.0, 9.0], [7.0, 2.0, 7.0, 7.0, 0.0]], "float32")
+    (ids,) = generation._reduce(keras.ops.convert_to_tensor(logits), ARGMAX, decodable=4)
+    assert keras.ops.convert_to_numpy(ids).tolist() == [1, 0]  # id 4 is not decodable

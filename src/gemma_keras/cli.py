@@ -42,7 +42,7 @@ def _model_options(parser):
     )
     parser.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "mixed_bfloat16"],
+        choices=["float32", "bfloat16", "mixed_bfloat16", "float16", "mixed_float16"],
         help="weights and compute dtype (default float32)",
     )
 

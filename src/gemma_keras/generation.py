@@ -3,14 +3,15 @@
 The loop is plain Python around one compiled step per shape bucket (see
 `backends.compile_step`):
 
-    prefill:  step(caches, prompts [batch, prompt_slots], ...) -> last logits, reduced
-    decode:   step(caches, token [batch, 1], ...)              -> next logits, reduced
+    prefill:  step(caches, prompts [batch, prompt_slots], ...) -> last logits
+    decode:   step(caches, token [batch, 1], ...)              -> next logits
 
-Each step reduces its logits on the device to what the sampler needs (see
-`samplers.Reduction`): greedy decoding copies one token id per row to the
-host, top-k and top-p a few candidates per row, never the `[batch,
-vocabulary]` logits unless the sampler needs them all (temperature only,
-beam search) or a row falls back to them (top-p past the candidates).
+The logits stay where the step ran: a second small compiled function
+(`compiled_reduction`) reduces them to what the sampler needs (see
+`samplers.Reduction`), and only that is copied to the host: one token id
+per row for greedy decoding, a few candidates per row for top-k and top-p,
+the `[batch, vocabulary]` logits only where the sampler needs them all
+(temperature alone, beam search) or a top-p row goes past its candidates.
 
 Prompts of a batch are left-padded to a common length so that every row
 writes its next token into the same cache slot; padding is masked out of
@@ -26,10 +27,12 @@ rows finish.
 """
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from gemma_keras import backends
+from gemma_keras.backends import dispatch
 from gemma_keras.layers.token_embedding import check_token_ids
 from gemma_keras.samplers import (
     LOGITS,
@@ -50,23 +53,33 @@ def _bucket(length, minimum):
     return max(minimum, 1 << max(0, int(length) - 1).bit_length())
 
 
-def _step(model, reduction, decodable, caches, token_ids, key_mask, positions, cache_index):
-    """Runs `token_ids` through the model: the last position's logits reduced
-    for the sampler (`_reduce`), and the caches. Only the last position goes
-    through the vocabulary projection (every prompt position's would cost more
-    than the whole prefill)."""
+def _step(model, caches, token_ids, key_mask, positions, cache_index):
+    """Runs `token_ids` through the model; logits of the last position only (the
+    vocabulary projection of every prompt position would cost more than the
+    whole prefill)."""
     hidden, caches = model.backbone.call_with_cache(
         token_ids, key_mask, positions, caches, cache_index
     )
     logits = model.backbone.token_embedding(hidden[:, -1:, :], reverse=True)
-    return _reduce(logits[:, 0, :], reduction, decodable), caches
+    return logits[:, 0, :], caches
+
+
+def compiled_step(model):
+    """The model's compiled step function, built once per model and again when
+    its variables change (LoRA enabled, merged or loaded) or LoRA is switched on."""
+    key = tuple(id(variable) for variable in model.variables)
+    compiled = getattr(model, "_compiled_step", None)
+    if compiled is None or compiled[0] != key:
+        step = backends.compile_step(model, lambda *args: _step(model, *args))
+        model._compiled_step = compiled = (key, step)
+    return compiled[1]
 
 
 def _reduce(logits, reduction, decodable):
-    """The outputs of a step for `reduction` (see `samplers.Reduction`), from
-    `logits` [batch, vocabulary]: a tuple of tensors, still on the device.
-    Ids from `decodable` on (Gemma 3 4B+ has 64 image tokens beyond its text
-    vocabulary) are never chosen."""
+    """What the host needs of a step's `logits` [batch, vocabulary] for
+    `reduction` (see `samplers.Reduction`): a tuple of tensors, computed where
+    the logits are. Ids from `decodable` on (Gemma 3 4B+ has 64 image tokens
+    beyond its text vocabulary) are never chosen."""
     from keras import ops
 
     logits = ops.cast(logits, "float32")
@@ -82,52 +95,56 @@ def _reduce(logits, reduction, decodable):
     if reduction.kind == "logits":
         return (logits,)
     values, top_ids = ops.top_k(logits, reduction.count, sorted=False)
-    # The logits come back too, left on the device unless a row needs them.
-    outputs = (values, ops.cast(top_ids, "int32"), logits)
+    outputs = (values, ops.cast(top_ids, "int32"))
     if reduction.temperature is not None:
-        outputs += (ops.logsumexp(logits / reduction.temperature, axis=-1),)
+        least = ops.min(values, axis=-1, keepdims=True)
+        remainder = ops.where(logits <= least, logits / reduction.temperature, -np.inf)
+        outputs += (ops.logsumexp(remainder, axis=-1),)
     return outputs
 
 
-def compiled_step(model, reduction=LOGITS):
-    """The model's compiled step for `reduction`, built once per model and
-    reduction, and again when its variables change (LoRA enabled, merged or
-    loaded) or its tokenizer does."""
-    decodable = model.config.vocabulary_size
-    if model.tokenizer is not None:
-        decodable = min(decodable, model.tokenizer.vocabulary_size)
-    key = (tuple(id(variable) for variable in model.variables), decodable)
-    compiled = getattr(model, "_compiled_step", None)
-    if compiled is None or compiled[0] != key:
-        model._compiled_step = compiled = (key, {})
-    steps = compiled[1]
-    if reduction not in steps:
-        steps[reduction] = backends.compile_step(
-            model, lambda *args: _step(model, reduction, decodable, *args)
-        )
-    return steps[reduction]
+@functools.cache
+def compiled_reduction(reduction, decodable):
+    """`_reduce` for `reduction` and `decodable`, compiled on its own (see
+    `backends.compile_function`): the model's step stays one per shape
+    whichever sampler reads its logits, and the logits stay on the device."""
+    return backends.compile_function(
+        functools.partial(_reduce, reduction=reduction, decodable=decodable)
+    )
+
+
+def decodable_ids(model):
+    """How many ids a step may choose: the model's vocabulary, or its
+    tokenizer's where that is smaller."""
+    if model.tokenizer is None:
+        return model.config.vocabulary_size
+    return min(model.config.vocabulary_size, model.tokenizer.vocabulary_size)
 
 
 class StepResult:
-    """What a step hands the host for choosing next tokens: its reduced
-    outputs (see `samplers.Reduction`), copied at once, and after a "top"
-    step the full logits, left on the device unless a row needs them.
+    """A step's logits, left where the step ran, and what a sampler needs of
+    them (see `samplers.Reduction`) copied to the host. The full logits are
+    copied only if asked for (a sampler that needs every token, beam search),
+    a row's when the candidates cannot decide it (a top-p row past them).
     `host_bytes` counts what has been copied to the host so far."""
 
-    def __init__(self, reduction, outputs):
-        self.reduction = reduction
+    def __init__(self, logits, reduction, decodable):
         self.host_bytes = 0
-        self._device_logits = None
+        self._device_logits, self._decodable = logits, decodable
         self._logits = self._token_ids = self._candidates = None
+        # What runs where the logits are (see `dispatch.choose_reduction`).
+        if dispatch.choose_reduction(backends.platform(logits), reduction.kind) == "logits":
+            reduction = LOGITS
+        self.reduction = reduction
+        outputs = compiled_reduction(reduction, decodable)(logits)
         if reduction.kind == "argmax":
             self._token_ids = self._fetch(outputs[0])
         elif reduction.kind == "logits":
             self._logits = self._fetch(outputs[0])
         else:
-            values, ids, self._device_logits = outputs[:3]
-            normalizer = self._fetch(outputs[3]) if len(outputs) > 3 else None
-            width = self._device_logits.shape[-1]
-            self._candidates = Candidates(self._fetch(values), self._fetch(ids), width, normalizer)
+            values, ids = self._fetch(outputs[0]), self._fetch(outputs[1])
+            remainder = self._fetch(outputs[2]) if len(outputs) > 2 else None
+            self._candidates = Candidates(values, ids, logits.shape[-1], remainder)
 
     def _fetch(self, tensor):
         from keras import ops
@@ -136,15 +153,20 @@ class StepResult:
         self.host_bytes += array.nbytes
         return array
 
-    def logits(self):
-        """The full float32 logits [batch, vocabulary] (copied to the host once)."""
-        if self._logits is None:
-            if self._device_logits is None:
-                raise GenerationError(
-                    "This step returned token ids only; compile it for the logits "
-                    "(prefill or extend with samplers.LOGITS)."
-                )
-            self._logits = self._fetch(self._device_logits).astype(np.float32, copy=False)
+    def logits(self, rows=None):
+        """The float32 logits [batch, vocabulary], or those of `rows` only,
+        undecodable ids at -inf."""
+        if self._logits is not None:
+            return self._logits if rows is None else self._logits[rows]
+        logits = self._device_logits
+        if rows is not None:  # only these rows come to the host
+            from keras import ops
+
+            logits = ops.take(logits, np.asarray(rows, np.int32), axis=0)
+        (logits,) = compiled_reduction(LOGITS, self._decodable)(logits)
+        if rows is not None:
+            return self._fetch(logits)
+        self._logits = self._fetch(logits)
         return self._logits
 
     def token_ids(self):
@@ -174,18 +196,19 @@ class DecodeState:
     key_mask: np.ndarray  # [batch, cache_length] int32
     lengths: np.ndarray  # [batch] real tokens per row so far (the next RoPE position)
     next_slot: int  # cache slot the next token goes to (the same for every row)
-    # The model's compiled step for `reduction`, looked up once per prefill (or
-    # change of sampler): checking the model's variables walks every layer, too
-    # slow for each decode step.
+    # The model's compiled step, looked up once per prefill: checking the
+    # model's variables walks every layer, too slow for each decode step.
     step: object = None
-    reduction: Reduction = None
+    # What the steps' results copy to the host, for ids below `decodable`.
+    reduction: Reduction = LOGITS
+    decodable: int = None
 
     def reduce_for(self, model, sampler):
-        """Makes the next steps return what `sampler` needs (see
+        """Makes the next steps' results hold what `sampler` needs (see
         `samplers.Reduction`); with `sampler=None`, the full logits."""
-        reduction = LOGITS if sampler is None else sampler.reduction(model.config.vocabulary_size)
-        if reduction != self.reduction:
-            self.step, self.reduction = compiled_step(model, reduction), reduction
+        self.reduction = LOGITS
+        if sampler is not None:
+            self.reduction = sampler.reduction(model.config.vocabulary_size)
 
     @property
     def cache_length(self):
@@ -246,10 +269,12 @@ def prefill(model, prompts, max_new_tokens, sampler=None):
         key_mask,
         np.array([len(p) for p in prompts], np.int32),
         prompt_slots,
+        compiled_step(model),
+        decodable=decodable_ids(model),
     )
     state.reduce_for(model, sampler)
-    outputs, state.caches = state.step(state.caches, token_ids, key_mask, positions, np.int32(0))
-    return StepResult(state.reduction, outputs), state
+    logits, state.caches = state.step(state.caches, token_ids, key_mask, positions, np.int32(0))
+    return StepResult(logits, state.reduction, state.decodable), state
 
 
 def extend(model, state, token_ids):
@@ -275,12 +300,12 @@ def _extend_chunk(state, token_ids):
     count = token_ids.shape[1]
     state.key_mask[:, state.next_slot : state.next_slot + count] = 1
     positions = state.lengths[:, None] + np.arange(count, dtype=np.int32)[None, :]
-    outputs, state.caches = state.step(
+    logits, state.caches = state.step(
         state.caches, token_ids, state.key_mask, positions, np.int32(state.next_slot)
     )
     state.next_slot += count
     state.lengths += count
-    return StepResult(state.reduction, outputs)
+    return StepResult(logits, state.reduction, state.decodable)
 
 
 def normalize_inputs(model, inputs):

@@ -88,6 +88,19 @@ def compile_step(model, step):
     return implementation.compile_step(model, step)
 
 
+def platform(x):
+    """ "cpu", "gpu" or "tpu": where the tensor `x` lives."""
+    return implementation.platform_of(x)
+
+
+def compile_function(function):
+    """Compiles `function` of tensors (no variables), such as the reduction of
+    a step's logits for the sampler: `jax.jit`, `tf.function` with XLA, and
+    on torch the function as it is (a few kernels, launched eagerly). Its
+    tensors stay on the device they are on."""
+    return implementation.compile_function(function)
+
+
 def native_max_rows(float32=False):
     """The most rows (tokens in a step) whose products take the native kernel
     on this CPU: bfloat16 ones, or with `float32` torch's float32 ones."""

@@ -208,6 +208,10 @@ def is_concrete(x):
     return not isinstance(x, jax.core.Tracer)
 
 
+def compile_function(function):
+    return jax.jit(function)
+
+
 def compile_step(model, step):
     """`jax.jit` over the variables' values (passed as arguments, not baked
     in as constants), the caches donated so XLA updates them in place."""

@@ -225,6 +225,10 @@ def is_concrete(x):
     return tf.executing_eagerly() and not isinstance(x, keras.KerasTensor)
 
 
+def compile_function(function):
+    return tf.function(function, jit_compile=True)
+
+
 def compile_step(model, step):
     """`tf.function(jit_compile=True)`, called through one concrete function
     per input shape with the caches as flat tensors (matching the nested

@@ -165,6 +165,10 @@ def is_concrete(x):
     return not tracing and not isinstance(x, keras.KerasTensor)
 
 
+def compile_function(function):
+    return function
+
+
 def compile_step(model, step):
     """One `torch.jit.trace` graph per input shape, the variables' values as inputs.
 
