@@ -8,7 +8,9 @@ decode step copies to the host, on whatever accelerator this backend finds.
 One backend per run (`--backend`, else KERAS_BACKEND, else jax); the
 accelerator is the backend's own: JAX's `jax.devices()` GPU or TPU, torch's
 CUDA device, TensorFlow's GPU. With none, everything runs on the CPU and the
-report says "no accelerator: CPU only". Each part runs in its own process:
+report says "no accelerator: CPU only". Three processes run in turn:
+gemma_keras (its logits, speed and host traffic), the float32 reference on
+the CPU, and KerasHub (`--no-peer` leaves it out). They check:
 
 1. Logits parity: the model's logits on the accelerator (in `--dtype`)
    against float32 on the CPU (a process with the accelerators hidden), over
@@ -25,6 +27,8 @@ report says "no accelerator: CPU only". Each part runs in its own process:
    logits' bytes, and whether the tokens equal those of sampling the full
    logits. On a GPU or TPU greedy copies 4 bytes a row; on a CPU the host
    reads a greedy step's logits in place (`dispatch.choose_reduction`).
+   Beside it, the error of the device's float32 top-p remainder against
+   float64, which must stay under `samplers.REMAINDER_ERROR`.
 
 It prints a table and writes `benchmarks/results/accelerator_check-<model>-
 <backend>-<platform>.json` (or `--output`).
