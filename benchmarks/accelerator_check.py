@@ -49,20 +49,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # A source checkout runs without installing: its src/ comes first.
 SOURCE = os.path.join(os.path.dirname(HERE), "src")
 sys.path.insert(0, SOURCE)
+sys.path.insert(0, HERE)
+
+from train_step import SMOKE_SIZES  # noqa: E402  (--smoke: the 270M's architecture, small)
 
 EMBEDDED = "gemma3_270m_q4_k_m"
 RESULTS = os.path.join(HERE, "results")
-# --smoke: the 270M's architecture this small (six layers, the last global).
-SMOKE_SIZES = dict(
-    num_layers=6,
-    hidden_dim=64,
-    intermediate_dim=128,
-    num_query_heads=4,
-    num_key_value_heads=1,
-    head_dim=32,
-    query_pre_attn_scalar=32,
-    sliding_window=8,
-)
 # Parity of the accelerator's logits with float32 on the CPU: the largest
 # absolute difference as a share of the largest absolute logit, and the least
 # top-1 agreement. float32 allows TF32 matrix units (a 10-bit mantissa), which
