@@ -80,6 +80,40 @@ def test_measure_counts_decode_as_the_extra_time_over_one_token_beside_the_bandw
     assert result["best_bandwidth_gb_per_s"] == 30.0
 
 
+def fake_clock_generation(monkeypatch, seconds):
+    """`generate_for(count)` whose calls take `seconds[call number]` on a
+    fake clock (call 0 compiles the long run, call 1 the one-token run)."""
+    clock = {"now": 0.0, "calls": 0}
+
+    def generate_for(count):
+        def generate():
+            clock["now"] += seconds[clock["calls"]]
+            clock["calls"] += 1
+
+        return generate
+
+    monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    return generate_for
+
+
+def test_measure_drops_a_repeat_whose_one_token_took_longer_than_the_whole_run(monkeypatch):
+    # Repeats (9 tokens, 1 token): (2.1, 0.5), (1.0, 1.2) swamped by other work, (2.5, 0.9).
+    seconds = [3.0, 0.6, 2.1, 0.5, 1.0, 1.2, 2.5, 0.9]
+    result = benchmark.measure(
+        fake_clock_generation(monkeypatch, seconds), batch=1, new_tokens=9, bandwidth=lambda: 20.0
+    )
+    assert abs(result["decode_steps_per_second"] - 8 / 1.6) < 1e-9  # repeats 1 and 3 both 1.6 s
+    assert len(result["paired"]) == 2
+    assert all(p["decode_steps_per_second"] > 0 for p in result["paired"])
+
+
+def test_measure_refuses_a_machine_too_busy_to_time_decoding(monkeypatch):
+    seconds = [3.0, 0.6, 1.0, 1.2, 0.8, 0.8]
+    generate_for = fake_clock_generation(monkeypatch, seconds)
+    with pytest.raises(RuntimeError, match="no longer than 1 token in every repeat.*idle machine"):
+        benchmark.measure(generate_for, batch=1, new_tokens=9, bandwidth=lambda: 20.0, repeats=2)
+
+
 PROFILE = pathlib.Path(__file__).parents[1] / "benchmarks" / "profile_decode.py"
 profile_spec = importlib.util.spec_from_file_location("benchmark_profile_decode", PROFILE)
 profile = importlib.util.module_from_spec(profile_spec)

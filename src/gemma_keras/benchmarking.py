@@ -153,8 +153,11 @@ def measure(generate_for, batch, new_tokens, bandwidth, repeats=3):
 
     `generate_for(new)` returns a function that generates `new` tokens per row.
     Decode speed is the extra time that `new_tokens` cost over 1 token, so it
-    excludes the prefill; the time of 1 token is the time to first token. The
-    speeds reported are those of the fastest repeats.
+    excludes the prefill; the time of 1 token is the time to first token. Each
+    repeat times both back to back and gives its own decode time; the speeds
+    reported are those of the fastest repeats. A repeat whose `new_tokens`
+    took no longer than its 1 token measured the machine's other work, not
+    decoding: it is dropped, and a run with no other repeat raises.
 
     Each repeat is bracketed by two `bandwidth()` readings (GB/s) and keeps
     its own decode speed beside their mean (`paired`): this machine's
@@ -172,20 +175,28 @@ def measure(generate_for, batch, new_tokens, bandwidth, repeats=3):
         after = bandwidth()
         repeated.append((seconds, first_token))
         readings += [before, after]
-        paired.append(
-            {
-                "decode_steps_per_second": (new_tokens - 1) / (seconds - first_token),
-                "bandwidth_gb_per_s": (before + after) / 2,
-            }
+        if seconds > first_token:
+            paired.append(
+                {
+                    "decode_steps_per_second": (new_tokens - 1) / (seconds - first_token),
+                    "bandwidth_gb_per_s": (before + after) / 2,
+                }
+            )
+    decode_seconds = [s - t for s, t in repeated if s > t]
+    if not decode_seconds:
+        timings = ", ".join(f"{s:.3f} s against {t:.3f} s" for s, t in repeated)
+        raise RuntimeError(
+            f"generating {new_tokens} tokens took no longer than 1 token in every repeat "
+            f"({timings}): other work on this machine swamped the decode steps; run the "
+            "benchmark again on an idle machine, or with more --new tokens."
         )
     seconds = min(s for s, _ in repeated)
-    first_token = min(t for _, t in repeated)
     return {
         "first_call_seconds": first,
-        "time_to_first_token_seconds": first_token,
+        "time_to_first_token_seconds": min(t for _, t in repeated),
         "end_to_end_tokens_per_second": batch * new_tokens / seconds,
-        "decode_tokens_per_second": batch * (new_tokens - 1) / (seconds - first_token),
-        "decode_steps_per_second": (new_tokens - 1) / (seconds - first_token),
+        "decode_tokens_per_second": batch * (new_tokens - 1) / min(decode_seconds),
+        "decode_steps_per_second": (new_tokens - 1) / min(decode_seconds),
         "paired": paired,
         "best_bandwidth_gb_per_s": max(readings),
     }
