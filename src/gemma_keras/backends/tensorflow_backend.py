@@ -218,7 +218,12 @@ def einsum(equation, a, b):
 
 
 def take_rows(table, ids):
-    return keras.ops.take(keras.ops.convert_to_tensor(table), ids, axis=0)
+    """`table[ids]` along the first axis, gathered from the variable's value:
+    a gather on the variable itself (`ResourceGather`) puts it in
+    copy-on-read mode, after which every read of it, the logits' product's
+    too, copies the whole table (the 2B's int8 embedding: 35 ms a read)."""
+    # Keras' `convert_to_tensor` hands a `tf.Variable` back as it is; TensorFlow's reads it.
+    return tf.gather(tf.convert_to_tensor(keras.ops.convert_to_tensor(table)), ids, axis=0)
 
 
 def is_concrete(x):

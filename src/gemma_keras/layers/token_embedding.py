@@ -111,7 +111,7 @@ class TokenEmbedding(LoraLayer):
         else:
             rows = self._dequantized_rows(token_ids)
         if self.lora_enabled:
-            low_rank = ops.matmul(ops.take(self.lora_a, token_ids, axis=0), self.lora_b)
+            low_rank = ops.matmul(backend.take_rows(self.lora_a, token_ids), self.lora_b)
             rows = ops.cast(rows, "float32") + low_rank * self.lora_scale
         embedded = ops.cast(rows, self.compute_dtype)
         scale = ops.cast(math.sqrt(self.hidden_dim), self.compute_dtype)
@@ -137,7 +137,7 @@ class TokenEmbedding(LoraLayer):
         """The rows of a quantized table that `token_ids` pick, as float32."""
         flat = ops.reshape(token_ids, (-1,))
         arrays = self.quantized_arrays()
-        kernel, scale, offset = (None if a is None else ops.take(a, flat, axis=0) for a in arrays)
+        kernel, scale, offset = (None if a is None else backend.take_rows(a, flat) for a in arrays)
         rows = quantization.dequantize(self.quantization_mode, kernel, scale, offset)
         return ops.reshape(rows, (*ops.shape(token_ids), self.hidden_dim))
 
