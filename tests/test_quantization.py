@@ -421,4 +421,3 @@ def test_tensorflow_lookup_gathers_from_the_table_value_not_the_variable(mode):
     operations = {operation.type for operation in lookup.graph.get_operations()}
     assert "GatherV2" in operations
     assert not operations & {"ResourceGather", "ResourceGatherNd"}
-
