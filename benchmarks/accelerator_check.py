@@ -37,7 +37,6 @@ It prints a table and writes `benchmarks/results/accelerator_check-<model>-
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -51,7 +50,7 @@ SOURCE = os.path.join(os.path.dirname(HERE), "src")
 sys.path.insert(0, SOURCE)
 sys.path.insert(0, HERE)
 
-from train_step import SMOKE_SIZES  # noqa: E402  (--smoke: the 270M's architecture, small)
+from train_step import SMOKE_SIZES, cpu_name  # noqa: E402  (--smoke: the 270M's architecture, small)
 
 EMBEDDED = "gemma3_270m_q4_k_m"
 RESULTS = os.path.join(HERE, "results")
@@ -114,17 +113,6 @@ def accelerator():
             details = tf.config.experimental.get_device_details(gpus[0])
             return "gpu", f"{details.get('device_name', 'GPU')} x{len(gpus)}"
     return "cpu", cpu_name()
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as file:
-            for line in file:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- workers
