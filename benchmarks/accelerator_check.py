@@ -50,7 +50,7 @@ SOURCE = os.path.join(os.path.dirname(HERE), "src")
 sys.path.insert(0, SOURCE)
 sys.path.insert(0, HERE)
 
-from train_step import SMOKE_SIZES, cpu_name  # noqa: E402  (--smoke: the 270M's architecture, small)
+from train_step import SMOKE_SIZES, cpu_name, write_results  # noqa: E402
 
 EMBEDDED = "gemma3_270m_q4_k_m"
 RESULTS = os.path.join(HERE, "results")
@@ -542,13 +542,8 @@ def main(argv=None):
             ours["first_row_tokens"] == theirs["first_row_tokens"]
         )
     report(results)
-    output = args.output or os.path.join(
-        RESULTS, f"accelerator_check-{model}-{args.backend}-{ours['platform']}.json"
-    )
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as file:
-        json.dump(results, file, indent=2)
-    print(f"  saved {output}")
+    name = f"accelerator_check-{model}-{args.backend}-{ours['platform']}.json"
+    write_results(results, args.output or os.path.join(RESULTS, name))
 
 
 if __name__ == "__main__":

@@ -367,11 +367,17 @@ def main(argv=None):
             steps = {name: paired[name]["median_step_seconds"] for name in ENGINES}
             ours["paired_speed_ratio"] = steps["keras_hub"] / steps["gemma_keras"]
     report(results)
-    output = args.output or os.path.join(RESULTS, f"train_step-{model}-{args.backend}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as file:
+    write_results(
+        results, args.output or os.path.join(RESULTS, f"train_step-{model}-{args.backend}.json")
+    )
+
+
+def write_results(results, path):
+    """Writes `results` as JSON to `path`, making its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as file:
         json.dump(results, file, indent=2)
-    print(f"  saved {output}")
+    print(f"  saved {path}")
 
 
 if __name__ == "__main__":
