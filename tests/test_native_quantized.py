@@ -1,11 +1,10 @@
 """The native int8 and int4 kernels (`gemma_keras.native`, `cpu_kernels.cc`) on
 this backend's binding (JAX: the XLA FFI targets; TensorFlow: the operations
 `GemmaInt8Linear` and `GemmaInt4Linear`; torch: `gemma_keras::int8_linear` and
-`int4_linear`) and on ctypes with the AVX2 loop, against
+`int4_linear`) and on ctypes with the loops below the CPU's best, against
 `quantization.dequantize` and a float64 NumPy product.
 
-Tolerance: each output within 1e-5 of the sum of |x * w| that makes it (the
-float32 sums' rounding is a few 1e-7 of it at these widths)."""
+The tolerances: see quantized_helpers.py."""
 
 import shutil
 
@@ -14,13 +13,13 @@ import numpy as np
 import pytest
 
 from gemma_keras import native, quantization
+from quantized_helpers import assert_matches_dequantized, vnni_int4
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler to build the kernel"
 )
 
 BACKEND = keras.config.backend()
-RELATIVE_TOLERANCE = 1e-5
 ROWS = (1, 3, 8, 40)
 # (mode, group size or None for the full width, input width): every group
 # size on every width it divides. 2048 wide kernels have 2100 rows, over 2 MB
@@ -72,19 +71,6 @@ def kernel_product(mode, quantized, x):
     return operator(*(torch.from_numpy(a) for a in (x, *arrays)), 2).numpy()
 
 
-def assert_matches_dequantized(out, x, quantized):
-    weight = quantization.dequantize_numpy(quantized).astype(np.float64)
-    expected = x.astype(np.float64) @ weight.T
-    magnitude = np.abs(x.astype(np.float64)) @ np.abs(weight).T
-    assert out.shape == expected.shape and out.dtype == np.float32
-    error = np.abs(out - expected)
-    worst = np.unravel_index(np.argmax(error - RELATIVE_TOLERANCE * magnitude), error.shape)
-    assert np.all(error <= RELATIVE_TOLERANCE * magnitude + 1e-30), (
-        f"out{list(worst)} = {out[worst]}, expected {expected[worst]} "
-        f"(|x * w| sums to {magnitude[worst]})"
-    )
-
-
 @pytest.mark.parametrize(("mode", "group", "width"), CASES)
 def test_kernel_matches_the_dequantized_product(mode, group, width):
     rng = np.random.default_rng(width + (group or 0))
@@ -97,25 +83,47 @@ def test_kernel_matches_the_dequantized_product(mode, group, width):
         assert np.any(quantized.offset < 0)
     for rows in ROWS:
         x = rng.standard_normal((rows, width)).astype(np.float32)
-        assert_matches_dequantized(kernel_product(mode, quantized, x), x, quantized)
+        out = kernel_product(mode, quantized, x)
+        assert_matches_dequantized(out, x, quantized, int8_x=mode == "int4" and vnni_int4())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_avx2_loop_matches_the_dequantized_product(mode):
-    """The AVX2 loop, which a CPU with AVX512 does not take by itself."""
+@pytest.mark.parametrize("loop", ["avx2", "avx512"])
+def test_lower_loops_match_the_dequantized_product(mode, loop):
+    """The AVX2 loop and AVX512's float one, which a CPU with AVX512 (and
+    VNNI, for int4) does not take by itself."""
     if native.load() is None:
         pytest.skip("the native kernel cannot be built or run here (see the warning)")
+    if loop == "avx512" and "avx512" not in native.quantized_instruction_set():
+        pytest.skip("this CPU has no AVX512")
     rng = np.random.default_rng(7)
-    for group, width, n_out in ((32, 640, 45), (None, 2048, 2100)):
+    for group, width, n_out in ((32, 640, 45), (96, 288, 45), (None, 2048, 2100)):
         group = group or width
         weight = weight_with_edge_groups(rng, n_out, width, group)
         quantized = quantization.quantize(weight, mode, group)
         for rows in ROWS:
             x = rng.standard_normal((rows, width)).astype(np.float32)
             out = native.quantized_linear(
-                x, mode, quantized.kernel, quantized.scale, quantized.offset, avx2_only=True
+                x, mode, quantized.kernel, quantized.scale, quantized.offset, loop=loop
             )
             assert_matches_dequantized(out, x, quantized)
+
+
+def test_vnni_int4_loop_on_x_with_zero_and_outlying_blocks():
+    """x blocks of zeros, of one large value, and widths that leave the last
+    64-byte chunk part full (160 = one chunk and one block)."""
+    if native.load() is None or not vnni_int4():
+        pytest.skip("this CPU has no AVX512-VNNI (or the kernel cannot be built)")
+    rng = np.random.default_rng(11)
+    for width, group in ((160, 32), (224, 32), (384, 96), (640, 128)):
+        quantized = quantization.quantize(rng.standard_normal((37, width)), "int4", group)
+        x = rng.standard_normal((3, width)).astype(np.float32)
+        x[0, :32] = 0
+        x[1, 40] = 1e4
+        x[2, -32:] = -1e-30
+        arrays = (quantized.kernel, quantized.scale, quantized.offset)
+        out = native.quantized_linear(x, "int4", *arrays)
+        assert_matches_dequantized(out, x, quantized, int8_x=True)
 
 
 def test_kernel_rejects_shapes_that_do_not_fit():

@@ -14,7 +14,7 @@ import pytest
 from keras.quantizers import Int4QuantizationConfig
 
 from conftest import BACKEND, randomize, tiny_config
-from gemma_keras import GemmaCausalLM, GemmaTokenizer, quantization
+from gemma_keras import GemmaCausalLM, GemmaTokenizer, native, quantization
 from gemma_keras.checkpoints.weight_mapping import (
     WeightsError,
     assign_weights,
@@ -22,6 +22,7 @@ from gemma_keras.checkpoints.weight_mapping import (
     model_shapes,
 )
 from gemma_keras.quantization import QuantizationError
+from quantized_helpers import assert_matches_dequantized, vnni_int4
 from training_helpers import batch_for
 
 # float32 sums in another order, through a few layers of a tiny model.
@@ -188,15 +189,44 @@ def test_decoding_on_the_native_kernel_equals_the_dequantized_product(mode, monk
     model.quantize(mode, group_size=32)
     query = model.backbone.lora_layers()["decoder_block_1/attention/query"]
     x = keras.ops.convert_to_tensor(np.random.default_rng(4).normal(size=(1, 1, 64)), "float32")
-    fast = keras.ops.convert_to_numpy(backends.quantized_linear(x, mode, *query.quantized_arrays()))
-    plain = keras.ops.convert_to_numpy(backends.linear(x, query.float_weight()))
-    np.testing.assert_allclose(fast, plain, rtol=1e-5, atol=1e-5)
+    arrays = query.quantized_arrays()
+
+    def product(x):
+        return backends.quantized_linear(x, mode, *arrays)
+
+    if BACKEND == "tensorflow":  # as TensorFlow's decode step traces it, without XLA
+        import tensorflow as tf
+
+        from gemma_keras.backends import tensorflow_backend
+
+        product = tensorflow_backend.native_step(tf.function(product), [tf.TensorSpec(x.shape)])
+        if product is None and native.load_tensorflow() is None:
+            pytest.skip("the native kernel cannot be built for TensorFlow here")
+        assert product is not None, "the product did not take the native kernel"
+    fast = keras.ops.convert_to_numpy(product(x))
+    kernel, scale, offset = (None if a is None else keras.ops.convert_to_numpy(a) for a in arrays)
+    weight = quantization.QuantizedWeight(mode, kernel, scale, offset, 32)
+    x = keras.ops.convert_to_numpy(x)[0]
+    assert_matches_dequantized(fast[0], x, weight, int8_x=mode == "int4" and vnni_int4())
     prompt = inputs(batch=2, length=5)["token_ids"]
     on_kernel = model.generate(prompt, max_length=12)
     monkeypatch.setenv("GEMMA_KERAS_NATIVE", "0")
     model_without = random_model("gemma2")
     model_without.quantize(mode, group_size=32)
-    np.testing.assert_array_equal(on_kernel, model_without.generate(prompt, max_length=12))
+    if not (mode == "int4" and vnni_int4()):
+        np.testing.assert_array_equal(on_kernel, model_without.generate(prompt, max_length=12))
+        return
+    # x quantized to int8 moves a random tiny model's logits by about 1% and
+    # so flips its near ties: each greedy token must be the plain model's
+    # best to within 3% of its logits' range at that step.
+    on_kernel = np.asarray(on_kernel, "int32")
+    plain = logits(model_without, {"token_ids": on_kernel, "padding_mask": np.ones_like(on_kernel)})
+    for position in range(prompt.shape[1], on_kernel.shape[1]):
+        step = plain[:, position - 1]
+        chosen = np.take_along_axis(step, on_kernel[:, position, None], axis=1)[:, 0]
+        spread = step.max(axis=1) - step.min(axis=1)
+        gap = step.max(axis=1) - chosen
+        assert np.all(gap <= 0.03 * spread), (position, gap, spread)
 
 
 # --- loading and presets -----------------------------------------------------

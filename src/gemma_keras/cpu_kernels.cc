@@ -27,7 +27,8 @@
 // (against TensorFlow's), torch operators where GEMMA_KERAS_TORCH_OP is
 // (against torch's). The FFI handlers and TensorFlow operations run on their
 // framework's intra-op threads, torch's and ctypes' on threads of the
-// library's own. The int8 and int4 loops take AVX512 where the CPU has it.
+// library's own. The int8 and int4 loops take AVX512 where the CPU has it, int4
+// AVX512-VNNI (with x quantized to int8; see namespace vnni).
 //
 // ---------------------------------------------------------------------------
 // The bfloat16 kernel.
@@ -471,6 +472,11 @@ struct QuantizedProblem {
   const float* x_sums;    // [rows, groups]: each group's x summed, int4 only
   float* out;             // [rows, n_out]
   int64_t rows, n_out, n_in, group;
+  // The VNNI int4 loop's x, quantized (see namespace vnni): [rows, chunks * 128]
+  // int8 values, [rows, chunks * 16] lane scales and [chunks * 16] lane groups.
+  const int8_t* x_int8 = nullptr;
+  const float* x_lane_scales = nullptr;
+  const int32_t* lane_groups = nullptr;
   int64_t groups() const { return n_in / group; }
   int64_t row_bytes() const { return bits == Bits::kInt8 ? n_in : n_in / 2; }
 };
@@ -648,6 +654,119 @@ GEMMA_KERAS_AVX512 void block(const QuantizedProblem& p, const int64_t (&o)[R], 
 
 }  // namespace avx512
 
+// AVX512-VNNI, int4 only: x quantized to int8 in blocks of 32 inputs (scale
+// max|x| / 127, rounded to nearest, as llama.cpp's Q8_0 does for its own
+// int4 products), and each block's sum taken on the integers by `vpdpbusd`,
+// 64 products per instruction. The float loops above spend two shuffles per
+// 16 weights widening them, and shuffles issue on one port: about 20 G
+// weights/s per core, below the memory's speed for 4-bit weights. Each x is
+// off by at most half its block's scale, so an output is off by at most the
+// sum over its inputs of |w - offset| * x_scale / 2; the offsets' share is
+// exact (float x sums).
+namespace vnni {
+
+#define GEMMA_KERAS_VNNI \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")))
+
+// Inputs per 64 kernel bytes: four int4 blocks, whose 16 bytes each hold
+// inputs [0, 16) in their low nibbles and [16, 32) in their high ones.
+constexpr int64_t kChunk = 128;
+
+inline int64_t chunks(int64_t n_in) { return (n_in + kChunk - 1) / kChunk; }
+
+// x rows as the loop reads them: per chunk, the four blocks' inputs [0, 16)
+// (64 bytes, against the low nibbles) then [16, 32); per chunk and row, 16
+// lane scales (a `vpdpbusd` lane sums 4 bytes, so lanes 4b..4b+3 are block
+// b's); per chunk, each lane's group less the chunk's first group.
+struct QuantizedX {
+  std::vector<int8_t> values;
+  std::vector<float> lane_scales;
+  std::vector<int32_t> lane_groups;
+};
+
+// 16 values times `inverse`, rounded to the nearest integers, to `out`.
+GEMMA_KERAS_VNNI inline void store_int8(int8_t* out, __m512 values, __m512 inverse) {
+  const __m128i rounded = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(values, inverse)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), rounded);
+}
+
+// One block of 32 x: its inputs [0, 16) to `low`, [16, 32) to `high`, and
+// its scale to its 4 lanes.
+GEMMA_KERAS_VNNI inline void quantize_block(const float* x, int8_t* low, int8_t* high, float* lane_scales) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 inverse = _mm512_set1_ps(largest > 0 ? 127.0f / largest : 0.0f);
+  store_int8(low, a, inverse);
+  store_int8(high, b, inverse);
+  for (int lane = 0; lane < 4; ++lane) lane_scales[lane] = largest / 127.0f;
+}
+
+GEMMA_KERAS_VNNI inline QuantizedX quantize_x(const float* x, int64_t rows, int64_t n_in, int64_t group) {
+  const int64_t n_chunks = chunks(n_in);
+  QuantizedX q{std::vector<int8_t>(rows * n_chunks * kChunk, 0), std::vector<float>(rows * n_chunks * 16, 0.0f),
+               std::vector<int32_t>(n_chunks * 16, 0)};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < n_in; k += 32) {
+      const int64_t c = r * n_chunks + k / kChunk, b = (k % kChunk) / 32;
+      int8_t* chunk = q.values.data() + c * kChunk;
+      quantize_block(x + r * n_in + k, chunk + 16 * b, chunk + 64 + 16 * b, q.lane_scales.data() + c * 16 + 4 * b);
+    }
+  for (int64_t c = 0; c < n_chunks; ++c)
+    for (int lane = 0; lane < 16; ++lane) {
+      const int64_t input = std::min(c * kChunk + 32 * (lane / 4), n_in - 1);
+      q.lane_groups[c * 16 + lane] = int32_t(input / group - c * kChunk / group);
+    }
+  return q;
+}
+
+constexpr int kKernelRows = 4, kXRows = 2;
+
+template <int R, int M>
+GEMMA_KERAS_VNNI void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+  const int64_t groups = p.groups(), row_bytes = p.row_bytes(), n_chunks = chunks(p.n_in);
+  const __m512i nibble = _mm512_set1_epi8(15);
+  const uint8_t* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = p.kernel + o[i] * row_bytes;
+  __m512 sums[R][M];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) sums[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t byte = 64 * c, first = c * kChunk / p.group;
+    const int64_t last = (std::min(c * kChunk + kChunk, p.n_in) - 1) / p.group;
+    const __mmask64 bytes = byte + 64 <= row_bytes ? ~0ULL : (1ULL << (row_bytes - byte)) - 1;
+    const __mmask16 scales = __mmask16((1u << (last - first + 1)) - 1);
+    const __m512i lane_groups = _mm512_loadu_si512(p.lane_groups + 16 * c);
+    __m512i low[R], high[R];
+    __m512 weight_scales[R];
+    for (int i = 0; i < R; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + byte + kPrefetchBytes), _MM_HINT_T0);
+      const __m512i packed = _mm512_maskz_loadu_epi8(bytes, rows[i] + byte);
+      low[i] = _mm512_and_si512(packed, nibble);
+      high[i] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
+      const __m512 row_scales = _mm512_maskz_loadu_ps(scales, p.scale + o[i] * groups + first);
+      weight_scales[i] = _mm512_permutexvar_ps(lane_groups, row_scales);
+    }
+    for (int j = 0; j < M; ++j) {
+      const int8_t* x = p.x_int8 + ((r + j) * n_chunks + c) * kChunk;
+      const __m512i x_low = _mm512_loadu_si512(x), x_high = _mm512_loadu_si512(x + 64);
+      const __m512 x_scales = _mm512_loadu_ps(p.x_lane_scales + ((r + j) * n_chunks + c) * 16);
+      for (int i = 0; i < R; ++i) {
+        const __m512i dots =
+            _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low[i], x_low), high[i], x_high);
+        sums[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(weight_scales[i], x_scales), sums[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) {
+      const __m512 offsets = avx512::dot(p.offset + o[i] * groups, p.x_sums + (r + j) * groups, groups);
+      sums[i][j] = _mm512_add_ps(sums[i][j], offsets);
+      p.out[(r + j) * p.n_out + o[i]] = _mm512_reduce_add_ps(sums[i][j]);
+    }
+}
+
+}  // namespace vnni
+
 // One instruction set's blocks: `Isa` is the namespace's tag below.
 struct Avx2 {
   static constexpr int kKernelRows = avx2::kKernelRows, kXRows = avx2::kXRows;
@@ -661,6 +780,14 @@ struct Avx512 {
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     avx512::block<B, R, M>(p, o, r);
+  }
+};
+struct Avx512Vnni {  // int4 only
+  static constexpr int kKernelRows = vnni::kKernelRows, kXRows = vnni::kXRows;
+  template <Bits B, int R, int M>
+  static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+    static_assert(B == Bits::kInt4, "the VNNI loop is int4's");
+    vnni::block<R, M>(p, o, r);
   }
 };
 
@@ -689,11 +816,16 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 
-// The int8 or int4 product, on AVX512 where the CPU has it (unless
-// `avx2_only`), cut into shares.
+bool cpu_has_avx512_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
+
+// Which loop a product takes: the CPU's best (int4 on VNNI where it has it,
+// else AVX512, else AVX2), or one below it (for tests).
+enum class Loop { kBest = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The int8 or int4 product on the loop `loop` allows, cut into shares.
 class QuantizedProduct : public SharedWork {
  public:
-  QuantizedProduct(const QuantizedProblem& problem, int64_t threads, bool avx2_only = false)
+  QuantizedProduct(const QuantizedProblem& problem, int64_t threads, Loop loop = Loop::kBest)
       : problem_(problem) {
     if (problem.bits == Bits::kInt4) {  // sums in double, rounded once
       const int64_t groups = problem.groups();
@@ -707,10 +839,17 @@ class QuantizedProduct : public SharedWork {
         }
       problem_.x_sums = x_sums_.data();
     }
-    const bool avx512 = !avx2_only && cpu_has_avx512();
+    const bool avx512 = loop != Loop::kAvx2 && cpu_has_avx512();
     const bool int8 = problem.bits == Bits::kInt8;
     run_rows_ = avx512 ? (int8 ? quantized_run_rows<Avx512, Bits::kInt8> : quantized_run_rows<Avx512, Bits::kInt4>)
                        : (int8 ? quantized_run_rows<Avx2, Bits::kInt8> : quantized_run_rows<Avx2, Bits::kInt4>);
+    if (!int8 && loop == Loop::kBest && cpu_has_avx512_vnni()) {
+      x_int8_ = vnni::quantize_x(problem.x, problem.rows, problem.n_in, problem.group);
+      problem_.x_int8 = x_int8_.values.data();
+      problem_.x_lane_scales = x_int8_.lane_scales.data();
+      problem_.lane_groups = x_int8_.lane_groups.data();
+      run_rows_ = quantized_run_rows<Avx512Vnni, Bits::kInt4>;
+    }
     split(problem.n_out, problem.n_out * problem.row_bytes(), threads);
   }
 
@@ -718,6 +857,7 @@ class QuantizedProduct : public SharedWork {
   void compute_rows(int64_t begin, int64_t end) const override { run_rows_(problem_, begin, end); }
   QuantizedProblem problem_;
   std::vector<float> x_sums_;
+  vnni::QuantizedX x_int8_;
   void (*run_rows_)(const QuantizedProblem&, int64_t, int64_t);
 };
 
@@ -764,17 +904,20 @@ extern "C" int gemma_cpu_has_bfloat16_dot() {
   return __builtin_cpu_supports("avx512bf16");
 }
 
-// The instruction set of the int8 and int4 products here: "avx512" or "avx2".
-extern "C" const char* gemma_quantized_linear_isa() { return cpu_has_avx512() ? "avx512" : "avx2"; }
+// The instruction sets of the int8 and int4 products here.
+extern "C" const char* gemma_quantized_linear_isa() {
+  return cpu_has_avx512_vnni() ? "avx512 (int4: avx512-vnni)" : cpu_has_avx512() ? "avx512" : "avx2";
+}
 
 // The int8 (bits 8) or int4 (bits 4) product for ctypes (tests, benchmarks),
-// on the calling thread and `threads - 1` of the library's own; `avx2_only`
-// takes the AVX2 loop on a CPU with AVX512 too. `offset` is null for int8.
+// on the calling thread and `threads - 1` of the library's own; `loop` 0
+// takes the CPU's best loop, 1 the AVX2 one and 2 AVX512's float one (see
+// `Loop`). `offset` is null for int8.
 // Returns 0, or -1 where the shapes do not fit (see `quantized_shapes_fit`).
 extern "C" int gemma_quantized_linear(int bits, const void* kernel, const float* scale,
                                       const float* offset, const float* x, float* out,
                                       int64_t rows, int64_t n_out, int64_t n_in, int64_t group,
-                                      int64_t threads, int avx2_only) {
+                                      int64_t threads, int loop) {
   const Bits kind = bits == 8 ? Bits::kInt8 : Bits::kInt4;
   const std::vector<int64_t> kernel_dims = {n_out, kind == Bits::kInt8 ? n_in : n_in / 2};
   const std::vector<int64_t> scale_dims = {n_out, group > 0 ? n_in / group : 0};
@@ -783,7 +926,8 @@ extern "C" int gemma_quantized_linear(int bits, const void* kernel, const float*
     return -1;
   const QuantizedProblem problem{kind, static_cast<const uint8_t*>(kernel), scale, offset, x,
                                  nullptr, out, rows, n_out, n_in, group};
-  own_threads().run(QuantizedProduct(problem, threads, avx2_only != 0));
+  if (loop < 0 || loop > 2) return -1;
+  own_threads().run(QuantizedProduct(problem, threads, static_cast<Loop>(loop)));
   return 0;
 }
 

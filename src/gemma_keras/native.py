@@ -157,12 +157,17 @@ def _register_jax_quantized():
     return True
 
 
-def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, avx2_only=False):
+QUANTIZED_LOOPS = {None: 0, "avx2": 1, "avx512": 2}
+
+
+def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, loop=None):
     """`x @ w.T` on NumPy arrays, for a weight `w` in `gemma_keras.quantization`'s
     `mode` form (`kernel`, `scale`, `offset`), through ctypes: float32
     `[rows, n_out]`, or None where the kernel cannot be built or run here.
 
-    `avx2_only` takes the AVX2 loop on a CPU with AVX512 too (for tests).
+    `loop` None takes the CPU's best loop (int4: on AVX512-VNNI, with x
+    quantized to int8 in blocks of 32, where the CPU has it); "avx2" and
+    "avx512" (float x) take those below it (for tests).
 
     >>> import numpy as np
     >>> from gemma_keras import quantization
@@ -173,6 +178,8 @@ def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, avx2_only=F
     """
     if mode not in QUANTIZED_FFI_TARGETS:
         raise ValueError(f"Unknown quantized mode {mode!r}; the kernels take 'int8' or 'int4'.")
+    if loop not in QUANTIZED_LOOPS:
+        raise ValueError(f"Unknown loop {loop!r}; take one of {list(QUANTIZED_LOOPS)}.")
     library = load() if enabled() else None
     if library is None:
         return None
@@ -191,7 +198,7 @@ def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, avx2_only=F
         pointer(x.ctypes.data),
         pointer(out.ctypes.data),
         *(ctypes.c_int64(n) for n in (rows, n_out, n_in, n_in // scale.shape[1], threads)),
-        ctypes.c_int(int(avx2_only)),
+        ctypes.c_int(QUANTIZED_LOOPS[loop]),
     )
     if status != 0:
         raise ValueError(
@@ -202,7 +209,8 @@ def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, avx2_only=F
 
 
 def quantized_instruction_set():
-    """The instruction set of the int8 and int4 kernels here ("avx512" or "avx2"), or None."""
+    """The instruction sets of the int8 and int4 kernels here ("avx512 (int4:
+    avx512-vnni)", "avx512" or "avx2"), or None."""
     library = load()
     if library is None:
         return None
