@@ -2,6 +2,7 @@
 
     KERAS_BACKEND=torch python benchmarks/profile_decode.py --model gemma_2b
     KERAS_BACKEND=jax python benchmarks/profile_decode.py --model embedded --dtype bfloat16
+    KERAS_BACKEND=jax python benchmarks/profile_decode.py --model gemma_2b --quantize int4
 
 Prefills a 32-token prompt, then runs `--steps` decode steps (one token each,
 batch 1, exactly the step `generate` runs) under the backend's profiler:
@@ -10,7 +11,7 @@ writes a format this script does not read). It prints the operations that
 took the most time, the share of the step spent in the weight products, the
 rate at which those read the weights (weight bytes / their time per step),
 and this machine's matrix-vector bandwidth measured in the same process,
-then writes `benchmarks/results/profile-<model>-<backend>-<dtype>.json`.
+then writes `benchmarks/results/profile-<model>-<backend>-<dtype or mode>.json`.
 """
 
 import argparse
@@ -111,6 +112,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["gemma_2b", "embedded"], default="embedded")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--quantize", choices=["int8", "int4"], help="quantize the model first")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--top", type=int, default=12)
     args = parser.parse_args(argv)
@@ -121,7 +123,7 @@ def main(argv=None):
     profilers = {"torch": torch_profile, "jax": jax_profile}
     if backend not in profilers:
         parser.error(f"profiles are read on torch and jax, not {backend}")
-    model = load_ours(args.model, args.dtype)
+    model = load_ours(args.model, args.dtype, args.quantize)
     total_bytes = weight_bytes(model)
     run, prefill_only = decode_steps(model, args.steps), decode_steps(model, 0)
     run()  # compiles (or traces) the prefill and the decode step
@@ -135,8 +137,9 @@ def main(argv=None):
     product_rate = total_bytes / products / 1e9 if products else None
     bandwidths = measure_bandwidth()
 
+    weights = args.quantize or args.dtype
     print(
-        f"{args.model} on {backend} ({args.dtype}): {step_seconds * 1e3:.1f} ms per decode step "
+        f"{args.model} on {backend} ({weights}): {step_seconds * 1e3:.1f} ms per decode step "
         f"({1 / step_seconds:.2f} tok/s), {total_bytes / 1e9:.2f} GB of weights"
     )
     print(f"  top operations (ms per step, share of the step; profiled {args.steps} steps):")
@@ -156,6 +159,7 @@ def main(argv=None):
         "model": args.model,
         "backend": backend,
         "dtype": args.dtype,
+        "quantize": args.quantize,
         "steps": args.steps,
         "weight_bytes": total_bytes,
         "step_seconds": step_seconds,
@@ -164,7 +168,7 @@ def main(argv=None):
         "bandwidth_by_kernel": bandwidths,
         "operations_seconds_per_step": dict(sorted(per_step.items(), key=lambda item: -item[1])),
     }
-    save_result(f"profile-{args.model}-{backend}-{args.dtype}", result)
+    save_result(f"profile-{args.model}-{backend}-{weights}", result)
 
 
 if __name__ == "__main__":

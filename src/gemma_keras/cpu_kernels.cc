@@ -719,7 +719,11 @@ GEMMA_KERAS_VNNI inline QuantizedX quantize_x(const float* x, int64_t rows, int6
   return q;
 }
 
-constexpr int kKernelRows = 4, kXRows = 2;
+// One x row: 8 kernel row streams, where the float loops take 4: this loop
+// spends half the instructions per byte, and more streams in flight read
+// faster (the 2B's int4 products of 6 layers in turn, 2 threads, one run:
+// 20.4 and 21.9 against 19.0 GB/s).
+constexpr int kKernelRows = 4, kXRows = 2, kOneRowStreams = 8;
 
 template <int R, int M>
 GEMMA_KERAS_VNNI void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
@@ -769,14 +773,14 @@ GEMMA_KERAS_VNNI void block(const QuantizedProblem& p, const int64_t (&o)[R], in
 
 // One instruction set's blocks: `Isa` is the namespace's tag below.
 struct Avx2 {
-  static constexpr int kKernelRows = avx2::kKernelRows, kXRows = avx2::kXRows;
+  static constexpr int kKernelRows = avx2::kKernelRows, kXRows = avx2::kXRows, kOneRowStreams = 4;
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     avx2::block<B, R, M>(p, o, r);
   }
 };
 struct Avx512 {
-  static constexpr int kKernelRows = avx512::kKernelRows, kXRows = avx512::kXRows;
+  static constexpr int kKernelRows = avx512::kKernelRows, kXRows = avx512::kXRows, kOneRowStreams = 4;
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     avx512::block<B, R, M>(p, o, r);
@@ -784,6 +788,7 @@ struct Avx512 {
 };
 struct Avx512Vnni {  // int4 only
   static constexpr int kKernelRows = vnni::kKernelRows, kXRows = vnni::kXRows;
+  static constexpr int kOneRowStreams = vnni::kOneRowStreams;
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     static_assert(B == Bits::kInt4, "the VNNI loop is int4's");
@@ -802,8 +807,11 @@ void quantized_x_rows(const QuantizedProblem& p, const int64_t (&o)[R]) {
 // Kernel rows [begin, end) in streams, as the bfloat16 kernel's `run_rows`.
 template <typename Isa, Bits B>
 void quantized_run_rows(const QuantizedProblem& p, int64_t begin, int64_t end) {
+  constexpr int kStreams = Isa::kOneRowStreams;
   if (p.rows == 1)
-    begin = in_streams<4>(begin, end, [&](const int64_t (&o)[4]) { Isa::template block<B, 4, 1>(p, o, 0); });
+    begin = in_streams<kStreams>(begin, end, [&](const int64_t (&o)[kStreams]) {
+      Isa::template block<B, kStreams, 1>(p, o, 0);
+    });
   else
     begin = in_streams<Isa::kKernelRows>(begin, end, [&](const int64_t (&o)[Isa::kKernelRows]) {
       quantized_x_rows<Isa, B, Isa::kKernelRows>(p, o);
