@@ -185,11 +185,12 @@ def pack_int4(q):
 
 
 def unpack_int4(packed):
-    """The inverse of `pack_int4`, for NumPy arrays or backend tensors: `[out, in]` int32."""
-    packed = ops.cast(packed, "int32") if not isinstance(packed, np.ndarray) else packed
+    """The inverse of `pack_int4`, for NumPy arrays or backend tensors: `[out, in]`
+    uint8. Bitwise on the bytes as stored: integer `%` and `//` on a wider copy
+    took most of a PyTorch prefill (a 2B's 32-token prompt: 15 s)."""
     columns = packed.shape[-1] * 2  # rows may be unknown while a graph traces
     blocks = ops.reshape(packed, (-1, columns // INT4_BLOCK, 1, INT4_BLOCK // 2))
-    low, high = blocks % 16, blocks // 16
+    low, high = ops.bitwise_and(blocks, 15), ops.right_shift(blocks, 4)
     return ops.reshape(ops.concatenate([low, high], axis=2), (-1, columns))
 
 
