@@ -134,6 +134,20 @@ def test_no_cpu_only_product_on_a_gpu_or_tpu(backend_name, platform):
     about (answering may build the native kernel)."""
     asked = []
     features = features_that_record(asked)
+    for rows in [*range(1, 513), None]:
+        for records_gradient, without_xla in [(False, False), (True, False), (False, True)]:
+            quantized = dispatch.choose_quantized_product(
+                backend_name,
+                platform,
+                rows,
+                features,
+                records_gradient=records_gradient,
+                without_xla=without_xla,
+            )
+            assert quantized == dispatch.DEQUANTIZED
+        if rows is not None:
+            step = dispatch.choose_step(backend_name, platform, BF16, rows, features, True)
+            assert step not in dispatch.CPU_ONLY
     for x_dtype, kernel_dtype in DTYPE_PAIRS.values():
         for rows in [*range(1, 513), None]:
             for width in (40, 64, 2048, 4096):
@@ -235,6 +249,30 @@ def test_cpu_einsums_and_steps():
     assert dispatch.choose_step("tensorflow", "cpu", F32, 1, NATIVE) == dispatch.STEP_XLA
     assert dispatch.choose_step("torch", "cpu", BF16, 1, NATIVE) == dispatch.STEP_TRACE
     assert dispatch.choose_step("jax", "cpu", BF16, 1, NATIVE) == dispatch.STEP_JIT
+
+
+def test_cpu_quantized_products():
+    """The native int8/int4 kernel takes decoding-sized products: up to 16
+    rows where XLA dequantizes inside its step, up to 128 on torch (which
+    dequantizes eagerly); never while torch records a gradient or inside
+    TensorFlow's XLA."""
+    kernel = frozenset({"native_quantized_kernel"})
+    native, dequantized = dispatch.NATIVE_QUANTIZED_KERNEL, dispatch.DEQUANTIZED
+    choose = dispatch.choose_quantized_product
+    assert choose("jax", "cpu", 16, kernel) == native
+    assert choose("jax", "cpu", 17, kernel) == dequantized
+    assert choose("jax", "cpu", None, kernel) == dequantized
+    assert choose("jax", "cpu", 1, NO_KERNEL) == dequantized
+    assert choose("torch", "cpu", 128, kernel) == native
+    assert choose("torch", "cpu", 129, kernel) == dequantized
+    assert choose("torch", "cpu", 1, kernel, records_gradient=True) == dequantized
+    assert choose("tensorflow", "cpu", 16, kernel, without_xla=True) == native
+    assert choose("tensorflow", "cpu", 17, kernel, without_xla=True) == dequantized
+    assert choose("tensorflow", "cpu", 1, kernel) == dequantized
+    step = dispatch.choose_step("tensorflow", "cpu", BF16, 16, kernel, quantized=True)
+    assert step == dispatch.STEP_WITHOUT_XLA
+    step = dispatch.choose_step("tensorflow", "cpu", BF16, 17, kernel, quantized=True)
+    assert step == dispatch.STEP_XLA
 
 
 def test_an_unknown_backend_is_named():

@@ -4,7 +4,6 @@ call), on torch's (the operator `gemma_keras::bf16_linear`) and on
 TensorFlow's (the operation `GemmaBf16Linear`, in decode steps run without
 XLA)."""
 
-import contextlib
 import logging
 import shutil
 import threading
@@ -359,42 +358,47 @@ def native_rows_at_most(rows, monkeypatch):
     monkeypatch.setattr(dispatch, "native_max_rows", lambda cpu_features, float32=False: rows)
 
 
-def test_decoding_runs_torch_on_one_thread_and_restores_it(tokenizer_proto, monkeypatch):
-    """A step whose products all take the kernel (decoding, a prefill of up
-    to `native_max_rows()` tokens) runs torch on one thread (the kernel has its
-    own) and gives torch its thread count back afterwards."""
+@pytest.mark.parametrize("mode", ["bf16", "int4"])
+def test_torch_operators_give_the_same_bits_on_any_thread_count(mode):
+    """The torch operators run on torch's intra-op threads, as many as it has:
+    each output is one thread's sum, so one thread or two give the same bits,
+    and torch's thread count is left as it was."""
     if backends.name() != "torch":
-        pytest.skip("torch's thread count")
+        pytest.skip("torch's operators")
     import torch
 
-    from test_generation import make_model
+    from gemma_keras import quantization
 
-    model = make_model("gemma1_mqa", tokenizer_proto, dtype="bfloat16")
-    threads_in_steps = []
+    if backends.implementation.native_linear() is None:
+        pytest.skip("the native kernel cannot be built here")
+    rng = np.random.default_rng(0)
+    # Over 2 MB of kernel, so that the product is shared between threads.
+    weight = rng.normal(size=(4096, 1024)).astype(np.float32)
+    x = torch.from_numpy(rng.normal(size=(3, 1024)).astype(np.float32))
+    if mode == "bf16":
+        kernel = torch.from_numpy(weight)
+
+        def product():
+            return torch.ops.gemma_keras.bf16_linear(x, kernel, 2)
+    else:
+        quantized = quantization.quantize(weight, "int4", group_size=32)
+        parts = (quantized.kernel, quantized.scale, quantized.offset)
+        arrays = [torch.from_numpy(a) for a in parts]
+
+        def product():
+            return torch.ops.gemma_keras.int4_linear(x, *arrays, 2)
+
     before = torch.get_num_threads()
-    original = backends.implementation.on_one_thread
-
-    @contextlib.contextmanager
-    def recording():
-        with original():
-            threads_in_steps.append(torch.get_num_threads())
-            yield
-
-    monkeypatch.setattr(backends.implementation, "on_one_thread", recording)
-    native_rows_at_most(64, monkeypatch)
-    model.generate("the cat", max_new_tokens=3)
-    assert torch.get_num_threads() == before
-    # The prefill and the two decode steps after it.
-    assert threads_in_steps == [1, 1, 1]
-
-    threads_in_steps.clear()
-    native_rows_at_most(8, monkeypatch)
-    prompt = "the cat sat on the mat " * 3
-    assert len(model.tokenizer.encode(prompt)) > backends.native_max_rows()
-    model.generate(prompt, max_new_tokens=3)
-    assert torch.get_num_threads() == before
-    # The longer prefill's rows take torch's product, on torch's threads.
-    assert threads_in_steps == [1, 1]
+    try:
+        torch.set_num_threads(2)
+        on_two = product()
+        torch.set_num_threads(1)
+        on_one = product()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(on_one, on_two)
+    if mode == "bf16":
+        np.testing.assert_allclose(on_two.numpy(), x.numpy() @ weight.T, rtol=1e-4, atol=1e-3)
 
 
 def test_tensorflow_steps_without_xla_on_the_kernel(tokenizer_proto, monkeypatch):

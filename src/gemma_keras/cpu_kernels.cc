@@ -25,10 +25,10 @@
 // XLA FFI handlers are compiled where GEMMA_KERAS_XLA_FFI is defined (against
 // jaxlib's headers), TensorFlow operations where GEMMA_KERAS_TF_OP is
 // (against TensorFlow's), torch operators where GEMMA_KERAS_TORCH_OP is
-// (against torch's). The FFI handlers and TensorFlow operations run on their
-// framework's intra-op threads, torch's and ctypes' on threads of the
-// library's own. The int8 and int4 loops take AVX512 where the CPU has it, int4
-// AVX512-VNNI (with x quantized to int8; see namespace vnni).
+// (against torch's). Each runs on its framework's intra-op threads; ctypes'
+// calls run on threads of the library's own. The int8 and int4 loops take
+// AVX512 where the CPU has it, int4 AVX512-VNNI (with x quantized to int8;
+// see namespace vnni).
 //
 // ---------------------------------------------------------------------------
 // The bfloat16 kernel.
@@ -61,7 +61,7 @@
 // GEMMA_KERAS_XLA_FFI is defined, against jaxlib's headers), the TensorFlow
 // operation `GemmaBf16Linear` (where GEMMA_KERAS_TF_OP is defined, against
 // TensorFlow's), and the torch operator `gemma_keras::bf16_linear`
-// (GEMMA_KERAS_TORCH_OP, against torch's), on threads of the library's own.
+// (GEMMA_KERAS_TORCH_OP, against torch's).
 
 #include <immintrin.h>
 
@@ -88,6 +88,7 @@
 #endif
 #ifdef GEMMA_KERAS_TORCH_OP
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 #endif
 
@@ -397,7 +398,7 @@ void run_on_pool(const SharedWork& product, Schedule schedule) {
 }
 
 // Helper threads of the library's own, for callers without a thread pool
-// (torch): started on first use, asleep between products after kSpin. One
+// (ctypes): started on first use, asleep between products after kSpin. One
 // product runs at a time; a helper that wakes after its product is done
 // finds no share.
 class OwnThreads {
@@ -443,9 +444,8 @@ class OwnThreads {
   int64_t helpers_ = 0;
 };
 
-// The library's own helper threads, shared by every torch operator and the
-// ctypes entry point. Never freed: detached helpers wait on them until the
-// process exits.
+// The library's own helper threads, for the ctypes entry point. Never freed:
+// detached helpers wait on them until the process exits.
 OwnThreads& own_threads() {
   static OwnThreads* threads = new OwnThreads;
   return *threads;
@@ -1153,9 +1153,18 @@ REGISTER_KERNEL_BUILDER(Name("GemmaInt4Linear").Device(tf::DEVICE_CPU), GemmaQua
 #endif  // GEMMA_KERAS_TF_OP
 
 #ifdef GEMMA_KERAS_TORCH_OP
+// Runs `product` on torch's intra-op (OpenMP) threads, the calling thread
+// among them, up to `torch.get_num_threads()`. Threads of the library's own
+// beside them ran slower: torch's idle OpenMP workers keep spinning on the
+// cores for milliseconds after each parallel region of torch's.
+void run_on_torch_threads(const SharedWork& product) {
+  Shares shares(product.parts());
+  at::parallel_for(0, product.threads(), 1, [&](int64_t, int64_t) { shares.work(product); });
+}
+
 // The torch operator gemma_keras::bf16_linear(x [..., n_in], kernel [n_out,
-// n_in], threads) -> [..., n_out] in x's dtype, on the calling thread and
-// `threads - 1` of the library's own (torch has no pool to lend). Bfloat16 x
+// n_in], threads) -> [..., n_out] in x's dtype, on up to `threads` of
+// torch's intra-op threads. Bfloat16 x
 // takes a bfloat16 kernel or a float32 one (multiplied as its bfloat16
 // cast); float32 x takes a float32 kernel, multiplied as it is (torch's own
 // float32 product reads one row at 72-77% of XLA's rate here, and 2 to 8
@@ -1180,9 +1189,9 @@ at::Tensor TorchBf16Linear(const at::Tensor& x, const at::Tensor& kernel, int64_
   const at::Tensor flat = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
   const at::Tensor rows_major = kernel.contiguous();
   at::Tensor out = at::empty({flat.size(0), kernel.size(0)}, flat.options());
-  own_threads().run(Bf16Product(rows_major.data_ptr(), kind, flat.data_ptr<float>(),
-                           out.data_ptr<float>(), flat.size(0), kernel.size(0), kernel.size(1),
-                           threads));
+  run_on_torch_threads(Bf16Product(rows_major.data_ptr(), kind, flat.data_ptr<float>(),
+                                   out.data_ptr<float>(), flat.size(0), kernel.size(0),
+                                   kernel.size(1), threads));
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = kernel.size(0);
   return out.to(x.scalar_type()).reshape(sizes);
@@ -1192,7 +1201,7 @@ at::Tensor TorchBf16Linear(const at::Tensor& x, const at::Tensor& kernel, int64_
 // gemma_keras::int4_linear(x, kernel, scale, offset, threads): float32 x
 // [..., n_in] -> float32 [..., n_out], with an int8 kernel [n_out, n_in] or a
 // uint8 (packed int4) one [n_out, n_in / 2] and float32 scale (and offset)
-// [n_out, groups]; on the calling thread and `threads - 1` of the library's own.
+// [n_out, groups]; on up to `threads` of torch's intra-op threads.
 at::Tensor TorchQuantizedLinear(Bits bits, const at::Tensor& x, const at::Tensor& kernel,
                                 const at::Tensor& scale, const at::Tensor* offset, int64_t threads) {
   const std::vector<int64_t> kernel_dims = kernel.sizes().vec(), scale_dims = scale.sizes().vec();
@@ -1215,7 +1224,7 @@ at::Tensor TorchQuantizedLinear(Bits bits, const at::Tensor& x, const at::Tensor
                                  scales.data_ptr<float>(), offset ? offsets.data_ptr<float>() : nullptr,
                                  flat.data_ptr<float>(), nullptr, out.data_ptr<float>(),
                                  flat.size(0), kernel_dims[0], n_in, n_in / scale_dims[1]};
-  own_threads().run(QuantizedProduct(problem, threads));
+  run_on_torch_threads(QuantizedProduct(problem, threads));
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = kernel_dims[0];
   return out.reshape(sizes);

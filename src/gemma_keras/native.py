@@ -112,7 +112,8 @@ def load_torch():
     """The kernel as the torch operator `gemma_keras::bf16_linear` (the
     `torch.ops` handle), or None where it cannot be built or run here. Loading
     it registers `torch.ops.gemma_keras.int8_linear(x, kernel, scale, threads)`
-    and `int4_linear(x, kernel, scale, offset, threads)` too.
+    and `int4_linear(x, kernel, scale, offset, threads)` too. They run on up
+    to `threads` of torch's intra-op threads.
 
     Built against the installed torch's headers and libraries, once per
     torch version (about 15 s).
@@ -121,7 +122,10 @@ def load_torch():
 
     root = Path(torch.__file__).parent
     abi = int(torch.compiled_with_cxx11_abi())
-    flags = ["-DGEMMA_KERAS_TORCH_OP", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{root / 'include'}"]
+    # OpenMP for `at::parallel_for`: the operators run on torch's own threads,
+    # linked to the libgomp that torch ships (its lib/ comes first).
+    flags = ["-DGEMMA_KERAS_TORCH_OP", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    flags.append(f"-I{root / 'include'}")
     libraries = root / "lib"
     link_flags = [f"-L{libraries}", f"-Wl,-rpath,{libraries}", "-lc10", "-ltorch", "-ltorch_cpu"]
 

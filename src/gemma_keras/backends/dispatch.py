@@ -69,8 +69,11 @@ TENSORFLOW_MAX_ACCUMULATED_ROWS = 32
 
 # Most rows whose int8/int4 products take the native kernel: it reads the
 # integers as they are (decoding); more rows are compute-bound, where the
-# dequantized weight's product is faster.
+# dequantized weight's product is faster. torch dequantizes eagerly, a new
+# copy of each weight per product, so there the kernel wins up to about 128
+# rows (int4, the 270M's and the 2B's shapes, 2 threads: docs/performance.md).
 NATIVE_MAX_QUANTIZED_ROWS = 16
+TORCH_NATIVE_MAX_QUANTIZED_ROWS = 128
 
 BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -173,10 +176,12 @@ def choose_quantized_product(
     backend, platform, rows, cpu_features, *, records_gradient=False, without_xla=False
 ):
     """The product for `quantized_linear`: `NATIVE_QUANTIZED_KERNEL` on a CPU
-    for up to `NATIVE_MAX_QUANTIZED_ROWS` rows where the kernel loads
+    for up to `NATIVE_MAX_QUANTIZED_ROWS` rows (torch:
+    `TORCH_NATIVE_MAX_QUANTIZED_ROWS`) where the kernel loads
     ("native_quantized_kernel" in `cpu_features`), outside TensorFlow's XLA
     and torch's autograd; else `DEQUANTIZED`."""
-    if platform != "cpu" or rows is None or rows > NATIVE_MAX_QUANTIZED_ROWS:
+    most = TORCH_NATIVE_MAX_QUANTIZED_ROWS if backend == "torch" else NATIVE_MAX_QUANTIZED_ROWS
+    if platform != "cpu" or rows is None or rows > most:
         return DEQUANTIZED
     if (backend == "torch" and records_gradient) or (backend == "tensorflow" and not without_xla):
         return DEQUANTIZED
