@@ -361,8 +361,7 @@ def native_rows_at_most(rows, monkeypatch):
 @pytest.mark.parametrize("mode", ["bf16", "int4"])
 def test_torch_operators_give_the_same_bits_on_any_thread_count(mode):
     """The torch operators run on torch's intra-op threads, as many as it has:
-    each output is one thread's sum, so one thread or two give the same bits,
-    and torch's thread count is left as it was."""
+    each output is one thread's sum, so one thread or two give the same bits."""
     if backends.name() != "torch":
         pytest.skip("torch's operators")
     import torch

@@ -124,8 +124,12 @@ def load_torch():
     abi = int(torch.compiled_with_cxx11_abi())
     # OpenMP for `at::parallel_for`: the operators run on torch's own threads,
     # linked to the libgomp that torch ships (its lib/ comes first).
-    flags = ["-DGEMMA_KERAS_TORCH_OP", "-fopenmp", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
-    flags.append(f"-I{root / 'include'}")
+    flags = [
+        "-DGEMMA_KERAS_TORCH_OP",
+        "-fopenmp",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        f"-I{root / 'include'}",
+    ]
     libraries = root / "lib"
     link_flags = [f"-L{libraries}", f"-Wl,-rpath,{libraries}", "-lc10", "-ltorch", "-ltorch_cpu"]
 
