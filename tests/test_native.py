@@ -371,7 +371,7 @@ def test_torch_operators_give_the_same_bits_on_any_thread_count(mode):
     if backends.implementation.native_linear() is None:
         pytest.skip("the native kernel cannot be built here")
     rng = np.random.default_rng(0)
-    # Over 2 MB of kernel, so that the product is shared between threads.
+    # Over 128 KB of kernel, so that the product is shared between threads.
     weight = rng.normal(size=(4096, 1024)).astype(np.float32)
     x = torch.from_numpy(rng.normal(size=(3, 1024)).astype(np.float32))
     if mode == "bf16":

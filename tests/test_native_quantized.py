@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 BACKEND = keras.config.backend()
 ROWS = (1, 3, 8, 40)
 # (mode, group size or None for the full width, input width): every group
-# size on every width it divides. 2048 wide kernels have 2100 rows, over 2 MB
+# size on every width it divides. 2048 wide kernels have 2100 rows, over 128 KB
 # in both modes, so that their products run on two threads.
 CASES = [
     (mode, group, width)
