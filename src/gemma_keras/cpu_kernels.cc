@@ -109,10 +109,8 @@ constexpr int64_t kPrefetchBytes = 512;
 // starts its next product well within 2 ms. The 2B's 127 products of one
 // decode step on 2 threads, alternating in one process, medians of 8: 311 ms
 // with one share per thread and no spinning, 259 with 8 shares, 233 with 8
-// shares and 2 ms of spinning. With spinning, fewer and longer shares read
-// faster: 6 of the 2B's int8 layers and its logits, medians of 5-6 steps,
-// 2 against 8 shares: PyTorch 51.5 / 55.6 and 52.8 / 55.3 ms, TensorFlow
-// 56.8 / 62.3, JAX 49.0 / 52.3; int4 and bfloat16 within the noise.
+// shares and 2 ms of spinning. With spinning, two longer shares per thread
+// read faster than 8 (int8 decode steps 5-10%; docs/performance.md).
 constexpr int64_t kSharesPerThread = 2;
 constexpr auto kSpin = std::chrono::milliseconds(2);
 
@@ -313,11 +311,9 @@ class SharedWork {
   // Cuts `n_out` kernel rows, `bytes` in all, into shares for `threads`.
   void split(int64_t n_out, int64_t bytes, int64_t threads) {
     n_out_ = n_out;
-    // Tiny kernels (under 128 KB) are not worth a second thread. The 270M's
-    // projections (82-655 KB in int4) on two threads, decode steps alternating
-    // in one process against a 2 MB limit: int4 11.96 / 14.84 ms on JAX,
-    // 16.5 / 18.9 on PyTorch, level on TensorFlow; int8 16.8 / 20.7 and
-    // 20.5 / 24.1; float32 level.
+    // Tiny kernels (under 128 KB) are not worth a second thread; the 270M's
+    // projections (82-655 KB in int4) are (its quantized decode steps 12-19%
+    // faster on JAX and PyTorch; docs/performance.md).
     threads_ = bytes < (int64_t(128) << 10) || threads < 1 ? 1 : threads;
     const int64_t wanted = threads_ == 1 ? 1 : threads_ * kSharesPerThread;
     share_ = std::max<int64_t>(8, ((n_out + wanted - 1) / wanted + 7) / 8 * 8);
