@@ -14,19 +14,20 @@ TOLERANCE = 1e-4
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(
-    "steps",
+    "steps, cache_length",
     [
-        [1] * 12,  # token by token from the start
-        [4] + [1] * 8,  # prefill, then decode
-        [3, 1, 1, 6, 1],  # a later chunk longer than the window (a chat follow-up)
+        # 12 tokens > the sliding window (5) of the Gemma 2/3 variants
+        ([1] * 12, 16),  # token by token from the start
+        ([4] + [1] * 8, 16),  # prefill, then decode
+        ([3, 1, 1, 6, 1], 16),  # a later chunk longer than the window (a chat follow-up)
+        ([2, 1, 1], 4),  # a cache shorter than the window: its ring is the whole cache
     ],
 )
-def test_prefill_then_decode_equals_uncached(variant, steps):
+def test_prefill_then_decode_equals_uncached(variant, steps, cache_length):
     config = tiny_config(variant)
     model = GemmaCausalLM.from_gemma_config(config, dtype="float32")
     assign_weights(model, randomize(model_shapes(model)))
-    length, cache_length = 12, 16  # 12 > sliding window (5) of the Gemma 2/3 variants
-    assert sum(steps) == length
+    length = sum(steps)
     token_ids = token_batch(config.vocabulary_size, batch=2, length=length)
     expected = keras.ops.convert_to_numpy(
         model({"token_ids": token_ids, "padding_mask": np.ones_like(token_ids)})

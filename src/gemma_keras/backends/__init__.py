@@ -68,6 +68,13 @@ def take_rows(table, ids):
     return implementation.take_rows(table, ids)
 
 
+def write_slots(cache, first_slot, new):
+    """`cache` `[batch, slots, ...]` with `new` `[batch, length, ...]` written
+    at slots `first_slot ... first_slot + length - 1`: `keras.ops.slice_update`,
+    in the form each backend's step runs fastest."""
+    return implementation.write_slots(cache, first_slot, new)
+
+
 def einsum(equation, a, b):
     """`keras.ops.einsum`, computed in float32 and rounded to bfloat16 once
     where a bfloat16 einsum would be slow or inexact (see `dispatch.choose_einsum`)."""

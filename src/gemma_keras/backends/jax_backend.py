@@ -15,7 +15,7 @@ import keras
 from jax import lax
 
 from gemma_keras import native, quantization
-from gemma_keras.backends import dispatch
+from gemma_keras.backends import dispatch, steps
 from gemma_keras.backends.steps import with_values
 
 
@@ -172,6 +172,10 @@ def round_to_bfloat16(x):
 
 # Bit casts have no derivative; the rounding's is the plain cast's.
 round_to_bfloat16.defjvps(lambda tangent, rounded, x: tangent.astype(jnp.bfloat16))
+
+
+# The cache's write: Keras' `slice_update` (XLA writes the donated cache in place).
+write_slots = steps.write_slots
 
 
 def take_rows(table, ids):

@@ -1,5 +1,6 @@
 """What the three backends' compiled steps share: the caches flattened to a
-list of tensors, and the model's variables read as inputs of the graph."""
+list of tensors, the model's variables read as inputs of the graph, and the
+cache's write."""
 
 import keras
 
@@ -25,3 +26,8 @@ def flatten(caches, inputs):
 def pairs(flat):
     """The (key_cache, value_cache) pairs of a flat list of caches."""
     return list(zip(flat[0::2], flat[1::2], strict=True))
+
+
+def write_slots(cache, first_slot, new):
+    """`cache` with `new` written from slot `first_slot` (see `backends.write_slots`)."""
+    return keras.ops.slice_update(cache, [0, first_slot] + [0] * (len(cache.shape) - 2), new)

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
 from gemma_keras import native, quantization
-from gemma_keras.backends import dispatch
+from gemma_keras.backends import dispatch, steps
 from gemma_keras.backends.steps import flatten, pairs
 
 NATIVE_OPERATION = "GemmaBf16Linear"
@@ -224,6 +224,17 @@ def take_rows(table, ids):
     too, copies the whole table (the 2B's int8 embedding: 35 ms a read)."""
     # Keras' `convert_to_tensor` hands a `tf.Variable` back as it is; TensorFlow's reads it.
     return tf.gather(tf.convert_to_tensor(keras.ops.convert_to_tensor(table)), ids, axis=0)
+
+
+def write_slots(cache, first_slot, new):
+    """`keras.ops.slice_update` along the slots; in a step without XLA, a
+    scatter of the new rows (`slice_update`'s `XlaDynamicUpdateSlice` is
+    then compiled and run by XLA on demand at every call, about 0.1 ms)."""
+    if getattr(_tracing_without_xla, "native_products", None) is None:
+        return steps.write_slots(cache, first_slot, new)
+    batches, slots = tf.range(tf.shape(new)[0]), first_slot + tf.range(tf.shape(new)[1])
+    indices = tf.stack(tf.meshgrid(batches, slots, indexing="ij"), axis=-1)
+    return tf.tensor_scatter_nd_update(cache, indices, new)
 
 
 def is_concrete(x):

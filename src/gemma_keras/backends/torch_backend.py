@@ -17,7 +17,7 @@ import keras
 import torch
 
 from gemma_keras import native, quantization
-from gemma_keras.backends import dispatch
+from gemma_keras.backends import dispatch, steps
 from gemma_keras.backends.steps import flatten, pairs, with_values
 
 NATIVE_OPERATOR = "gemma_keras::bf16_linear"
@@ -153,6 +153,10 @@ def einsum(equation, a, b):
     if choice == dispatch.EINSUM_IN_FLOAT32:
         return keras.ops.einsum(equation, a.float(), b.float()).to(a.dtype)
     return keras.ops.einsum(equation, a, b)
+
+
+# The cache's write: Keras' `slice_update` (a copy of the cache with the rows written).
+write_slots = steps.write_slots
 
 
 def take_rows(table, ids):

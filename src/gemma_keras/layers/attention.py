@@ -5,7 +5,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from gemma_keras.backends import einsum
+from gemma_keras.backends import einsum, write_slots
 from gemma_keras.layers.precision import FLOAT16_MAX
 from gemma_keras.layers.projection import Projection
 from gemma_keras.layers.rms_norm import RMSNorm
@@ -140,21 +140,26 @@ class Attention(keras.layers.Layer):
             positions, self.head_dim, self.rope_wavelength, self.rope_scaling_factor
         )
         query_slots = ops.arange(length, dtype="int32")
-        ring_write = None
+        write_slot = ring_write = None
         if cache is None:
             key_slots, key_valid = query_slots, key_mask
         else:
             cache_index = ops.cast(cache_index, "int32")
             query_slots = query_slots + cache_index
             slots = ops.shape(cache[0])[1]
-            if self.sliding_window:
+            if not self.sliding_window:
+                key_slots, key_valid = ops.arange(slots, dtype="int32"), key_mask
+                write_slot = cache_index
+            elif isinstance(length, int) and length == 1:  # decoding: shapes are static
+                key_slots, key_valid, write_slot = _ring_layout_one_token(
+                    key_mask, cache_index, slots
+                )
+            else:
                 key_slots, key_valid, ring_write = _ring_layout(
                     key_mask, cache_index, length, slots
                 )
-            else:
-                key_slots, key_valid = ops.arange(slots, dtype="int32"), key_mask
         mask = attention_mask(key_valid, query_slots, key_slots, self.sliding_window)
-        return AttentionPlan(rotary, mask[:, None, None, :, :], cache_index, ring_write)
+        return AttentionPlan(rotary, mask[:, None, None, :, :], write_slot, ring_write)
 
     def _project(self, x, projection, num_heads):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
@@ -174,7 +179,7 @@ class Attention(keras.layers.Layer):
         if cache is None:
             keys, values, new_cache = key, value, None
         elif plan.ring_write is None:
-            keys, values, new_cache = self._update_linear(cache, key, value, plan.cache_index)
+            keys, values, new_cache = self._write(cache, key, value, plan.write_slot)
         else:
             keys, values, new_cache = self._update_ring(cache, key, value, plan.ring_write)
 
@@ -196,18 +201,20 @@ class Attention(keras.layers.Layer):
             return output
         return output, new_cache
 
-    def _update_linear(self, cache, key, value, cache_index):
-        """Global layers: cache slot = sequence slot. Write, then attend over the whole cache."""
+    def _write(self, cache, key, value, write_slot):
+        """Writes the new keys from cache slot `write_slot`, then attends over
+        the whole cache: a global layer's (cache slot = sequence slot), or a
+        local layer's ring taking one new token, whose write overwrites only a
+        key just outside the window."""
         key_cache, value_cache = cache
-        start = [0, cache_index, 0, 0]
-        key_cache = ops.slice_update(key_cache, start, ops.cast(key, key_cache.dtype))
-        value_cache = ops.slice_update(value_cache, start, ops.cast(value, value_cache.dtype))
+        key_cache = write_slots(key_cache, write_slot, ops.cast(key, key_cache.dtype))
+        value_cache = write_slots(value_cache, write_slot, ops.cast(value, value_cache.dtype))
         return key_cache, value_cache, (key_cache, value_cache)
 
     def _update_ring(self, cache, key, value, ring_write):
-        """Local layers: attend over the ring as it was plus the new keys (a long
-        prefill needs keys that its own write overwrites), then write the newest
-        keys into the ring (see `_ring_layout`)."""
+        """Local layers taking several tokens: attend over the ring as it was
+        plus the new keys (a long prefill needs keys that its own write
+        overwrites), then write the newest keys into the ring (see `_ring_layout`)."""
         key_cache, value_cache = cache
         source, from_new = ring_write
         key = ops.cast(key, key_cache.dtype)
@@ -245,8 +252,31 @@ class AttentionPlan:
 
     rotary: tuple  # (cos, sin) from `rotary_tables`
     mask: object  # [batch, 1, 1, queries, keys] booleans, keys as the layer lays them out
-    cache_index: object = None  # first sequence slot of the new tokens (with a cache)
-    ring_write: tuple | None = None  # (source, from_new) of `_ring_layout`, local caches only
+    write_slot: object = None  # the cache slot the new keys are written from (see `_write`)
+    ring_write: tuple | None = None  # (source, from_new) of `_ring_layout`: several new tokens
+
+
+def _ring_layout_one_token(key_mask, cache_index, capacity):
+    """`_ring_layout` for one new token, written into the ring before the
+    query attends over it (no copy of the ring plus the key): returns the
+    ring's sequence slots after the write [capacity], whether each holds a
+    real token [batch, capacity], and the token's ring slot. The key it
+    overwrites is `capacity` slots back, outside the window (a ring shorter
+    than the window is never filled past its length)."""
+    key_slots = _slots_held(cache_index, capacity)
+    return key_slots, _holds_real_token(key_mask, key_slots), ops.mod(cache_index, capacity)
+
+
+def _slots_held(last_written, capacity):
+    """The latest sequence slot <= `last_written` that each ring slot holds (< 0: empty)."""
+    ring = ops.arange(capacity, dtype="int32")
+    return last_written - ops.mod(last_written - ring, capacity)
+
+
+def _holds_real_token(key_mask, slots):
+    """[batch, len(slots)]: whether each sequence slot is filled and real."""
+    real = ops.cast(ops.take(key_mask, ops.maximum(slots, 0), axis=1), "bool")
+    return ops.logical_and(slots >= 0, real)
 
 
 def _ring_layout(key_mask, cache_index, length, capacity):
@@ -259,23 +289,13 @@ def _ring_layout(key_mask, cache_index, length, capacity):
     call ring slot `r` holds new key `source[r]` where `from_new[r]`, else what
     it held.
     """
-    ring = ops.arange(capacity, dtype="int32")
-
-    def slot_held(last_written):
-        # Latest sequence slot <= last_written stored in each ring slot (< 0: empty).
-        return last_written - ops.mod(last_written - ring, capacity)
-
-    old_slots = slot_held(cache_index - 1)
+    old_slots = _slots_held(cache_index - 1, capacity)
     new_slots = cache_index + ops.arange(length, dtype="int32")
-    old_valid = ops.logical_and(
-        old_slots >= 0,
-        ops.cast(ops.take(key_mask, ops.maximum(old_slots, 0), axis=1), "bool"),
-    )
     new_valid = ops.cast(ops.take(key_mask, new_slots, axis=1), "bool")
     key_slots = ops.concatenate([old_slots, new_slots], axis=0)
-    key_valid = ops.concatenate([old_valid, new_valid], axis=1)
+    key_valid = ops.concatenate([_holds_real_token(key_mask, old_slots), new_valid], axis=1)
 
-    kept_slots = slot_held(cache_index + length - 1)
+    kept_slots = _slots_held(cache_index + length - 1, capacity)
     from_new = (kept_slots >= cache_index)[None, :, None, None]
     source = ops.clip(kept_slots - cache_index, 0, length - 1)
     return key_slots, key_valid, (source, from_new)
