@@ -59,6 +59,56 @@ def test_bfloat16_matrix_vector_rounds_as_the_dot_does():
     assert np.mean(result == dot) > 0.9
 
 
+@pytest.mark.skipif(backends.name() != "tensorflow", reason="TensorFlow's step without XLA")
+@pytest.mark.parametrize(
+    "equation, a_shape, b_shape",
+    [
+        ("bskgh,btkh->bkgst", (1, 1, 1, 4, 8), (1, 6, 1, 8)),  # decoding, one KV head
+        ("bkgst,btkh->bskgh", (1, 1, 4, 1, 6), (1, 6, 1, 8)),
+        ("bskgh,btkh->bkgst", (2, 1, 2, 3, 8), (2, 6, 2, 8)),  # a batch, two KV heads
+        ("bkgst,btkh->bskgh", (1, 2, 1, 3, 6), (1, 6, 2, 8)),  # one query per KV head
+        ("bskgh,btkh->bkgst", (1, 5, 1, 4, 8), (1, 6, 1, 8)),  # a prefill
+        ("ij,kj->ki", (3, 8), (5, 8)),  # the transposed product
+        ("ij,ij->i", (3, 8), (3, 8)),  # no matrix product
+    ],
+)
+def test_tensorflow_einsum_without_unit_axes(equation, a_shape, b_shape):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=a_shape).astype(np.float32), rng.normal(size=b_shape).astype(np.float32)
+    graph = tf.function(
+        lambda a, b: backends.implementation._einsum_without_unit_axes(equation, a, b)
+    ).get_concrete_function(tf.TensorSpec(a_shape), tf.TensorSpec(b_shape))
+    np.testing.assert_allclose(graph(a, b), np.einsum(equation, a, b), rtol=1e-5, atol=1e-5)
+    if equation.startswith("bskgh") and a_shape[1] == a_shape[2] == 1:
+        assert {node.type for node in graph.graph.get_operations()} & {"MatMul"}
+
+
+@pytest.mark.parametrize("without_xla", [False, True])
+def test_write_slots_is_a_slice_update(without_xla, monkeypatch):
+    """The cache's write; TensorFlow's step without XLA takes a scatter."""
+    cache = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+    new = -np.arange(2 * 2 * 3, dtype=np.float32).reshape(2, 2, 3)
+    expected = cache.copy()
+    expected[:, 3:5] = new
+    if without_xla:
+        if backends.name() != "tensorflow":
+            pytest.skip("TensorFlow's step without XLA")
+        import tensorflow as tf
+
+        monkeypatch.setattr(
+            backends.implementation._tracing_without_xla, "native_products", [], raising=False
+        )
+        write = tf.function(lambda cache, new: backends.write_slots(cache, 3, new))
+        write = write.get_concrete_function(tf.TensorSpec(cache.shape), tf.TensorSpec(new.shape))
+        assert "TensorScatterUpdate" in {node.type for node in write.graph.get_operations()}
+        written = write(cache, new)
+    else:
+        written = backends.write_slots(ops.array(cache), 3, ops.array(new))
+    np.testing.assert_array_equal(ops.convert_to_numpy(written), expected)
+
+
 @pytest.mark.skipif(backends.name() != "jax", reason="the integer rounding is JAX's route")
 def test_round_to_bfloat16_equals_a_conversion():
     rng = np.random.default_rng(3)
