@@ -252,6 +252,18 @@ def test_report_runs_each_row_and_skips_llama_cpp_with_how_to_build_it(
     assert engines["ours_int4"]["ratios_to_transformers"]["decode_batch_1"] == 1.0
 
 
+def test_llama_cpp_build_names_the_instruction_sets_this_cpu_lists():
+    """A Zen 4 lists AVX-512 VNNI but not the VEX-encoded AVX-VNNI, and a
+    llama.cpp built with `GGML_AVX_VNNI=ON` dies there with SIGILL."""
+    zen4 = {"avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512_vnni", "avx512_bf16"}
+    advice = benchmark.llama_cpp_build_advice(zen4)
+    assert "-DGGML_AVX_VNNI=OFF" in advice and "-DGGML_AVX512_VNNI=ON" in advice
+    assert "-DGGML_AVX512_VBMI=OFF" in advice and "-DGGML_AMX_INT8=OFF" in advice
+    intel = benchmark.llama_cpp_build_advice(zen4 | {"avx_vnni", "amx_int8", "amx_tile"})
+    assert "-DGGML_AVX_VNNI=ON" in intel and "-DGGML_AMX_INT8=OFF" in intel
+    assert "-DGGML_AVX2=OFF" in benchmark.llama_cpp_build_advice(set())
+
+
 @pytest.fixture(scope="module")
 def tiny_preset(tmp_path_factory, tokenizer_proto):
     """A tiny Gemma 3 preset whose `<eos>` never wins: a smoke run generates every token."""

@@ -44,18 +44,52 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
 QUANTIZATION_MODES = ("int8", "int4")
 EMBEDDED_PRESET = "gemma3_270m_q4_k_m"
 PEERS = {"gemma_2b": "keras_hub", "embedded": "transformers"}
-LLAMA_CPP_BUILD = (
-    "Build llama-cpp-python from source for this CPU with AMX left out: the CPU reports AMX, "
-    "but a process that uses "
-    "AMX tiles without asking the kernel first dies with 'illegal instruction', and "
-    "-DGGML_NATIVE=ON compiles ggml's AMX kernels in whatever the GGML_AMX_* options say, so "
-    "name the instruction sets instead (AVX-512 ones only where lscpu lists them):\n"
-    '  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
-    "-DGGML_BMI2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON "
-    "-DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
-    '-DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF" '
-    "pip install --no-binary llama-cpp-python --no-cache-dir llama-cpp-python"
-)
+# ggml's instruction-set options and the /proc/cpuinfo flag each needs.
+GGML_INSTRUCTION_SETS = {
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "FMA": "fma",
+    "F16C": "f16c",
+    "BMI2": "bmi2",
+    "AVX_VNNI": "avx_vnni",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+}
+
+
+def cpu_flags():
+    """The instruction-set flags /proc/cpuinfo lists for this CPU (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def llama_cpp_build_advice(flags=None):
+    """How to build llama-cpp-python for this CPU: each instruction set named
+    on where the CPU lists it and off elsewhere, AMX always off."""
+    flags = cpu_flags() if flags is None else flags
+    options = [
+        f"-DGGML_{name}={'ON' if flag in flags else 'OFF'}"
+        for name, flag in GGML_INSTRUCTION_SETS.items()
+    ]
+    options += ["-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"]
+    return (
+        "Build llama-cpp-python from source for this CPU, naming its instruction sets: "
+        "-DGGML_NATIVE=ON compiles ggml's AMX kernels in whatever the GGML_AMX_* options say, "
+        "and a process that uses AMX tiles without asking the kernel first dies with "
+        "'illegal instruction', as does one built for a set this CPU lacks:\n"
+        f'  CMAKE_ARGS="-DGGML_NATIVE=OFF {" ".join(options)} -DLLAMA_CURL=OFF" '
+        "pip install --no-binary llama-cpp-python --no-cache-dir llama-cpp-python"
+    )
+
+
 LLAMA_CPP_ABSENT = "llama_cpp is not importable here, so the llama.cpp row is skipped. "
 
 
@@ -421,7 +455,9 @@ def run_worker(name, args, row="float"):
         )
         error = f"{died}: {output.stderr[-2000:]}"
         if name == "llama_cpp" and status == -signal.SIGILL:
-            error += "\nllama.cpp uses instructions this process may not. " + LLAMA_CPP_BUILD
+            error += (
+                "\nllama.cpp uses instructions this process may not. " + llama_cpp_build_advice()
+            )
         return {"engine": name, "error": error}
     return json.loads(output.stdout.strip().splitlines()[-1])
 
@@ -548,7 +584,7 @@ def report(args):
             engines[PEERS[args.model]] = (PEERS[args.model], "float")
         if gguf_path(args.model) is not None:
             if importlib.util.find_spec("llama_cpp") is None:
-                message = LLAMA_CPP_ABSENT + LLAMA_CPP_BUILD
+                message = LLAMA_CPP_ABSENT + llama_cpp_build_advice()
                 skipped["llama_cpp"] = {"engine": "llama_cpp", "skipped": message}
             else:
                 engines["llama_cpp"] = ("llama_cpp", "float")
