@@ -8,6 +8,8 @@ real Gemma 3 270M Q4_K_M file; Q4_0, which it does not hold, from a small
 file written here with gguf's own Q4_0 quantizer.
 """
 
+import os
+
 import numpy as np
 import pytest
 
@@ -156,3 +158,22 @@ def test_q4_0_decodes_to_ggufs_values_exactly(tmp_path):
     # Q4_0 keeps 4 bits per value: the decoded weight is near the original.
     assert np.abs(quantization.dequantize_numpy(result) - weight).max() < 0.5
     assert tensor.quantized("int8") is None
+
+
+@pytest.mark.slow
+def test_load_time_quantization_of_the_gguf_preset_keeps_its_blocks(real_file):
+    """`from_preset(..., quantize=)` reads the GGUF's blocks, also once its
+    float32 conversion (the first plain `from_preset`) is in the cache."""
+    from gemma_keras import GemmaCausalLM, loading
+
+    GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", load_weights=False)  # converts once
+    assert os.path.isdir(os.path.join(loading.converted_dir(), "gemma3_270m_q4_k_m"))
+    model = GemmaCausalLM.from_preset("gemma3_270m_q4_k_m", quantize="int8")
+    layers = model.backbone.lora_layers()
+    query = layers["decoder_block_3/attention/query"].quantized_weight()
+    assert query.group_size == 32  # Q5_0's blocks, not per-channel rounding of the float
+    _, tensors, _ = real_file
+    np.testing.assert_array_equal(
+        quantization.dequantize_numpy(query), np.asarray(tensors["blk.3.attn_q.weight"])
+    )
+    assert layers["decoder_block_0/ffw/down"].quantized_weight().group_size == 16  # Q6_K

@@ -193,12 +193,15 @@ def cmd_chat(args):
 
 
 def cmd_presets(args):
-    from gemma_keras import registry, resolve
+    from gemma_keras import loading, registry, resolve
 
     rows = []
     for preset in registry.list_presets():
         sources = sorted(preset["sources"])
-        cached = (resolve.cache_dir() / "presets" / preset["name"]).is_dir()
+        cached = any(
+            os.path.isdir(os.path.join(folder, preset["name"]))
+            for folder in (resolve.cache_dir() / "presets", loading.converted_dir())
+        )
         rows.append(
             {
                 "name": preset["name"],

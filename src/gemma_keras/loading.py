@@ -164,6 +164,11 @@ def from_preset(preset, dtype=None, load_weights=True, quantize=None):
     return model
 
 
+def converted_dir():
+    """Where GGUF presets converted to float32 KerasHub presets are kept."""
+    return os.path.join(resolve.cache_dir(), "converted")
+
+
 def _registry_entry(preset):
     preset = os.fspath(preset)
     if os.path.exists(preset) or "://" in preset:
@@ -181,10 +186,11 @@ def _looks_instruction_tuned(preset):
 
 def _convert_once(name, gguf_path):
     """A GGUF preset is converted into a float32 KerasHub preset directory in the
-    cache the first time, where `resolve_preset` finds it later: parsing the
-    GGUF's 262k-entry vocabulary and dequantizing takes ~20 s, reading the
-    converted preset a few seconds."""
-    target = os.path.join(resolve.cache_dir(), "presets", name)
+    cache the first time, and read from there later: parsing the GGUF's
+    262k-entry vocabulary and dequantizing takes ~20 s, reading the converted
+    preset a few seconds. It lives apart from the presets put in the cache by
+    hand, so a quantized load still reads the GGUF's own blocks."""
+    target = os.path.join(converted_dir(), name)
     if keras_hub.is_preset_directory(target):
         return target
     checkpoint = read_checkpoint(gguf_path)
