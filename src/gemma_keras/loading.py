@@ -134,10 +134,25 @@ def _load_quantized(layer, checkpoint, weights, name, mode):
     quantized = checkpoint.quantized_weight(name, mode)
     if quantized is None:
         columns = layer.weight_shape[1]
-        group_size = quantization.group_size_for(mode, columns, where=f"{name} ({columns} wide)")
+        group_size = quantization.group_size_for(
+            mode,
+            columns,
+            where=f"{name} ({columns} wide)",
+            group_size=_file_groups(checkpoint, name, mode, columns),
+        )
         quantized = quantization.quantize(np.asarray(weights[name]), mode, group_size)
     layer.build_quantized(quantized.mode, quantized.group_size)
     layer.assign_quantized(quantized)
+
+
+def _file_groups(checkpoint, name, mode, columns):
+    """int8's groups for a tensor the file holds in blocks of fewer bits with
+    no exact int8 form (a GGUF's Q4_K): the file's own groups, not one per
+    row, so that rounding to int8 adds little to the file's error. None
+    (the mode's default) otherwise; int4 keeps its default size."""
+    their_name, _ = checkpoint.mapping.get(name, (None, None))
+    values = getattr(checkpoint.tensors.get(their_name), "values_per_scale", None)
+    return values if mode == "int8" and values and columns % values == 0 else None
 
 
 def load_model(path, dtype=None, load_weights=True, quantize=None):

@@ -292,6 +292,12 @@ class GGUFTensor:
                 "quantization (e.g. Q8_0, Q4_K_M or F16), or upgrade gguf."
             )
 
+    @property
+    def values_per_scale(self):
+        """How many values share one scale in the file's blocks (Q4_K: 32,
+        Q6_K: 16); None for a float tensor."""
+        return VALUES_PER_SCALE.get(self.quantization.name)
+
     def __array__(self, dtype=None, copy=None):
         values = gguf.quants.dequantize(self._data, self.quantization).reshape(self.shape)
         array = np.asarray(values, dtype=dtype or np.float32)
@@ -446,6 +452,13 @@ EXACT_FORMS = {
     ("Q6_K", "int8"): _decode_q6_k,
     ("Q4_0", "int4"): _decode_q4_0,
     ("Q4_K", "int4"): _decode_q4_k,
+}
+
+
+# Values per scale of the block types: the K-quants' sub-blocks, the others' blocks.
+VALUES_PER_SCALE = {
+    **dict.fromkeys(("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"), 32),
+    **dict.fromkeys(("Q2_K", "Q3_K", "Q6_K"), 16),
 }
 
 
