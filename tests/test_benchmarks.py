@@ -18,8 +18,9 @@ from gemma_keras import benchmarking as benchmark
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "generate.py"
-# Small enough that a smoke run takes seconds: a 20 MB bandwidth probe, short prompts.
-SMOKE = ["--prompt", "4", "--new", "3", "--prefill", "16", "--repeats", "1", "--probe-gb", "0.02"]
+# Small enough that a smoke run takes seconds (a 20 MB bandwidth probe, short prompts), and
+# 8 new tokens in 2 repeats, so that a busy machine's jitter does not swamp the decode steps.
+SMOKE = ["--prompt", "4", "--new", "8", "--prefill", "16", "--repeats", "2", "--probe-gb", "0.02"]
 
 
 def engine_round(batch_1, batch_8, prefill, rss):
