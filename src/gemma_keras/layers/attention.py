@@ -150,7 +150,7 @@ class Attention(keras.layers.Layer):
             if not self.sliding_window:
                 key_slots, key_valid = ops.arange(slots, dtype="int32"), key_mask
                 write_slot = cache_index
-            elif isinstance(length, int) and length == 1:  # decoding: shapes are static
+            elif _static_size(length) == 1:  # decoding
                 key_slots, key_valid, write_slot = _ring_layout_one_token(
                     key_mask, cache_index, slots
                 )
@@ -265,6 +265,15 @@ def _ring_layout_one_token(key_mask, cache_index, capacity):
     than the window is never filled past its length)."""
     key_slots = _slots_held(cache_index, capacity)
     return key_slots, _holds_real_token(key_mask, key_slots), ops.mod(cache_index, capacity)
+
+
+def _static_size(size):
+    """`size` as an int where the graph's shapes are fixed (torch's trace records
+    sizes as tensors), else None (a graph traced for any length)."""
+    try:
+        return int(size)
+    except TypeError:
+        return None
 
 
 def _slots_held(last_written, capacity):
