@@ -203,15 +203,15 @@ def einsum(equation, a, b):
     traced without XLA, whose own bfloat16 einsum rounds partial sums to
     bfloat16 (XLA's does not)."""
     platform = platform_of(b)
+    without_xla = getattr(_tracing_without_xla, "native_products", None) is not None
     choice = dispatch.choose_einsum(
         "tensorflow",
         platform,
         keras.backend.standardize_dtype(a.dtype),
         keras.backend.standardize_dtype(b.dtype),
         frozenset(),
-        without_xla=getattr(_tracing_without_xla, "native_products", None) is not None,
+        without_xla=without_xla,
     )
-    without_xla = getattr(_tracing_without_xla, "native_products", None) is not None
     product = _einsum_without_unit_axes if without_xla else keras.ops.einsum
     if choice == dispatch.EINSUM_IN_FLOAT32:
         a, b = keras.ops.cast(a, "float32"), keras.ops.cast(b, "float32")
