@@ -35,13 +35,16 @@ from generate import load_ours, measure_bandwidth, save_result, timed, weight_by
 # multiply-and-sums of `gemma_keras.backends.linear`, and dots YNNPACK takes);
 # attention's two small products per layer count here too. In bfloat16 the
 # products are `gemma_keras.native`'s kernel: `ffi_call` on JAX, the
-# `gemma_keras::bf16_linear` operator on torch.
+# `gemma_keras::bf16_linear` operator on torch, and the quantized products
+# its `int8_linear` and `int4_linear`.
 TORCH_WEIGHT_PRODUCTS = {
     "mkldnn::_linear_pointwise",
     "aten::mm",
     "aten::addmm",
     "aten::mv",
     "gemma_keras::bf16_linear",
+    "gemma_keras::int8_linear",
+    "gemma_keras::int4_linear",
 }
 XLA_WEIGHT_PRODUCT = re.compile(r"(^|_)dot(_|\.|$)|^ynn_fusion|^ffi_call$")
 

@@ -109,21 +109,25 @@ def test_lower_loops_match_the_dequantized_product(mode, loop):
             assert_matches_dequantized(out, x, quantized)
 
 
-def test_vnni_int4_loop_on_x_with_zero_and_outlying_blocks():
+@pytest.mark.parametrize("loop", [None, "avx512-vnni"])
+def test_vnni_int4_loop_on_x_with_zero_and_outlying_blocks(loop):
     """x blocks of zeros, of one large value, and widths that leave the last
-    64-byte chunk part full (160 = one chunk and one block)."""
+    64-byte chunk part full (160 = one chunk and one block); groups of a
+    multiple of 128 (one scale per chunk) and not; with GFNI where the CPU
+    has it (None) and without."""
     if native.load() is None or not vnni_int4():
         pytest.skip("this CPU has no AVX512-VNNI (or the kernel cannot be built)")
     rng = np.random.default_rng(11)
-    for width, group in ((160, 32), (224, 32), (384, 96), (640, 128)):
+    for width, group in ((160, 32), (224, 32), (384, 96), (640, 128), (768, 256)):
         quantized = quantization.quantize(rng.standard_normal((37, width)), "int4", group)
-        x = rng.standard_normal((3, width)).astype(np.float32)
-        x[0, :32] = 0
-        x[1, 40] = 1e4
-        x[2, -32:] = -1e-30
         arrays = (quantized.kernel, quantized.scale, quantized.offset)
-        out = native.quantized_linear(x, "int4", *arrays)
-        assert_matches_dequantized(out, x, quantized, int8_x=True)
+        for rows in (1, 3):
+            x = rng.standard_normal((rows, width)).astype(np.float32)
+            x[0, :32] = 0
+            x[-1, 40] = 1e4
+            x[-1, -32:] = -1e-30
+            out = native.quantized_linear(x, "int4", *arrays, loop=loop)
+            assert_matches_dequantized(out, x, quantized, int8_x=True)
 
 
 def test_kernel_rejects_shapes_that_do_not_fit():

@@ -480,6 +480,7 @@ struct QuantizedProblem {
   const int8_t* x_int8 = nullptr;
   const float* x_lane_scales = nullptr;
   const int32_t* lane_groups = nullptr;
+  bool gfni = false;  // the VNNI loop may take GFNI (see vnni::high_nibbles)
   int64_t groups() const { return n_in / group; }
   int64_t row_bytes() const { return bits == Bits::kInt8 ? n_in : n_in / 2; }
 };
@@ -722,14 +723,36 @@ GEMMA_KERAS_VNNI inline QuantizedX quantize_x(const float* x, int64_t rows, int6
   return q;
 }
 
-// One x row: 8 kernel row streams, where the float loops take 4: this loop
-// spends half the instructions per byte, and more streams in flight read
-// faster (the 2B's int4 products of 6 layers in turn, 2 threads, one run:
-// 20.4 and 21.9 against 19.0 GB/s).
-constexpr int kKernelRows = 4, kXRows = 2, kOneRowStreams = 8;
+// One x row: 2 kernel row streams, where the float loops take 4. All int4
+// products of a decode step in turn, 2 threads, alternating, on a Zen 4
+// (docs/performance.md): the 2B's 42-54 ms with 2 streams, 46-61 with 4,
+// 57-73 with 8, 55-76 with 1.
+constexpr int kKernelRows = 4, kXRows = 2, kOneRowStreams = 2;
 
-template <int R, int M>
-GEMMA_KERAS_VNNI void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+// The loop is bound by its vector instructions, not by memory (Zen 4: 25 GB/s
+// of int4 against 40 of int8), so it spends as few per 64 kernel bytes as the
+// CPU allows. Each is a template choice:
+// - `kGfni`: the high nibbles shifted down per byte by one GF(2) affine
+//   transform (`gf2p8affineqb`), where a 16-bit shift needs a mask after it;
+// - `kOneScale`: groups a multiple of the chunk, so one weight scale per row
+//   and chunk, multiplied in as a broadcast operand instead of gathered per lane.
+#define GEMMA_KERAS_VNNI_GFNI \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,gfni,avx2,fma")))
+
+// Bits 4-7 of each byte to bits 0-3: result bit i takes source bit i + 4,
+// and `gf2p8affineqb` reads result bit i's mask from byte 7 - i.
+constexpr long long kHighNibbleDown = 0x1020408000000000LL;
+
+template <bool kGfni>
+GEMMA_KERAS_VNNI_GFNI inline __m512i high_nibbles(__m512i packed) {
+  if constexpr (kGfni)
+    return _mm512_gf2p8affine_epi64_epi8(packed, _mm512_set1_epi64(kHighNibbleDown), 0);
+  else
+    return _mm512_and_si512(_mm512_srli_epi16(packed, 4), _mm512_set1_epi8(15));
+}
+
+template <int R, int M, bool kGfni, bool kOneScale>
+GEMMA_KERAS_VNNI_GFNI void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
   const int64_t groups = p.groups(), row_bytes = p.row_bytes(), n_chunks = chunks(p.n_in);
   const __m512i nibble = _mm512_set1_epi8(15);
   const uint8_t* rows[R];
@@ -741,17 +764,21 @@ GEMMA_KERAS_VNNI void block(const QuantizedProblem& p, const int64_t (&o)[R], in
     const int64_t byte = 64 * c, first = c * kChunk / p.group;
     const int64_t last = (std::min(c * kChunk + kChunk, p.n_in) - 1) / p.group;
     const __mmask64 bytes = byte + 64 <= row_bytes ? ~0ULL : (1ULL << (row_bytes - byte)) - 1;
-    const __mmask16 scales = __mmask16((1u << (last - first + 1)) - 1);
-    const __m512i lane_groups = _mm512_loadu_si512(p.lane_groups + 16 * c);
     __m512i low[R], high[R];
     __m512 weight_scales[R];
     for (int i = 0; i < R; ++i) {
       _mm_prefetch(reinterpret_cast<const char*>(rows[i] + byte + kPrefetchBytes), _MM_HINT_T0);
       const __m512i packed = _mm512_maskz_loadu_epi8(bytes, rows[i] + byte);
       low[i] = _mm512_and_si512(packed, nibble);
-      high[i] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), nibble);
-      const __m512 row_scales = _mm512_maskz_loadu_ps(scales, p.scale + o[i] * groups + first);
-      weight_scales[i] = _mm512_permutexvar_ps(lane_groups, row_scales);
+      high[i] = high_nibbles<kGfni>(packed);
+      if constexpr (kOneScale) {
+        weight_scales[i] = _mm512_set1_ps(p.scale[o[i] * groups + first]);
+      } else {
+        const __mmask16 scales = __mmask16((1u << (last - first + 1)) - 1);
+        const __m512i lane_groups = _mm512_loadu_si512(p.lane_groups + 16 * c);
+        const __m512 row_scales = _mm512_maskz_loadu_ps(scales, p.scale + o[i] * groups + first);
+        weight_scales[i] = _mm512_permutexvar_ps(lane_groups, row_scales);
+      }
     }
     for (int j = 0; j < M; ++j) {
       const int8_t* x = p.x_int8 + ((r + j) * n_chunks + c) * kChunk;
@@ -760,7 +787,8 @@ GEMMA_KERAS_VNNI void block(const QuantizedProblem& p, const int64_t (&o)[R], in
       for (int i = 0; i < R; ++i) {
         const __m512i dots =
             _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low[i], x_low), high[i], x_high);
-        sums[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_mul_ps(weight_scales[i], x_scales), sums[i][j]);
+        // (dots * x_scales) * weight_scale, so that a single scale is a broadcast operand.
+        sums[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots), x_scales), weight_scales[i], sums[i][j]);
       }
     }
   }
@@ -795,7 +823,11 @@ struct Avx512Vnni {  // int4 only
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     static_assert(B == Bits::kInt4, "the VNNI loop is int4's");
-    vnni::block<R, M>(p, o, r);
+    const bool one_scale = p.group % vnni::kChunk == 0;
+    if (p.gfni)
+      one_scale ? vnni::block<R, M, true, true>(p, o, r) : vnni::block<R, M, true, false>(p, o, r);
+    else
+      one_scale ? vnni::block<R, M, false, true>(p, o, r) : vnni::block<R, M, false, false>(p, o, r);
   }
 };
 
@@ -829,9 +861,11 @@ bool cpu_has_avx512() {
 
 bool cpu_has_avx512_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni"); }
 
+bool cpu_has_gfni() { return __builtin_cpu_supports("gfni"); }
+
 // Which loop a product takes: the CPU's best (int4 on VNNI where it has it,
 // else AVX512, else AVX2), or one below it (for tests).
-enum class Loop { kBest = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Loop { kBest = 0, kAvx2 = 1, kAvx512 = 2, kVnniWithoutGfni = 3 };
 
 // The int8 or int4 product on the loop `loop` allows, cut into shares.
 class QuantizedProduct : public SharedWork {
@@ -854,7 +888,8 @@ class QuantizedProduct : public SharedWork {
     const bool int8 = problem.bits == Bits::kInt8;
     run_rows_ = avx512 ? (int8 ? quantized_run_rows<Avx512, Bits::kInt8> : quantized_run_rows<Avx512, Bits::kInt4>)
                        : (int8 ? quantized_run_rows<Avx2, Bits::kInt8> : quantized_run_rows<Avx2, Bits::kInt4>);
-    if (!int8 && loop == Loop::kBest && cpu_has_avx512_vnni()) {
+    if (!int8 && (loop == Loop::kBest || loop == Loop::kVnniWithoutGfni) && cpu_has_avx512_vnni()) {
+      problem_.gfni = loop == Loop::kBest && cpu_has_gfni();
       x_int8_ = vnni::quantize_x(problem.x, problem.rows, problem.n_in, problem.group);
       problem_.x_int8 = x_int8_.values.data();
       problem_.x_lane_scales = x_int8_.lane_scales.data();
@@ -922,8 +957,8 @@ extern "C" const char* gemma_quantized_linear_isa() {
 
 // The int8 (bits 8) or int4 (bits 4) product for ctypes (tests, benchmarks),
 // on the calling thread and `threads - 1` of the library's own; `loop` 0
-// takes the CPU's best loop, 1 the AVX2 one and 2 AVX512's float one (see
-// `Loop`). `offset` is null for int8.
+// takes the CPU's best loop, 1 the AVX2 one, 2 AVX512's float one and 3
+// VNNI's without GFNI (see `Loop`). `offset` is null for int8.
 // Returns 0, or -1 where the shapes do not fit (see `quantized_shapes_fit`).
 extern "C" int gemma_quantized_linear(int bits, const void* kernel, const float* scale,
                                       const float* offset, const float* x, float* out,
@@ -937,7 +972,7 @@ extern "C" int gemma_quantized_linear(int bits, const void* kernel, const float*
     return -1;
   const QuantizedProblem problem{kind, static_cast<const uint8_t*>(kernel), scale, offset, x,
                                  nullptr, out, rows, n_out, n_in, group};
-  if (loop < 0 || loop > 2) return -1;
+  if (loop < 0 || loop > 3) return -1;
   own_threads().run(QuantizedProduct(problem, threads, static_cast<Loop>(loop)));
   return 0;
 }

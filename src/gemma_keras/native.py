@@ -165,7 +165,7 @@ def _register_jax_quantized():
     return True
 
 
-QUANTIZED_LOOPS = {None: 0, "avx2": 1, "avx512": 2}
+QUANTIZED_LOOPS = {None: 0, "avx2": 1, "avx512": 2, "avx512-vnni": 3}
 
 
 def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, loop=None):
@@ -175,7 +175,8 @@ def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, loop=None):
 
     `loop` None takes the CPU's best loop (int4: on AVX512-VNNI, with x
     quantized to int8 in blocks of 32, where the CPU has it); "avx2" and
-    "avx512" (float x) take those below it (for tests).
+    "avx512" (float x) take those below it, and "avx512-vnni" int4's VNNI
+    loop without the GFNI instruction it takes where the CPU has it (for tests).
 
     >>> import numpy as np
     >>> from gemma_keras import quantization
