@@ -126,6 +126,30 @@ def test_write_slots_is_a_slice_update(without_xla, monkeypatch):
     np.testing.assert_array_equal(ops.convert_to_numpy(written), expected)
 
 
+@pytest.mark.parametrize("without_xla", [False, True])
+def test_softmax_is_keras_softmax(without_xla, monkeypatch):
+    """Attention's softmax, masked logits included; TensorFlow's step without
+    XLA writes it out as exp and sums (no oneDNN `Softmax` operation)."""
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((2, 1, 4, 3, 9)).astype(np.float32) * 30
+    logits[..., :4] = -3.4e38  # attention's masked logit
+    expected = ops.convert_to_numpy(ops.softmax(ops.array(logits), axis=-1))
+    if without_xla:
+        if backends.name() != "tensorflow":
+            pytest.skip("TensorFlow's step without XLA")
+        import tensorflow as tf
+
+        monkeypatch.setattr(
+            backends.implementation._tracing_without_xla, "native_products", [], raising=False
+        )
+        softmax = tf.function(backends.softmax).get_concrete_function(tf.TensorSpec(logits.shape))
+        assert not {"Softmax", "_MklSoftmax"} & {op.type for op in softmax.graph.get_operations()}
+        probabilities = softmax(logits)
+    else:
+        probabilities = backends.softmax(ops.array(logits))
+    np.testing.assert_allclose(ops.convert_to_numpy(probabilities), expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.skipif(backends.name() != "jax", reason="the integer rounding is JAX's route")
 def test_round_to_bfloat16_equals_a_conversion():
     rng = np.random.default_rng(3)

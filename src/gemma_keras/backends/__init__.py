@@ -81,6 +81,12 @@ def einsum(equation, a, b):
     return implementation.einsum(equation, a, b)
 
 
+def softmax(logits):
+    """`keras.ops.softmax` over the last axis (attention's probabilities), in
+    the form each backend's step runs fastest."""
+    return implementation.softmax(logits)
+
+
 def is_concrete(x):
     """True when `x` holds values now (eager), False while a graph is being traced."""
     return implementation.is_concrete(x)

@@ -1,6 +1,6 @@
 """What the three backends' compiled steps share: the caches flattened to a
 list of tensors, the model's variables read as inputs of the graph, the
-cache's write, and einsums without their axes of size 1."""
+cache's write, the softmax, and einsums without their axes of size 1."""
 
 import keras
 
@@ -31,6 +31,11 @@ def pairs(flat):
 def write_slots(cache, first_slot, new):
     """`cache` with `new` written from slot `first_slot` (see `backends.write_slots`)."""
     return keras.ops.slice_update(cache, [0, first_slot] + [0] * (len(cache.shape) - 2), new)
+
+
+def softmax(logits):
+    """`keras.ops.softmax` over the last axis (see `backends.softmax`)."""
+    return keras.ops.softmax(logits, axis=-1)
 
 
 def einsum_without_unit_axes(equation, a, b, einsum, matmul):

@@ -168,6 +168,7 @@ def _matmul(a, b, transpose_a, transpose_b):
 
 # The cache's write: Keras' `slice_update` (a copy of the cache with the rows written).
 write_slots = steps.write_slots
+softmax = steps.softmax
 
 
 def take_rows(table, ids):

@@ -5,7 +5,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from gemma_keras.backends import einsum, write_slots
+from gemma_keras.backends import einsum, softmax, write_slots
 from gemma_keras.layers.precision import FLOAT16_MAX
 from gemma_keras.layers.projection import Projection
 from gemma_keras.layers.rms_norm import RMSNorm
@@ -193,7 +193,7 @@ class Attention(keras.layers.Layer):
             logits = ops.clip(logits, -FLOAT16_MAX, FLOAT16_MAX)
         logits = soft_cap(logits, self.attention_logit_soft_cap)
         logits = ops.where(plan.mask, logits, _MASKED_LOGIT)
-        probabilities = ops.cast(ops.softmax(logits, axis=-1), self.compute_dtype)
+        probabilities = ops.cast(softmax(logits), self.compute_dtype)
         attended = einsum("bkgst,btkh->bskgh", probabilities, ops.cast(values, self.compute_dtype))
         attended = ops.reshape(attended, (batch, length, self.num_query_heads * self.head_dim))
         output = self.output_projection(attended)
