@@ -729,9 +729,10 @@ GEMMA_KERAS_VNNI inline QuantizedX quantize_x(const float* x, int64_t rows, int6
 // 57-73 with 8, 55-76 with 1.
 constexpr int kKernelRows = 4, kXRows = 2, kOneRowStreams = 2;
 
-// The loop is bound by its vector instructions, not by memory (Zen 4: 25 GB/s
-// of int4 against 40 of int8), so it spends as few per 64 kernel bytes as the
-// CPU allows. Each is a template choice:
+// Instructions per 64 kernel bytes count too (the 2B's step products at two
+// streams: 42-55 against 53-59 ms before these), so the loop spends as few as
+// the CPU allows, each a template choice (GCC emits GFNI only where the
+// intrinsic is; the loop without it runs on CPUs with VNNI but no GFNI):
 // - `kGfni`: the high nibbles shifted down per byte by one GF(2) affine
 //   transform (`gf2p8affineqb`), where a 16-bit shift needs a mask after it;
 // - `kOneScale`: groups a multiple of the chunk, so one weight scale per row
