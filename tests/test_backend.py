@@ -227,15 +227,17 @@ def test_no_cpu_only_product_on_a_gpu_or_tpu(backend_name, platform):
     features = features_that_record(asked)
     for rows in [*range(1, 513), None]:
         for records_gradient, without_xla in [(False, False), (True, False), (False, True)]:
-            quantized = dispatch.choose_quantized_product(
-                backend_name,
-                platform,
-                rows,
-                features,
-                records_gradient=records_gradient,
-                without_xla=without_xla,
-            )
-            assert quantized == dispatch.DEQUANTIZED
+            for generating in (False, True):
+                quantized = dispatch.choose_quantized_product(
+                    backend_name,
+                    platform,
+                    rows,
+                    features,
+                    records_gradient=records_gradient,
+                    without_xla=without_xla,
+                    generating=generating,
+                )
+                assert quantized == dispatch.DEQUANTIZED
         if rows is not None:
             step = dispatch.choose_step(backend_name, platform, BF16, rows, features, True)
             assert step not in dispatch.CPU_ONLY
@@ -363,6 +365,45 @@ def test_cpu_quantized_products():
     step = dispatch.choose_step("tensorflow", "cpu", BF16, 16, kernel, quantized=True)
     assert step == dispatch.STEP_WITHOUT_XLA
     step = dispatch.choose_step("tensorflow", "cpu", BF16, 17, kernel, quantized=True)
+    assert step == dispatch.STEP_XLA
+
+
+def test_cpu_quantized_prefill_multiplies_in_bfloat16_only_while_generating():
+    """More rows than the native kernel takes, in a generation step on a CPU
+    with AVX512-BF16: the dequantized weight in bfloat16 (TensorFlow's step
+    then runs without XLA, whose bfloat16 products are no faster). `score`,
+    `fit` and calls (not generating), torch's autograd and a CPU without
+    AVX512-BF16 keep the model's dtype."""
+    features = frozenset({"native_quantized_kernel", "avx512_bf16"})
+    bfloat16, dequantized = dispatch.DEQUANTIZED_BFLOAT16, dispatch.DEQUANTIZED
+    native = dispatch.NATIVE_QUANTIZED_KERNEL
+    choose = dispatch.choose_quantized_product
+    for backend_name, most in [("jax", 16), ("torch", 128), ("tensorflow", 16)]:
+        without_xla = backend_name == "tensorflow"
+        for rows in (most + 1, 512, None):
+            assert (
+                choose(backend_name, "cpu", rows, features, without_xla=without_xla) == dequantized
+            )
+            got = choose(
+                backend_name, "cpu", rows, features, without_xla=without_xla, generating=True
+            )
+            assert got == bfloat16
+            without_bf16 = frozenset({"native_quantized_kernel"})
+            got = choose(
+                backend_name, "cpu", rows, without_bf16, without_xla=without_xla, generating=True
+            )
+            assert got == dequantized
+        got = choose(backend_name, "cpu", most, features, without_xla=without_xla, generating=True)
+        assert got == native
+    assert (
+        choose("torch", "cpu", 512, features, records_gradient=True, generating=True) == dequantized
+    )
+    assert choose("tensorflow", "cpu", 512, features, generating=True) == dequantized
+    step = dispatch.choose_step("tensorflow", "cpu", F32, 512, features, quantized=True)
+    assert step == dispatch.STEP_WITHOUT_XLA
+    step = dispatch.choose_step(
+        "tensorflow", "cpu", F32, 512, frozenset({"native_quantized_kernel"}), quantized=True
+    )
     assert step == dispatch.STEP_XLA
 
 

@@ -74,7 +74,8 @@ class GemmaBackbone(keras.Model):
         self.final_norm = final_norm
 
     def call_with_cache(self, token_ids, key_mask, positions, caches, cache_index):
-        """Runs `token_ids` [batch, seq] written at cache slots `cache_index ...`.
+        """Runs `token_ids` [batch, seq] written at cache slots `cache_index ...`
+        (None: the caches are empty, and the tokens attend to each other only).
 
         `caches` holds one `(key_cache, value_cache)` per layer (see
         `init_cache`), `key_mask` [batch, cache_length] marks the slots that hold

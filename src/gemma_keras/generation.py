@@ -65,12 +65,24 @@ def _step(model, caches, token_ids, key_mask, positions, cache_index):
 
 
 def compiled_step(model):
-    """The model's compiled step function, built once per model and again when
-    its variables change (LoRA enabled, merged or loaded) or LoRA is switched on."""
+    """The model's compiled `step(caches, token_ids, key_mask, positions,
+    cache_index=None)`, built once per model and again when its variables
+    change (LoRA enabled, merged or loaded) or LoRA is switched on. Without
+    `cache_index` the caches are empty (a prefill), and the prompt attends
+    to itself only, not to every slot of a cache sized for what follows."""
     key = tuple(id(variable) for variable in model.variables)
     compiled = getattr(model, "_compiled_step", None)
     if compiled is None or compiled[0] != key:
-        step = backends.compile_step(model, lambda *args: _step(model, *args))
+        first = backends.compile_step(
+            model, lambda caches, *inputs: _step(model, caches, *inputs, None)
+        )
+        later = backends.compile_step(model, lambda *args: _step(model, *args))
+
+        def step(caches, token_ids, key_mask, positions, cache_index=None):
+            if cache_index is None:
+                return first(caches, token_ids, key_mask, positions)
+            return later(caches, token_ids, key_mask, positions, cache_index)
+
         model._compiled_step = compiled = (key, step)
     return compiled[1]
 
@@ -273,7 +285,7 @@ def prefill(model, prompts, max_new_tokens, sampler=None):
         decodable=decodable_ids(model),
     )
     state.reduce_for(model, sampler)
-    logits, state.caches = state.step(state.caches, token_ids, key_mask, positions, np.int32(0))
+    logits, state.caches = state.step(state.caches, token_ids, key_mask, positions)
     return StepResult(logits, state.reduction, state.decodable), state
 
 

@@ -194,6 +194,42 @@ def unpack_int4(packed):
     return ops.reshape(ops.concatenate([low, high], axis=2), (-1, columns))
 
 
+def dequantized_product(x, mode, kernel, scale, offset, product, dtype):
+    """`x @ w.T` for a quantized weight: `w` dequantized to `dtype` and
+    multiplied by `product(flat_x, weight)` (`flat_x` [rows, in]).
+
+    An int4 weight is dequantized as its two nibble planes, `[out, in // 2]`
+    each, and `x`'s inputs are split to match, two products summed: putting
+    the nibbles back in input order took XLA 2-5x as long as the planes
+    (docs/performance.md, "Prefill in bfloat16")."""
+    columns = x.shape[-1]
+    flat = ops.reshape(x, (-1, columns))
+    if mode == "int8":
+        out = product(flat, dequantize(mode, kernel, scale, offset, dtype))
+    else:
+        low, high = _int4_planes(kernel, scale, offset, dtype)
+        blocks = ops.reshape(flat, (-1, columns // INT4_BLOCK, 2, INT4_BLOCK // 2))
+        low_x = ops.reshape(blocks[:, :, 0, :], (-1, columns // 2))
+        high_x = ops.reshape(blocks[:, :, 1, :], (-1, columns // 2))
+        out = product(low_x, low) + product(high_x, high)
+    return ops.reshape(out, (*ops.shape(x)[:-1], ops.shape(kernel)[0]))
+
+
+def _int4_planes(kernel, scale, offset, dtype):
+    """The weight's inputs held in low nibbles and those in high nibbles, each
+    `[out, in // 2]` in `dtype`, in the order bytes hold them."""
+    groups = scale.shape[-1]
+    bytes_per_group = kernel.shape[-1] // groups
+    packed = ops.reshape(kernel, (-1, groups, bytes_per_group))
+    scale = ops.cast(scale, "float32")[..., None]
+    offset = ops.cast(offset, "float32")[..., None]
+    planes = []
+    for nibble in (ops.bitwise_and(packed, 15), ops.right_shift(packed, 4)):
+        weight = ops.cast(nibble, "float32") * scale + offset
+        planes.append(ops.cast(ops.reshape(weight, (-1, groups * bytes_per_group)), dtype))
+    return planes
+
+
 def dequantize_numpy(quantized):
     """The float32 `[out, in]` weight that a `QuantizedWeight` stands for."""
     return np.asarray(

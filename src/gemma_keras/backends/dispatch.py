@@ -26,6 +26,7 @@ DOUBLED_ROW_DOT_FLOAT32_ACCUMULATED = "doubled_row_dot_float32_accumulated"  # T
 EINSUM_IN_FLOAT32 = "einsum_in_float32"
 STEP_WITHOUT_XLA = "without_xla"  # TensorFlow's decode step on the native kernel
 NATIVE_QUANTIZED_KERNEL = "native_quantized_kernel"  # int8/int4 products of gemma_keras.native
+DEQUANTIZED_BFLOAT16 = "dequantized_bfloat16"  # dequantized to bfloat16, x rounded to it
 
 CPU_ONLY = frozenset(
     {
@@ -39,6 +40,7 @@ CPU_ONLY = frozenset(
         EINSUM_IN_FLOAT32,
         STEP_WITHOUT_XLA,
         NATIVE_QUANTIZED_KERNEL,
+        DEQUANTIZED_BFLOAT16,
     }
 )
 # The backends' own products, what a GPU or TPU runs.
@@ -173,19 +175,36 @@ def _takes_native_kernel(
 
 
 def choose_quantized_product(
-    backend, platform, rows, cpu_features, *, records_gradient=False, without_xla=False
+    backend,
+    platform,
+    rows,
+    cpu_features,
+    *,
+    records_gradient=False,
+    without_xla=False,
+    generating=False,
 ):
-    """The product for `quantized_linear`: `NATIVE_QUANTIZED_KERNEL` on a CPU
-    for up to `NATIVE_MAX_QUANTIZED_ROWS` rows (torch:
-    `TORCH_NATIVE_MAX_QUANTIZED_ROWS`) where the kernel loads
-    ("native_quantized_kernel" in `cpu_features`), outside TensorFlow's XLA
-    and torch's autograd; else `DEQUANTIZED`."""
+    """The product for `quantized_linear`.
+
+    On a CPU, outside TensorFlow's XLA and torch's autograd:
+    `NATIVE_QUANTIZED_KERNEL` for up to `NATIVE_MAX_QUANTIZED_ROWS` rows
+    (torch: `TORCH_NATIVE_MAX_QUANTIZED_ROWS`) where the kernel loads
+    ("native_quantized_kernel" in `cpu_features`); for more rows in a
+    generation step (`generating`: a prefill) on a CPU with "avx512_bf16",
+    `DEQUANTIZED_BFLOAT16`, which multiplies twice as fast as float32 there
+    (on JAX and TensorFlow's XLA only JAX's XLA does). Else `DEQUANTIZED`:
+    the weight in `x`'s dtype, so `score`, `fit` and calls keep the model's
+    precision."""
+    if platform != "cpu" or (backend == "torch" and records_gradient):
+        return DEQUANTIZED
+    if backend == "tensorflow" and not without_xla:
+        return DEQUANTIZED
     most = TORCH_NATIVE_MAX_QUANTIZED_ROWS if backend == "torch" else NATIVE_MAX_QUANTIZED_ROWS
-    if platform != "cpu" or rows is None or rows > most:
-        return DEQUANTIZED
-    if (backend == "torch" and records_gradient) or (backend == "tensorflow" and not without_xla):
-        return DEQUANTIZED
-    return NATIVE_QUANTIZED_KERNEL if "native_quantized_kernel" in cpu_features else DEQUANTIZED
+    if rows is not None and rows <= most and "native_quantized_kernel" in cpu_features:
+        return NATIVE_QUANTIZED_KERNEL
+    if generating and (rows is None or rows > most) and "avx512_bf16" in cpu_features:
+        return DEQUANTIZED_BFLOAT16
+    return DEQUANTIZED
 
 
 def choose_einsum(backend, platform, a_dtype, b_dtype, cpu_features, *, without_xla=False):
@@ -211,9 +230,14 @@ def choose_step(backend, platform, compute_dtype, rows, cpu_features, quantized=
         return STEP_JIT
     if backend == "torch":
         return STEP_TRACE
+    if quantized and platform == "cpu":
+        # Decoding on the native kernel, or a prefill multiplying in bfloat16
+        # (oneDNN's product; TensorFlow's XLA multiplies bfloat16 no faster than float32).
+        if rows <= NATIVE_MAX_QUANTIZED_ROWS:
+            return STEP_WITHOUT_XLA if "native_quantized_kernel" in cpu_features else STEP_XLA
+        return STEP_WITHOUT_XLA if "avx512_bf16" in cpu_features else STEP_XLA
     if quantized:
-        kernel = platform == "cpu" and "native_quantized_kernel" in cpu_features
-        return STEP_WITHOUT_XLA if kernel and rows <= NATIVE_MAX_QUANTIZED_ROWS else STEP_XLA
+        return STEP_XLA
     if (
         platform == "cpu"
         and compute_dtype == "bfloat16"

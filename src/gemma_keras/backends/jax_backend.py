@@ -71,11 +71,28 @@ def quantized_linear(x, mode, kernel, scale, offset):
     shape = tuple(size if isinstance(size, int) else None for size in x.shape)
     rows = None if None in shape[:-1] else math.prod(shape[:-1])
     product = dispatch.choose_quantized_product(
-        "jax", platform, rows, cpu_features if platform == "cpu" else frozenset()
+        "jax",
+        platform,
+        rows,
+        cpu_features if platform == "cpu" else frozenset(),
+        generating=steps.generating(),
     )
     if product == dispatch.NATIVE_QUANTIZED_KERNEL:
         return native_quantized_linear(x, mode, kernel, scale, offset)
-    return linear(x, quantization.dequantize(mode, kernel, scale, offset, x.dtype))
+    if product == dispatch.DEQUANTIZED_BFLOAT16:
+        return quantization.dequantized_product(
+            x, mode, kernel, scale, offset, _bfloat16_product, jnp.bfloat16
+        )
+    return quantization.dequantized_product(x, mode, kernel, scale, offset, linear, x.dtype)
+
+
+def _bfloat16_product(flat, weight):
+    """`flat @ weight.T` of `flat` rounded to bfloat16 and a bfloat16 weight,
+    summed and returned in float32."""
+    product = jnp.einsum(
+        "ri,oi->ro", flat.astype(jnp.bfloat16), weight, preferred_element_type=jnp.float32
+    )
+    return product.astype(flat.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -223,7 +240,8 @@ def compile_step(model, step):
     variables = model.variables
 
     def pure_step(values, caches, *inputs):
-        return with_values(variables, values, step, caches, *inputs)
+        with steps.tracing_generation_step():
+            return with_values(variables, values, step, caches, *inputs)
 
     jitted = jax.jit(pure_step, donate_argnums=(1,))
     return lambda caches, *inputs: jitted([v.value for v in variables], caches, *inputs)

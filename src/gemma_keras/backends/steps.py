@@ -1,8 +1,32 @@
 """What the three backends' compiled steps share: the caches flattened to a
-list of tensors, the model's variables read as inputs of the graph, the
-cache's write, the softmax, and einsums without their axes of size 1."""
+list of tensors, the model's variables read as inputs of the graph, whether
+a generation step is being traced, the cache's write, the softmax, and
+einsums without their axes of size 1."""
+
+import contextlib
+import threading
 
 import keras
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_generation_step():
+    """Marks the products traced inside as a generation step's (see `generating`)."""
+    _tracing.generation_step = True
+    try:
+        yield
+    finally:
+        _tracing.generation_step = False
+
+
+def generating():
+    """Whether a generation step (prefill or decode) is being traced: its
+    quantized products may round `x` to bfloat16 for speed
+    (`dispatch.choose_quantized_product`), where `score` and `fit` keep the
+    model's dtype."""
+    return getattr(_tracing, "generation_step", False)
 
 
 def with_values(variables, values, step, *inputs):

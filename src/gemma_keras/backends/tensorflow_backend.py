@@ -90,11 +90,16 @@ def quantized_linear(x, mode, kernel, scale, offset):
         rows,
         cpu_features if platform == "cpu" else frozenset(),
         without_xla=native_products is not None,
+        generating=steps.generating(),
     )
     if native_products is not None:
-        native_products.append(product == dispatch.NATIVE_QUANTIZED_KERNEL)
+        native_products.append(product in WITHOUT_XLA_QUANTIZED)
+    if product == dispatch.DEQUANTIZED_BFLOAT16:
+        return quantization.dequantized_product(
+            x, mode, kernel, scale, offset, _bfloat16_product, tf.bfloat16
+        )
     if product != dispatch.NATIVE_QUANTIZED_KERNEL:
-        return linear(x, quantization.dequantize(mode, kernel, scale, offset, x.dtype))
+        return quantization.dequantized_product(x, mode, kernel, scale, offset, linear, x.dtype)
     library = native_linear_library()
     flat = tf.cast(tf.reshape(x, (-1, tf.shape(x)[-1])), tf.float32)
     if mode == "int8":
@@ -103,6 +108,17 @@ def quantized_linear(x, mode, kernel, scale, offset):
         out = library.gemma_int4_linear(flat, kernel, scale, offset)
     shape = tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[:1]], 0)
     return tf.reshape(tf.cast(out, x.dtype), shape)
+
+
+# The quantized products that make a step without XLA worth it (see `native_step`).
+WITHOUT_XLA_QUANTIZED = (dispatch.NATIVE_QUANTIZED_KERNEL, dispatch.DEQUANTIZED_BFLOAT16)
+
+
+def _bfloat16_product(flat, weight):
+    """`flat @ weight.T` of `flat` rounded to bfloat16 and a bfloat16 weight
+    (oneDNN sums in float32), returned in `flat`'s dtype."""
+    product = tf.matmul(tf.cast(flat, tf.bfloat16), weight, transpose_b=True)
+    return tf.cast(product, flat.dtype)
 
 
 def _quantized_gradient(mode):
@@ -276,7 +292,8 @@ def compile_step(model, step):
     `native_step`)."""
 
     def flat_step(flat_caches, *inputs):
-        logits, new_caches = step(pairs(flat_caches), *inputs)
+        with steps.tracing_generation_step():
+            logits, new_caches = step(pairs(flat_caches), *inputs)
         return logits, [tensor for pair in new_caches for tensor in pair]
 
     compiled = tf.function(flat_step, jit_compile=True)

@@ -71,6 +71,7 @@ def quantized_linear(x, mode, kernel, scale, offset):
         math.prod(int(size) for size in x.shape[:-1]),
         cpu_features if platform == "cpu" else frozenset(),
         records_gradient=_records_gradient(x),
+        generating=steps.generating(),
     )
     if product == dispatch.NATIVE_QUANTIZED_KERNEL:
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -80,7 +81,17 @@ def quantized_linear(x, mode, kernel, scale, offset):
         else:
             out = torch.ops.gemma_keras.int4_linear(flat, kernel, scale, offset, threads)
         return out.to(x.dtype).reshape(*x.shape[:-1], kernel.shape[0])
-    return linear(x, quantization.dequantize(mode, kernel, scale, offset, x.dtype))
+    if product == dispatch.DEQUANTIZED_BFLOAT16:
+        return quantization.dequantized_product(
+            x, mode, kernel, scale, offset, _bfloat16_product, "bfloat16"
+        )
+    return quantization.dequantized_product(x, mode, kernel, scale, offset, linear, x.dtype)
+
+
+def _bfloat16_product(flat, weight):
+    """`flat @ weight.T` of `flat` rounded to bfloat16 and a bfloat16 weight
+    (oneDNN sums in float32), returned in `flat`'s dtype."""
+    return torch.nn.functional.linear(flat.to(torch.bfloat16), weight).to(flat.dtype)
 
 
 def _records_gradient(*tensors):
@@ -205,9 +216,10 @@ def compile_step(model, step):
             if key not in graphs:
 
                 def pure_step(values, flat_caches, *inputs):
-                    logits, new_caches = with_values(
-                        variables, values, step, pairs(flat_caches), *inputs
-                    )
+                    with steps.tracing_generation_step():
+                        logits, new_caches = with_values(
+                            variables, values, step, pairs(flat_caches), *inputs
+                        )
                     return logits, [tensor for pair in new_caches for tensor in pair]
 
                 with quiet_torch_jit():

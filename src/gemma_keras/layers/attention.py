@@ -48,7 +48,9 @@ class Attention(keras.layers.Layer):
     With `cache=(key_cache, value_cache)` the new tokens occupy sequence slots
     `cache_index ... cache_index + seq - 1`, `key_mask` [batch, total_slots]
     marks which sequence slots hold real tokens, and the result is
-    `(output, updated_cache)`. A global layer's cache has one entry per
+    `(output, updated_cache)`. `cache_index=None` says the cache is empty (a
+    first prefill): the tokens go to slots `0 ... seq - 1` and attend only to
+    each other, not to the cache's empty slots. A global layer's cache has one entry per
     sequence slot ([batch, total_slots, kv_heads, head_dim]); a local
     (sliding-window) layer's cache is a ring buffer of at most
     `sliding_window` entries, whatever the context length.
@@ -130,8 +132,9 @@ class Attention(keras.layers.Layer):
 
         `positions` [batch, seq] are the new tokens' RoPE positions. Without a
         cache, `key_mask` [batch, seq] marks real tokens; with `cache`, the new
-        tokens occupy sequence slots `cache_index ...` and `key_mask`
-        [batch, total_slots] marks which sequence slots hold real tokens. The
+        tokens occupy sequence slots `cache_index ...` (None: the cache is
+        empty, see the class docstring) and `key_mask` [batch, total_slots]
+        marks which sequence slots hold real tokens. The
         plan depends on the layer only through `plan_key`, so the backbone
         makes one per kind of layer and step instead of one per layer.
         """
@@ -141,8 +144,15 @@ class Attention(keras.layers.Layer):
         )
         query_slots = ops.arange(length, dtype="int32")
         write_slot = ring_write = None
+        new_keys_only = cache is None or cache_index is None
         if cache is None:
             key_slots, key_valid = query_slots, key_mask
+        elif cache_index is None:
+            key_slots, key_valid = query_slots, key_mask[:, :length]
+            if self.sliding_window:
+                ring_write = _ring_write(0, length, ops.shape(cache[0])[1])
+            else:
+                write_slot = 0
         else:
             cache_index = ops.cast(cache_index, "int32")
             query_slots = query_slots + cache_index
@@ -159,7 +169,9 @@ class Attention(keras.layers.Layer):
                     key_mask, cache_index, length, slots
                 )
         mask = attention_mask(key_valid, query_slots, key_slots, self.sliding_window)
-        return AttentionPlan(rotary, mask[:, None, None, :, :], write_slot, ring_write)
+        return AttentionPlan(
+            rotary, mask[:, None, None, :, :], write_slot, ring_write, new_keys_only
+        )
 
     def _project(self, x, projection, num_heads):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
@@ -176,12 +188,18 @@ class Attention(keras.layers.Layer):
         query = apply_rotary_embedding(query, plan.rotary)
         key = apply_rotary_embedding(key, plan.rotary)
 
-        if cache is None:
-            keys, values, new_cache = key, value, None
+        keys, values, new_cache = key, value, None
+        if cache is not None:
+            keys = key = ops.cast(key, cache[0].dtype)
+            values = value = ops.cast(value, cache[1].dtype)
+            new_cache = self._write(cache, key, value, plan)
+        if plan.new_keys_only:
+            pass
         elif plan.ring_write is None:
-            keys, values, new_cache = self._write(cache, key, value, plan.write_slot)
-        else:
-            keys, values, new_cache = self._update_ring(cache, key, value, plan.ring_write)
+            keys, values = new_cache
+        else:  # the ring as it was, then the new keys (see `_ring_layout`)
+            keys = ops.concatenate([cache[0], key], axis=1)
+            values = ops.concatenate([cache[1], value], axis=1)
 
         query = query * ops.cast(self.query_scale, query.dtype)
         query = ops.reshape(
@@ -201,29 +219,20 @@ class Attention(keras.layers.Layer):
             return output
         return output, new_cache
 
-    def _write(self, cache, key, value, write_slot):
-        """Writes the new keys from cache slot `write_slot`, then attends over
-        the whole cache: a global layer's (cache slot = sequence slot), or a
-        local layer's ring taking one new token, whose write overwrites only a
-        key just outside the window."""
+    def _write(self, cache, key, value, plan):
+        """The cache with the new keys and values written: from slot
+        `plan.write_slot` (a global layer, or a local layer's ring taking one
+        new token, whose write overwrites only a key just outside the
+        window), or into the ring slots `plan.ring_write` names."""
         key_cache, value_cache = cache
-        key_cache = write_slots(key_cache, write_slot, ops.cast(key, key_cache.dtype))
-        value_cache = write_slots(value_cache, write_slot, ops.cast(value, value_cache.dtype))
-        return key_cache, value_cache, (key_cache, value_cache)
-
-    def _update_ring(self, cache, key, value, ring_write):
-        """Local layers taking several tokens: attend over the ring as it was
-        plus the new keys (a long prefill needs keys that its own write
-        overwrites), then write the newest keys into the ring (see `_ring_layout`)."""
-        key_cache, value_cache = cache
-        source, from_new = ring_write
-        key = ops.cast(key, key_cache.dtype)
-        value = ops.cast(value, value_cache.dtype)
-        keys = ops.concatenate([key_cache, key], axis=1)
-        values = ops.concatenate([value_cache, value], axis=1)
-        key_cache = ops.where(from_new, ops.take(key, source, axis=1), key_cache)
-        value_cache = ops.where(from_new, ops.take(value, source, axis=1), value_cache)
-        return keys, values, (key_cache, value_cache)
+        if plan.ring_write is None:
+            key_cache = write_slots(key_cache, plan.write_slot, key)
+            value_cache = write_slots(value_cache, plan.write_slot, value)
+        else:
+            source, from_new = plan.ring_write
+            key_cache = ops.where(from_new, ops.take(key, source, axis=1), key_cache)
+            value_cache = ops.where(from_new, ops.take(value, source, axis=1), value_cache)
+        return key_cache, value_cache
 
     def get_config(self):
         return {
@@ -253,7 +262,8 @@ class AttentionPlan:
     rotary: tuple  # (cos, sin) from `rotary_tables`
     mask: object  # [batch, 1, 1, queries, keys] booleans, keys as the layer lays them out
     write_slot: object = None  # the cache slot the new keys are written from (see `_write`)
-    ring_write: tuple | None = None  # (source, from_new) of `_ring_layout`: several new tokens
+    ring_write: tuple | None = None  # (source, from_new) of `_ring_write`: several new tokens
+    new_keys_only: bool = False  # attend to the new keys only: no cache, or an empty one
 
 
 def _ring_layout_one_token(key_mask, cache_index, capacity):
@@ -303,8 +313,14 @@ def _ring_layout(key_mask, cache_index, length, capacity):
     new_valid = ops.cast(ops.take(key_mask, new_slots, axis=1), "bool")
     key_slots = ops.concatenate([old_slots, new_slots], axis=0)
     key_valid = ops.concatenate([_holds_real_token(key_mask, old_slots), new_valid], axis=1)
+    return key_slots, key_valid, _ring_write(cache_index, length, capacity)
 
+
+def _ring_write(cache_index, length, capacity):
+    """`(source, from_new)`: after `length` new keys from sequence slot
+    `cache_index`, ring slot `r` holds new key `source[r]` where `from_new[r]`,
+    else what it held."""
     kept_slots = _slots_held(cache_index + length - 1, capacity)
     from_new = (kept_slots >= cache_index)[None, :, None, None]
     source = ops.clip(kept_slots - cache_index, 0, length - 1)
-    return key_slots, key_valid, (source, from_new)
+    return source, from_new
