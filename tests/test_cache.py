@@ -21,9 +21,13 @@ TOLERANCE = 1e-4
         ([4] + [1] * 8, 16),  # prefill, then decode
         ([3, 1, 1, 6, 1], 16),  # a later chunk longer than the window (a chat follow-up)
         ([2, 1, 1], 4),  # a cache shorter than the window: its ring is the whole cache
+        ([8, 1, 1, 1], 16),  # a prefill longer than the window
     ],
 )
-def test_prefill_then_decode_equals_uncached(variant, steps, cache_length):
+# The first call says the cache is empty (`cache_index=None`, as `generate`'s
+# prefill does: the prompt attends to itself only) or gives its slot, 0.
+@pytest.mark.parametrize("first_index", [None, 0])
+def test_prefill_then_decode_equals_uncached(variant, steps, cache_length, first_index):
     config = tiny_config(variant)
     model = GemmaCausalLM.from_gemma_config(config, dtype="float32")
     assign_weights(model, randomize(model_shapes(model)))
@@ -41,7 +45,11 @@ def test_prefill_then_decode_equals_uncached(variant, steps, cache_length):
         key_mask = np.zeros((2, cache_length), "int32")
         key_mask[:, :end] = 1
         logits, caches = model.call_with_cache(
-            token_ids[:, start:end], key_mask, positions[:, start:end], caches, start
+            token_ids[:, start:end],
+            key_mask,
+            positions[:, start:end],
+            caches,
+            first_index if start == 0 else start,
         )
         error = np.abs(keras.ops.convert_to_numpy(logits) - expected[:, start:end]).max()
         assert error <= TOLERANCE, (variant, start, error)

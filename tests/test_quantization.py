@@ -229,6 +229,55 @@ def test_decoding_on_the_native_kernel_equals_the_dequantized_product(mode, monk
         assert np.all(gap <= 0.03 * spread), (position, gap, spread)
 
 
+@pytest.mark.parametrize(
+    "mode, group_size", [("int8", 64), ("int8", 32), ("int4", 32), ("int4", 64)]
+)
+def test_dequantized_product_equals_the_dequantized_weights_product(mode, group_size):
+    """int4 is multiplied as its two nibble planes against `x` split to match:
+    the same sum as the weight in input order, in another order."""
+    rng = np.random.default_rng(5)
+    weight = quantization.quantize(rng.normal(size=(48, 128)).astype("float32"), mode, group_size)
+    x = rng.normal(size=(2, 3, 128)).astype("float32")
+    arrays = [keras.ops.convert_to_tensor(a) for a in weight.arrays().values()]
+    if mode == "int8":
+        arrays.append(None)
+
+    def product(flat, w):
+        return keras.ops.matmul(flat, keras.ops.transpose(w))
+
+    got = quantization.dequantized_product(x, mode, *arrays, product, "float32")
+    expected = x @ quantization.dequantize_numpy(weight).T
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(got), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_long_prefill_multiplies_in_bfloat16_on_a_cpu_that_has_it(mode):
+    """A prefill longer than the native kernel takes (160 tokens: more than
+    torch's 128) multiplies the dequantized weights in bfloat16 on a CPU with
+    AVX512-BF16, as llama.cpp multiplies int8-rounded activations; elsewhere,
+    and in `score` and calls, in the model's float32. Rounding to bfloat16
+    must cost less than the quantization itself."""
+    from gemma_keras import generation
+
+    model = random_model("gemma3", seed=2)
+    prompt = np.random.default_rng(6).integers(3, 1000, (1, 160)).astype("int32")
+    x = {"token_ids": prompt, "padding_mask": np.ones_like(prompt)}
+    unquantized = logits(model, x)[0, -1]
+    model.quantize(mode, group_size=32)
+    result, _ = generation.prefill(model, prompt.tolist(), max_new_tokens=1)
+    prefilled = result.logits()[0]
+    called = logits(model, x)[0, -1]
+    np.testing.assert_allclose(called, logits(dequantized_twin(model), x)[0, -1], atol=2e-5)
+    rounding = np.abs(prefilled - called).max()
+    quantization_error = np.abs(called - unquantized).max()
+    if native.has_bfloat16_dot():
+        # Measured on the three backends: the rounding moves the logits by
+        # 0.32-0.38 (int8) and 0.03-0.04 (int4) of what the quantization does.
+        assert 1e-5 < rounding < quantization_error / 2, (rounding, quantization_error)
+    else:
+        assert rounding < 2e-5, rounding
+
+
 # --- loading and presets -----------------------------------------------------
 
 
