@@ -50,9 +50,10 @@ def linear(x, kernel):
 def quantized_linear(x, mode, kernel, scale, offset=None):
     """`x @ w.T` for a weight `w` held in a `gemma_keras.quantization` form
     ("int8": `kernel`, `scale`; "int4": also `offset`). On a CPU a decode
-    step's products read the integers as they are (the native kernel);
-    elsewhere the weight is dequantized to `x`'s dtype and multiplied by
-    `linear` (see `dispatch.choose_quantized_product`)."""
+    step's products read the integers as they are (the native kernel) and a
+    generation's prefill multiplies the weight dequantized to bfloat16 where
+    the CPU has AVX512-BF16; elsewhere the weight is dequantized to `x`'s
+    dtype and multiplied by `linear` (see `dispatch.choose_quantized_product`)."""
     return implementation.quantized_linear(x, mode, kernel, scale, offset)
 
 

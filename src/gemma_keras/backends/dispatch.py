@@ -191,10 +191,10 @@ def choose_quantized_product(
     (torch: `TORCH_NATIVE_MAX_QUANTIZED_ROWS`) where the kernel loads
     ("native_quantized_kernel" in `cpu_features`); for more rows in a
     generation step (`generating`: a prefill) on a CPU with "avx512_bf16",
-    `DEQUANTIZED_BFLOAT16`, which multiplies twice as fast as float32 there
-    (on JAX and TensorFlow's XLA only JAX's XLA does). Else `DEQUANTIZED`:
-    the weight in `x`'s dtype, so `score`, `fit` and calls keep the model's
-    precision."""
+    `DEQUANTIZED_BFLOAT16`: JAX's XLA and oneDNN multiply bfloat16 there
+    1.5-2.2x as fast as float32 (TensorFlow's XLA does not, so its prefill
+    runs without XLA: `choose_step`). Else `DEQUANTIZED`: the weight in
+    `x`'s dtype, so `score`, `fit` and calls keep the model's precision."""
     if platform != "cpu" or (backend == "torch" and records_gradient):
         return DEQUANTIZED
     if backend == "tensorflow" and not without_xla:
@@ -222,10 +222,11 @@ def choose_einsum(backend, platform, a_dtype, b_dtype, cpu_features, *, without_
 
 def choose_step(backend, platform, compute_dtype, rows, cpu_features, quantized=False):
     """How a step is compiled: `STEP_JIT` (JAX), `STEP_TRACE` (torch), and on
-    TensorFlow `STEP_XLA`, or on a CPU for a bfloat16 step of up to
-    `native_max_rows` rows, or a `quantized` model's step of up to
-    `NATIVE_MAX_QUANTIZED_ROWS`, `STEP_WITHOUT_XLA`, whose products then take
-    the native operations (kept only where all of them do)."""
+    TensorFlow `STEP_XLA`, or on a CPU `STEP_WITHOUT_XLA` for a bfloat16 step
+    of up to `native_max_rows` rows, a `quantized` model's step of up to
+    `NATIVE_MAX_QUANTIZED_ROWS` (the native operations) or, with
+    AVX512-BF16, a longer one (oneDNN's bfloat16 products); kept only where
+    all its products take them (`tensorflow_backend.native_step`)."""
     if backend == "jax":
         return STEP_JIT
     if backend == "torch":

@@ -4,8 +4,10 @@ Steps compile with XLA, whose bfloat16 products take the forms measured
 fastest on a CPU. TensorFlow's XLA takes no custom call, so on a CPU a
 bfloat16 step of up to `native_max_rows()` rows (decoding, a short prefill)
 runs without XLA instead, its products on the native kernel as the
-operation `GemmaBf16Linear`. On a GPU or TPU every product is `tf.matmul`
-and every step XLA's. Measurements: "Products per backend (measured)" in
+operation `GemmaBf16Linear`; so does a quantized model's decode step (the
+int8/int4 operations) and, on a CPU with AVX512-BF16, its prefill (oneDNN's
+bfloat16 products). On a GPU or TPU every product is `tf.matmul` and every
+step XLA's. Measurements: "Products per backend (measured)" in
 docs/performance.md.
 """
 
@@ -28,6 +30,11 @@ NATIVE_OPERATION = "GemmaBf16Linear"
 _tracing_without_xla = threading.local()
 
 
+def _native_products():
+    """The list `native_step` collects while it traces a step without XLA, else None."""
+    return getattr(_tracing_without_xla, "native_products", None)
+
+
 def platform_of(tensor):
     """ "cpu", "gpu" or "tpu": the device `tensor` is placed on, else (a graph
     tensor not placed yet) where TensorFlow places operations by default."""
@@ -47,7 +54,7 @@ def linear(x, kernel):
     """`x @ kernel.T` (see `gemma_keras.backends.linear`)."""
     kernel = keras.ops.convert_to_tensor(kernel)
     platform = platform_of(kernel)
-    native_products = getattr(_tracing_without_xla, "native_products", None)
+    native_products = _native_products()
     x_dtype = keras.backend.standardize_dtype(x.dtype)
     rows = None if None in x.shape[:-1] else math.prod(x.shape[:-1])
     product = dispatch.choose_product(
@@ -82,7 +89,7 @@ def quantized_linear(x, mode, kernel, scale, offset):
     """`x @ w.T` for a quantized weight (see `gemma_keras.backends.quantized_linear`)."""
     kernel = keras.ops.convert_to_tensor(kernel)
     platform = platform_of(kernel)
-    native_products = getattr(_tracing_without_xla, "native_products", None)
+    native_products = _native_products()
     rows = None if None in x.shape[:-1] else math.prod(x.shape[:-1])
     product = dispatch.choose_quantized_product(
         "tensorflow",
@@ -219,7 +226,7 @@ def einsum(equation, a, b):
     traced without XLA, whose own bfloat16 einsum rounds partial sums to
     bfloat16 (XLA's does not)."""
     platform = platform_of(b)
-    without_xla = getattr(_tracing_without_xla, "native_products", None) is not None
+    without_xla = _native_products() is not None
     choice = dispatch.choose_einsum(
         "tensorflow",
         platform,
@@ -258,7 +265,7 @@ def write_slots(cache, first_slot, new):
     """`keras.ops.slice_update` along the slots; in a step without XLA, a
     scatter of the new rows (`slice_update`'s `XlaDynamicUpdateSlice` is
     then compiled and run by XLA on demand at every call, about 0.1 ms)."""
-    if getattr(_tracing_without_xla, "native_products", None) is None:
+    if _native_products() is None:
         return steps.write_slots(cache, first_slot, new)
     batches, slots = tf.range(tf.shape(new)[0]), first_slot + tf.range(tf.shape(new)[1])
     indices = tf.stack(tf.meshgrid(batches, slots, indexing="ij"), axis=-1)
@@ -269,7 +276,7 @@ def softmax(logits):
     """`keras.ops.softmax`; in a step without XLA, written out as exp and sums:
     there oneDNN's softmax operation costs more than the four operations (the
     270M's int4 decode step: 16.0-16.2 against 17.8-18.4 ms)."""
-    if getattr(_tracing_without_xla, "native_products", None) is None:
+    if _native_products() is None:
         return steps.softmax(logits)
     exponents = tf.exp(logits - tf.reduce_max(logits, axis=-1, keepdims=True))
     return exponents / tf.reduce_sum(exponents, axis=-1, keepdims=True)
