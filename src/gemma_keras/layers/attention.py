@@ -193,11 +193,9 @@ class Attention(keras.layers.Layer):
             keys = key = ops.cast(key, cache[0].dtype)
             values = value = ops.cast(value, cache[1].dtype)
             new_cache = self._write(cache, key, value, plan)
-        if plan.new_keys_only:
-            pass
-        elif plan.ring_write is None:
-            keys, values = new_cache
-        else:  # the ring as it was, then the new keys (see `_ring_layout`)
+        if not plan.new_keys_only and plan.ring_write is None:
+            keys, values = new_cache  # the whole cache, the new keys written
+        elif not plan.new_keys_only:  # the ring as it was, then the new keys (see `_ring_layout`)
             keys = ops.concatenate([cache[0], key], axis=1)
             values = ops.concatenate([cache[1], value], axis=1)
 
