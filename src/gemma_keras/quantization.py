@@ -218,16 +218,8 @@ def dequantized_product(x, mode, kernel, scale, offset, product, dtype):
 def _int4_planes(kernel, scale, offset, dtype):
     """The weight's inputs held in low nibbles and those in high nibbles, each
     `[out, in // 2]` in `dtype`, in the order bytes hold them."""
-    groups = scale.shape[-1]
-    bytes_per_group = kernel.shape[-1] // groups
-    packed = ops.reshape(kernel, (-1, groups, bytes_per_group))
-    scale = ops.cast(scale, "float32")[..., None]
-    offset = ops.cast(offset, "float32")[..., None]
-    planes = []
-    for nibble in (ops.bitwise_and(packed, 15), ops.right_shift(packed, 4)):
-        weight = ops.cast(nibble, "float32") * scale + offset
-        planes.append(ops.cast(ops.reshape(weight, (-1, groups * bytes_per_group)), dtype))
-    return planes
+    nibbles = (ops.bitwise_and(kernel, 15), ops.right_shift(kernel, 4))
+    return [_scaled(values, scale, offset, dtype) for values in nibbles]
 
 
 def dequantize_numpy(quantized):
@@ -241,7 +233,12 @@ def dequantize(mode, kernel, scale, offset=None, dtype="float32"):
     """The `[out, in]` weight of quantized arrays (NumPy or backend tensors), in `dtype`.
 
     Each value is computed in float32 (`q * scale + offset`) and cast once."""
-    values = unpack_int4(kernel) if mode == "int4" else kernel
+    return _scaled(unpack_int4(kernel) if mode == "int4" else kernel, scale, offset, dtype)
+
+
+def _scaled(values, scale, offset, dtype):
+    """`values * scale + offset`, one scale (and offset) per group of
+    consecutive columns, in float32, cast once to `dtype`."""
     columns, groups = values.shape[-1], scale.shape[-1]
     values = ops.reshape(ops.cast(values, "float32"), (-1, groups, columns // groups))
     weight = values * ops.cast(scale, "float32")[..., None]

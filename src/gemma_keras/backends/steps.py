@@ -14,11 +14,12 @@ _tracing = threading.local()
 @contextlib.contextmanager
 def tracing_generation_step():
     """Marks the products traced inside as a generation step's (see `generating`)."""
+    outer = generating()
     _tracing.generation_step = True
     try:
         yield
     finally:
-        _tracing.generation_step = False
+        _tracing.generation_step = outer
 
 
 def generating():
