@@ -346,25 +346,36 @@ def test_cpu_einsums_and_steps():
 
 def test_cpu_quantized_products():
     """The native int8/int4 kernel takes decoding-sized products: up to 16
-    rows where XLA dequantizes inside its step, up to 128 on torch (which
-    dequantizes eagerly); never while torch records a gradient or inside
-    TensorFlow's XLA."""
+    rows where XLA dequantizes inside its step, and in a generation step up
+    to 64 (a short prompt, where dequantized copies cost more than they
+    save); up to 128 on torch (which dequantizes eagerly); never while torch
+    records a gradient or inside TensorFlow's XLA."""
     kernel = frozenset({"native_quantized_kernel"})
     native, dequantized = dispatch.NATIVE_QUANTIZED_KERNEL, dispatch.DEQUANTIZED
     choose = dispatch.choose_quantized_product
-    assert choose("jax", "cpu", 16, kernel) == native
-    assert choose("jax", "cpu", 17, kernel) == dequantized
+    most, torch_most = dispatch.NATIVE_MAX_QUANTIZED_ROWS, dispatch.TORCH_NATIVE_MAX_QUANTIZED_ROWS
+    generation_most = dispatch.NATIVE_MAX_QUANTIZED_GENERATION_ROWS
+    assert most < generation_most
+    assert choose("jax", "cpu", most, kernel) == native
+    assert choose("jax", "cpu", most + 1, kernel) == dequantized
+    assert choose("jax", "cpu", generation_most, kernel, generating=True) == native
+    assert choose("jax", "cpu", generation_most + 1, kernel, generating=True) == dequantized
     assert choose("jax", "cpu", None, kernel) == dequantized
     assert choose("jax", "cpu", 1, NO_KERNEL) == dequantized
-    assert choose("torch", "cpu", 128, kernel) == native
-    assert choose("torch", "cpu", 129, kernel) == dequantized
+    for generating in (False, True):
+        assert choose("torch", "cpu", torch_most, kernel, generating=generating) == native
+        assert choose("torch", "cpu", torch_most + 1, kernel, generating=generating) == dequantized
     assert choose("torch", "cpu", 1, kernel, records_gradient=True) == dequantized
-    assert choose("tensorflow", "cpu", 16, kernel, without_xla=True) == native
-    assert choose("tensorflow", "cpu", 17, kernel, without_xla=True) == dequantized
+    assert choose("tensorflow", "cpu", most, kernel, without_xla=True) == native
+    assert choose("tensorflow", "cpu", most + 1, kernel, without_xla=True) == dequantized
+    got = choose("tensorflow", "cpu", generation_most, kernel, without_xla=True, generating=True)
+    assert got == native
     assert choose("tensorflow", "cpu", 1, kernel) == dequantized
-    step = dispatch.choose_step("tensorflow", "cpu", BF16, 16, kernel, quantized=True)
+    step = dispatch.choose_step("tensorflow", "cpu", BF16, generation_most, kernel, quantized=True)
     assert step == dispatch.STEP_WITHOUT_XLA
-    step = dispatch.choose_step("tensorflow", "cpu", BF16, 17, kernel, quantized=True)
+    step = dispatch.choose_step(
+        "tensorflow", "cpu", BF16, generation_most + 1, kernel, quantized=True
+    )
     assert step == dispatch.STEP_XLA
 
 
@@ -378,7 +389,12 @@ def test_cpu_quantized_prefill_multiplies_in_bfloat16_only_while_generating():
     bfloat16, dequantized = dispatch.DEQUANTIZED_BFLOAT16, dispatch.DEQUANTIZED
     native = dispatch.NATIVE_QUANTIZED_KERNEL
     choose = dispatch.choose_quantized_product
-    for backend_name, most in [("jax", 16), ("torch", 128), ("tensorflow", 16)]:
+    most_rows = dispatch.NATIVE_MAX_QUANTIZED_GENERATION_ROWS
+    for backend_name, most in [
+        ("jax", most_rows),
+        ("torch", dispatch.TORCH_NATIVE_MAX_QUANTIZED_ROWS),
+        ("tensorflow", most_rows),
+    ]:
         without_xla = backend_name == "tensorflow"
         for rows in (most + 1, 512, None):
             assert (

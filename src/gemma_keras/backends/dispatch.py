@@ -71,10 +71,16 @@ TENSORFLOW_MAX_ACCUMULATED_ROWS = 32
 
 # Most rows whose int8/int4 products take the native kernel: it reads the
 # integers as they are (decoding); more rows are compute-bound, where the
-# dequantized weight's product is faster. torch dequantizes eagerly, a new
+# dequantized weight's product is faster despite the copy. A generation step
+# takes it up to 64 rows (a short prompt): there it won, and the copies (5 GB
+# of bfloat16 for a 2B) also slowed the next few decode steps (JAX on a Zen 4:
+# 2B int8 prefill of 32 tokens 0.79 against 1.65 s, int4 0.49 against 1.83 s;
+# docs/performance.md). Other calls keep 16, so that `score` and `fit` keep
+# the dequantized weight's exact products. torch dequantizes eagerly, a new
 # copy of each weight per product, so there the kernel wins up to about 128
-# rows (int4, the 270M's and the 2B's shapes, 2 threads: docs/performance.md).
+# rows.
 NATIVE_MAX_QUANTIZED_ROWS = 16
+NATIVE_MAX_QUANTIZED_GENERATION_ROWS = 64
 TORCH_NATIVE_MAX_QUANTIZED_ROWS = 128
 
 BACKENDS = ("jax", "tensorflow", "torch")
@@ -174,6 +180,13 @@ def _takes_native_kernel(
     return rows <= native_max_rows(cpu_features, float32) and "native_kernel" in cpu_features
 
 
+def native_max_quantized_rows(backend, generating):
+    """Most rows of an int8/int4 product that take the native kernel."""
+    if backend == "torch":
+        return TORCH_NATIVE_MAX_QUANTIZED_ROWS
+    return NATIVE_MAX_QUANTIZED_GENERATION_ROWS if generating else NATIVE_MAX_QUANTIZED_ROWS
+
+
 def choose_quantized_product(
     backend,
     platform,
@@ -187,8 +200,8 @@ def choose_quantized_product(
     """The product for `quantized_linear`.
 
     On a CPU, outside TensorFlow's XLA and torch's autograd:
-    `NATIVE_QUANTIZED_KERNEL` for up to `NATIVE_MAX_QUANTIZED_ROWS` rows
-    (torch: `TORCH_NATIVE_MAX_QUANTIZED_ROWS`) where the kernel loads
+    `NATIVE_QUANTIZED_KERNEL` for up to `native_max_quantized_rows` rows
+    where the kernel loads
     ("native_quantized_kernel" in `cpu_features`); for more rows in a
     generation step (`generating`: a prefill) on a CPU with "avx512_bf16",
     `DEQUANTIZED_BFLOAT16`: JAX's XLA and oneDNN multiply bfloat16 there
@@ -199,7 +212,7 @@ def choose_quantized_product(
         return DEQUANTIZED
     if backend == "tensorflow" and not without_xla:
         return DEQUANTIZED
-    most = TORCH_NATIVE_MAX_QUANTIZED_ROWS if backend == "torch" else NATIVE_MAX_QUANTIZED_ROWS
+    most = native_max_quantized_rows(backend, generating)
     if rows is not None and rows <= most and "native_quantized_kernel" in cpu_features:
         return NATIVE_QUANTIZED_KERNEL
     if generating and (rows is None or rows > most) and "avx512_bf16" in cpu_features:
@@ -224,7 +237,7 @@ def choose_step(backend, platform, compute_dtype, rows, cpu_features, quantized=
     """How a step is compiled: `STEP_JIT` (JAX), `STEP_TRACE` (torch), and on
     TensorFlow `STEP_XLA`, or on a CPU `STEP_WITHOUT_XLA` for a bfloat16 step
     of up to `native_max_rows` rows, a `quantized` model's step of up to
-    `NATIVE_MAX_QUANTIZED_ROWS` (the native operations) or, with
+    `NATIVE_MAX_QUANTIZED_GENERATION_ROWS` (the native operations) or, with
     AVX512-BF16, a longer one (oneDNN's bfloat16 products); kept only where
     all its products take them (`tensorflow_backend.native_step`)."""
     if backend == "jax":
@@ -234,7 +247,7 @@ def choose_step(backend, platform, compute_dtype, rows, cpu_features, quantized=
     if quantized and platform == "cpu":
         # Decoding on the native kernel, or a prefill multiplying in bfloat16
         # (oneDNN's product; TensorFlow's XLA multiplies bfloat16 no faster than float32).
-        if rows <= NATIVE_MAX_QUANTIZED_ROWS:
+        if rows <= NATIVE_MAX_QUANTIZED_GENERATION_ROWS:
             return STEP_WITHOUT_XLA if "native_quantized_kernel" in cpu_features else STEP_XLA
         return STEP_WITHOUT_XLA if "avx512_bf16" in cpu_features else STEP_XLA
     if quantized:
