@@ -75,10 +75,10 @@ TENSORFLOW_MAX_ACCUMULATED_ROWS = 32
 # takes it up to 64 rows (a short prompt): there it won, and the copies (5 GB
 # of bfloat16 for a 2B) also slowed the next few decode steps (JAX on a Zen 4:
 # 2B int8 prefill of 32 tokens 0.79 against 1.65 s, int4 0.49 against 1.83 s;
-# docs/performance.md). Other calls keep 16, so that `score` and `fit` keep
-# the dequantized weight's exact products. torch dequantizes eagerly, a new
-# copy of each weight per product, so there the kernel wins up to about 128
-# rows.
+# docs/performance.md). Other calls keep 16, so that `score` and `fit` of
+# longer inputs keep the dequantized weight's exact products. torch
+# dequantizes eagerly, a new copy of each weight per product, so there the
+# kernel wins up to about 128 rows.
 NATIVE_MAX_QUANTIZED_ROWS = 16
 NATIVE_MAX_QUANTIZED_GENERATION_ROWS = 64
 TORCH_NATIVE_MAX_QUANTIZED_ROWS = 128
@@ -200,9 +200,8 @@ def choose_quantized_product(
     """The product for `quantized_linear`.
 
     On a CPU, outside TensorFlow's XLA and torch's autograd:
-    `NATIVE_QUANTIZED_KERNEL` for up to `native_max_quantized_rows` rows
-    where the kernel loads
-    ("native_quantized_kernel" in `cpu_features`); for more rows in a
+    `NATIVE_QUANTIZED_KERNEL` for up to `native_max_quantized_rows` rows where
+    the kernel loads ("native_quantized_kernel" in `cpu_features`); for more rows in a
     generation step (`generating`: a prefill) on a CPU with "avx512_bf16",
     `DEQUANTIZED_BFLOAT16`: JAX's XLA and oneDNN multiply bfloat16 there
     1.5-2.2x as fast as float32 (TensorFlow's XLA does not, so its prefill
