@@ -236,7 +236,7 @@ def choose_step(backend, platform, compute_dtype, rows, cpu_features, quantized=
     """How a step is compiled: `STEP_JIT` (JAX), `STEP_TRACE` (torch), and on
     TensorFlow `STEP_XLA`, or on a CPU `STEP_WITHOUT_XLA` for a bfloat16 step
     of up to `native_max_rows` rows, a `quantized` model's step of up to
-    `NATIVE_MAX_QUANTIZED_GENERATION_ROWS` (the native operations) or, with
+    `native_max_quantized_rows` (the native operations) or, with
     AVX512-BF16, a longer one (oneDNN's bfloat16 products); kept only where
     all its products take them (`tensorflow_backend.native_step`)."""
     if backend == "jax":
@@ -246,7 +246,7 @@ def choose_step(backend, platform, compute_dtype, rows, cpu_features, quantized=
     if quantized and platform == "cpu":
         # Decoding on the native kernel, or a prefill multiplying in bfloat16
         # (oneDNN's product; TensorFlow's XLA multiplies bfloat16 no faster than float32).
-        if rows <= NATIVE_MAX_QUANTIZED_GENERATION_ROWS:
+        if rows <= native_max_quantized_rows(backend, generating=True):
             return STEP_WITHOUT_XLA if "native_quantized_kernel" in cpu_features else STEP_XLA
         return STEP_WITHOUT_XLA if "avx512_bf16" in cpu_features else STEP_XLA
     if quantized:
