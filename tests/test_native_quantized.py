@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gemma_keras import native, quantization
-from quantized_helpers import assert_matches_dequantized, vnni_int4
+from quantized_helpers import assert_matches_dequantized, vnni
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("c++") or shutil.which("g++")), reason="no C++ compiler to build the kernel"
@@ -84,14 +84,14 @@ def test_kernel_matches_the_dequantized_product(mode, group, width):
     for rows in ROWS:
         x = rng.standard_normal((rows, width)).astype(np.float32)
         out = kernel_product(mode, quantized, x)
-        assert_matches_dequantized(out, x, quantized, int8_x=mode == "int4" and vnni_int4())
+        assert_matches_dequantized(out, x, quantized, int8_x=vnni())
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("loop", ["avx2", "avx512"])
 def test_lower_loops_match_the_dequantized_product(mode, loop):
     """The AVX2 loop and AVX512's float one, which a CPU with AVX512 (and
-    VNNI, for int4) does not take by itself."""
+    VNNI) does not take by itself."""
     if native.load() is None:
         pytest.skip("the native kernel cannot be built or run here (see the warning)")
     if loop == "avx512" and "avx512" not in native.quantized_instruction_set():
@@ -110,23 +110,30 @@ def test_lower_loops_match_the_dequantized_product(mode, loop):
 
 
 @pytest.mark.parametrize("loop", [None, "avx512-vnni"])
-def test_vnni_int4_loop_on_x_with_zero_and_outlying_blocks(loop):
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_vnni_loops_on_x_with_zero_and_outlying_blocks(mode, loop):
     """x blocks of zeros, of one large value, and widths that leave the last
-    64-byte chunk part full (160 = one chunk and one block); groups of a
-    multiple of 128 (one scale per chunk) and not; with GFNI where the CPU
-    has it (None) and without."""
-    if native.load() is None or not vnni_int4():
+    64-byte chunk part full (int4's 160: one chunk and one block; int8's 208:
+    three chunks and a quarter); groups of a multiple of the chunk (one scale
+    per chunk), of the whole row, and of less; int8 rows wider than
+    `kNarrowX` (four streams) and than 128 chunks summed in int32; int4 with
+    GFNI where the CPU has it (None) and without."""
+    if native.load() is None or not vnni():
         pytest.skip("this CPU has no AVX512-VNNI (or the kernel cannot be built)")
     rng = np.random.default_rng(11)
-    for width, group in ((160, 32), (224, 32), (384, 96), (640, 128), (768, 256)):
-        quantized = quantization.quantize(rng.standard_normal((37, width)), "int4", group)
+    shapes = {
+        "int4": ((160, 32), (224, 32), (384, 96), (640, 128), (768, 256), (256, 256)),
+        "int8": ((208, 16), (208, 208), (224, 32), (384, 96), (640, 128), (768, 256), (8208, 8208), (8320, 128)),
+    }
+    for width, group in shapes[mode]:
+        quantized = quantization.quantize(rng.standard_normal((37, width)), mode, group)
         arrays = (quantized.kernel, quantized.scale, quantized.offset)
         for rows in (1, 3):
             x = rng.standard_normal((rows, width)).astype(np.float32)
-            x[0, :32] = 0
+            x[0, :64] = 0
             x[-1, 40] = 1e4
-            x[-1, -32:] = -1e-30
-            out = native.quantized_linear(x, "int4", *arrays, loop=loop)
+            x[-1, -16:] = -1e-30
+            out = native.quantized_linear(x, mode, *arrays, loop=loop)
             assert_matches_dequantized(out, x, quantized, int8_x=True)
 
 

@@ -22,7 +22,7 @@ from gemma_keras.checkpoints.weight_mapping import (
     model_shapes,
 )
 from gemma_keras.quantization import QuantizationError
-from quantized_helpers import assert_matches_dequantized, vnni_int4
+from quantized_helpers import assert_matches_dequantized, vnni
 from training_helpers import batch_for
 
 # float32 sums in another order, through a few layers of a tiny model.
@@ -207,13 +207,13 @@ def test_decoding_on_the_native_kernel_equals_the_dequantized_product(mode, monk
     kernel, scale, offset = (None if a is None else keras.ops.convert_to_numpy(a) for a in arrays)
     weight = quantization.QuantizedWeight(mode, kernel, scale, offset, 32)
     x = keras.ops.convert_to_numpy(x)[0]
-    assert_matches_dequantized(fast[0], x, weight, int8_x=mode == "int4" and vnni_int4())
+    assert_matches_dequantized(fast[0], x, weight, int8_x=vnni())
     prompt = inputs(batch=2, length=5)["token_ids"]
     on_kernel = model.generate(prompt, max_length=12)
     monkeypatch.setenv("GEMMA_KERAS_NATIVE", "0")
     model_without = random_model("gemma2")
     model_without.quantize(mode, group_size=32)
-    if not (mode == "int4" and vnni_int4()):
+    if not vnni():
         np.testing.assert_array_equal(on_kernel, model_without.generate(prompt, max_length=12))
         return
     # x quantized to int8 moves a random tiny model's logits by about 1% and

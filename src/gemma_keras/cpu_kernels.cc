@@ -27,8 +27,8 @@
 // (against TensorFlow's), torch operators where GEMMA_KERAS_TORCH_OP is
 // (against torch's). Each runs on its framework's intra-op threads; ctypes'
 // calls run on threads of the library's own. The int8 and int4 loops take
-// AVX512 where the CPU has it, int4 AVX512-VNNI (with x quantized to int8;
-// see namespace vnni).
+// AVX512-VNNI where the CPU has it (with x quantized to int8; see namespace
+// vnni), else AVX512, else AVX2.
 //
 // ---------------------------------------------------------------------------
 // The bfloat16 kernel.
@@ -475,10 +475,11 @@ struct QuantizedProblem {
   const float* x_sums;    // [rows, groups]: each group's x summed, int4 only
   float* out;             // [rows, n_out]
   int64_t rows, n_out, n_in, group;
-  // The VNNI int4 loop's x, quantized (see namespace vnni): [rows, chunks * 128]
-  // int8 values, [rows, chunks * 16] lane scales and [chunks * 16] lane groups.
+  // The VNNI loops' x, quantized (see vnni::QuantizedX): int4's int8 values,
+  // int8's 16-bit ones, their scales, and each lane's group.
   const int8_t* x_int8 = nullptr;
-  const float* x_lane_scales = nullptr;
+  const int16_t* x_int16 = nullptr;
+  const float* x_scales = nullptr;
   const int32_t* lane_groups = nullptr;
   bool gfni = false;  // the VNNI loop may take GFNI (see vnni::high_nibbles)
   int64_t groups() const { return n_in / group; }
@@ -658,87 +659,136 @@ GEMMA_KERAS_AVX512 void block(const QuantizedProblem& p, const int64_t (&o)[R], 
 
 }  // namespace avx512
 
-// AVX512-VNNI, int4 only: x quantized to int8 in blocks of 32 inputs (scale
-// max|x| / 127, rounded to nearest, as llama.cpp's Q8_0 does for its own
-// int4 products), and each block's sum taken on the integers by `vpdpbusd`,
-// 64 products per instruction. The float loops above spend two shuffles per
-// 16 weights widening them, and shuffles issue on one port: about 20 G
-// weights/s per core, below the memory's speed for 4-bit weights. Each x is
-// off by at most half its block's scale, so an output is off by at most the
-// sum over its inputs of |w - offset| * x_scale / 2; the offsets' share is
-// exact (float x sums).
+// AVX512-VNNI: the products summed on integers, `vpdpbusd` (bytes, 64
+// products per instruction) for int4 and `vpdpwssd` (16-bit, 32) for int8.
+// The float loops above spend a shuffle or two per 16 weights widening them,
+// and shuffles issue on one port: 20-31 G weights/s per core, below the
+// memory's speed for 4-bit weights and barely above it for 8-bit ones.
+// - int4: x quantized to int8 in blocks of 32 inputs (scale max|x| / 127,
+//   rounded to nearest, as llama.cpp's Q8_0 does for its own int4 products).
+//   Each x is off by at most half its block's scale, so an output is off by
+//   at most the sum over its inputs of |q * scale| * x_scale / 2; the
+//   offsets' share is exact (float x sums).
+// - int8: x quantized to 16 bits with one scale per row (max|x| / 32767),
+//   each x off by at most max|x| / 65534: less than rounding x to bfloat16
+//   moves it (int8 x, in blocks of 64, made 4.9% of the real 270M's greedy
+//   decode steps pick another token than float32's; 16-bit x, 0.4%, as the
+//   exact product).
 namespace vnni {
 
 #define GEMMA_KERAS_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma")))
 
-// Inputs per 64 kernel bytes: four int4 blocks, whose 16 bytes each hold
-// inputs [0, 16) in their low nibbles and [16, 32) in their high ones.
-constexpr int64_t kChunk = 128;
+// Inputs per 64 kernel bytes ("a chunk"): 64 int8 ones, or four int4 blocks,
+// whose 16 bytes each hold inputs [0, 16) in their low nibbles and [16, 32)
+// in their high ones.
+template <Bits B>
+constexpr int64_t kChunk = B == Bits::kInt8 ? 64 : 128;
 
-inline int64_t chunks(int64_t n_in) { return (n_in + kChunk - 1) / kChunk; }
+template <Bits B>
+inline int64_t chunks(int64_t n_in) {
+  return (n_in + kChunk<B> - 1) / kChunk<B>;
+}
 
-// x rows as the loop reads them: per chunk, the four blocks' inputs [0, 16)
-// (64 bytes, against the low nibbles) then [16, 32); per chunk and row, 16
-// lane scales (a `vpdpbusd` lane sums 4 bytes, so lanes 4b..4b+3 are block
-// b's); per chunk, each lane's group less the chunk's first group.
+// The first input of each lane of a chunk's sums. int4 (`vpdpbusd` sums 4
+// bytes a lane): block lane / 4's (its low nibbles' lane also holds the high
+// nibbles' inputs 16 on). int8 (`vpdpwssd`, 2 values a lane, over the
+// chunk's two halves in turn): lane l of half h starts at 32 h + 2 l.
+template <Bits B>
+constexpr int64_t lane_input(int half, int lane) {
+  return B == Bits::kInt8 ? 32 * half + 2 * lane : 32 * (lane / 4);
+}
+
+// x rows as the loops read them. int4, per row and chunk: the four blocks'
+// inputs [0, 16) as int8 (against the low nibbles), then their [16, 32); the
+// 16 lanes' scales (lanes 4b..4b+3 block b's). int8: each row's 16-bit
+// values, zeros to a whole chunk, and its scale. Per chunk (and int8 half):
+// each lane's group less the chunk's first group.
 struct QuantizedX {
   std::vector<int8_t> values;
-  std::vector<float> lane_scales;
+  std::vector<int16_t> wide_values;
+  std::vector<float> scales;
   std::vector<int32_t> lane_groups;
 };
 
-// 16 values times `inverse`, rounded to the nearest integers, to `out`.
-GEMMA_KERAS_VNNI inline void store_int8(int8_t* out, __m512 values, __m512 inverse) {
-  const __m128i rounded = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(values, inverse)));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), rounded);
+// 16 values times `inverse`, rounded to the nearest integers.
+GEMMA_KERAS_VNNI inline __m512i rounded(const float* x, __m512 inverse) {
+  return _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x), inverse));
 }
 
-// One block of 32 x: its inputs [0, 16) to `low`, [16, 32) to `high`, and
-// its scale to its 4 lanes.
-GEMMA_KERAS_VNNI inline void quantize_block(const float* x, int8_t* low, int8_t* high, float* lane_scales) {
-  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
-  const float largest = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-  const __m512 inverse = _mm512_set1_ps(largest > 0 ? 127.0f / largest : 0.0f);
-  store_int8(low, a, inverse);
-  store_int8(high, b, inverse);
-  for (int lane = 0; lane < 4; ++lane) lane_scales[lane] = largest / 127.0f;
+GEMMA_KERAS_VNNI inline float largest_magnitude(const float* x, int64_t n) {  // n a multiple of 16
+  __m512 largest = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  return _mm512_reduce_max_ps(largest);
 }
 
-GEMMA_KERAS_VNNI inline QuantizedX quantize_x(const float* x, int64_t rows, int64_t n_in, int64_t group) {
-  const int64_t n_chunks = chunks(n_in);
-  QuantizedX q{std::vector<int8_t>(rows * n_chunks * kChunk, 0), std::vector<float>(rows * n_chunks * 16, 0.0f),
-               std::vector<int32_t>(n_chunks * 16, 0)};
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t k = 0; k < n_in; k += 32) {
-      const int64_t c = r * n_chunks + k / kChunk, b = (k % kChunk) / 32;
-      int8_t* chunk = q.values.data() + c * kChunk;
-      quantize_block(x + r * n_in + k, chunk + 16 * b, chunk + 64 + 16 * b, q.lane_scales.data() + c * 16 + 4 * b);
-    }
+template <Bits B>
+GEMMA_KERAS_VNNI QuantizedX quantize_x(const float* x, int64_t rows, int64_t n_in, int64_t group) {
+  constexpr int64_t chunk = kChunk<B>;
+  constexpr int kHalves = B == Bits::kInt8 ? 2 : 1;
+  const int64_t n_chunks = chunks<B>(n_in);
+  QuantizedX q;
+  q.lane_groups.resize(n_chunks * kHalves * 16);
   for (int64_t c = 0; c < n_chunks; ++c)
-    for (int lane = 0; lane < 16; ++lane) {
-      const int64_t input = std::min(c * kChunk + 32 * (lane / 4), n_in - 1);
-      q.lane_groups[c * 16 + lane] = int32_t(input / group - c * kChunk / group);
+    for (int half = 0; half < kHalves; ++half)
+      for (int lane = 0; lane < 16; ++lane) {
+        const int64_t input = std::min(c * chunk + lane_input<B>(half, lane), n_in - 1);
+        q.lane_groups[(c * kHalves + half) * 16 + lane] = int32_t(input / group - c * chunk / group);
+      }
+  if constexpr (B == Bits::kInt8) {
+    q.wide_values.assign(rows * n_chunks * chunk, 0);
+    q.scales.resize(rows);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float top = largest_magnitude(x + r * n_in, n_in);
+      const __m512 inverse = _mm512_set1_ps(top > 0 ? 32767.0f / top : 0.0f);
+      for (int64_t k = 0; k < n_in; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q.wide_values.data() + r * n_chunks * chunk + k),
+                            _mm512_cvtsepi32_epi16(rounded(x + r * n_in + k, inverse)));
+      q.scales[r] = top / 32767.0f;
     }
+  } else {
+    q.values.assign(rows * n_chunks * chunk, 0);
+    q.scales.resize(rows * n_chunks * 16);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t k = 0; k < n_in; k += 32) {
+        const int64_t c = r * n_chunks + k / chunk, b = (k % chunk) / 32;
+        const float top = largest_magnitude(x + r * n_in + k, 32);
+        const __m512 inverse = _mm512_set1_ps(top > 0 ? 127.0f / top : 0.0f);
+        int8_t* low = q.values.data() + c * chunk + 16 * b;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(low), _mm512_cvtsepi32_epi8(rounded(x + r * n_in + k, inverse)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(low + 64),
+                         _mm512_cvtsepi32_epi8(rounded(x + r * n_in + k + 16, inverse)));
+        for (int lane = 0; lane < 4; ++lane) q.scales[c * 16 + 4 * b + lane] = top / 127.0f;
+      }
+  }
   return q;
 }
 
 // One x row: 2 kernel row streams, where the float loops take 4. All int4
 // products of a decode step in turn, 2 threads, alternating, on a Zen 4
 // (docs/performance.md): the 2B's 42-54 ms with 2 streams, 46-61 with 4,
-// 57-73 with 8, 55-76 with 1.
+// 57-73 with 8, 55-76 with 1. int8's products alike, but for an x row wider
+// than kNarrowX: its 16-bit values outgrow the 32 KB L1 cache, and 4 streams
+// share each read of them (the 2B's 2048x16384 down projection: 0.95 against
+// 0.88 of bfloat16's rate for the same bytes, which 2048-wide ones read 0.97
+// and 0.91 of; medians of 11 alternating rounds).
 constexpr int kKernelRows = 4, kXRows = 2, kOneRowStreams = 2;
+constexpr int64_t kNarrowX = 8192;
 
-// Instructions per 64 kernel bytes count too (the 2B's step products at two
-// streams: 42-55 against 53-59 ms before these), so the loop spends as few as
-// the CPU allows, each a template choice (GCC emits GFNI only where the
-// intrinsic is; the loop without it runs on CPUs with VNNI but no GFNI):
-// - `kGfni`: the high nibbles shifted down per byte by one GF(2) affine
+// Instructions per 64 kernel bytes count too (the 2B's int4 step products at
+// two streams: 42-55 against 53-59 ms before these), so the loops spend as
+// few as the CPU allows, each a template choice (GCC emits GFNI only where
+// the intrinsic is; the loop without it runs on CPUs with VNNI but no GFNI):
+// - `kGfni`: int4's high nibbles shifted down per byte by one GF(2) affine
 //   transform (`gf2p8affineqb`), where a 16-bit shift needs a mask after it;
-// - `kOneScale`: groups a multiple of the chunk, so one weight scale per row
-//   and chunk, multiplied in as a broadcast operand instead of gathered per lane.
+// - `S`, how the weight scales vary: one per row (`kRow`), one per row and
+//   chunk (`kChunk`: groups a multiple of the chunk, so a broadcast operand),
+//   or per lane (`kLane`: gathered per chunk). int8 sums whole groups on the
+//   integers before scaling them, where they are a multiple of the chunk.
 #define GEMMA_KERAS_VNNI_GFNI \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,gfni,avx2,fma")))
+
+enum class Scales { kRow, kChunk, kLane };
 
 // Bits 4-7 of each byte to bits 0-3: result bit i takes source bit i + 4,
 // and `gf2p8affineqb` reads result bit i's mask from byte 7 - i.
@@ -752,52 +802,140 @@ GEMMA_KERAS_VNNI_GFNI inline __m512i high_nibbles(__m512i packed) {
     return _mm512_and_si512(_mm512_srli_epi16(packed, 4), _mm512_set1_epi8(15));
 }
 
-template <int R, int M, bool kGfni, bool kOneScale>
-GEMMA_KERAS_VNNI_GFNI void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
-  const int64_t groups = p.groups(), row_bytes = p.row_bytes(), n_chunks = chunks(p.n_in);
+// A kernel row's weight scales for the 16 lanes `lane_groups` names, whose
+// groups are [first, last] (row_scales + first: the first's).
+GEMMA_KERAS_VNNI inline __m512 lane_scales(const float* row_scales, const int32_t* lane_groups, int64_t first,
+                                           int64_t last) {
+  const __mmask16 scales = __mmask16((1u << (last - first + 1)) - 1);
+  return _mm512_permutexvar_ps(_mm512_loadu_si512(lane_groups), _mm512_maskz_loadu_ps(scales, row_scales + first));
+}
+
+// The groups [first, last] of the inputs [begin, end), kept as the loops
+// walk the chunks in order without dividing (a division per chunk is slow).
+struct ChunkGroups {
+  int64_t first = 0, last = 0;
+  void advance(int64_t group, int64_t begin, int64_t end) {
+    while ((first + 1) * group <= begin) ++first;
+    while ((last + 1) * group < end) ++last;
+  }
+};
+
+template <int R, int M, bool kGfni, Scales S>
+GEMMA_KERAS_VNNI_GFNI void block_int4(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+  constexpr int64_t chunk = kChunk<Bits::kInt4>;
+  const int64_t groups = p.groups(), row_bytes = p.row_bytes(), n_chunks = chunks<Bits::kInt4>(p.n_in);
   const __m512i nibble = _mm512_set1_epi8(15);
   const uint8_t* rows[R];
   for (int i = 0; i < R; ++i) rows[i] = p.kernel + o[i] * row_bytes;
   __m512 sums[R][M];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < M; ++j) sums[i][j] = _mm512_setzero_ps();
+  ChunkGroups in;
   for (int64_t c = 0; c < n_chunks; ++c) {
-    const int64_t byte = 64 * c, first = c * kChunk / p.group;
-    const int64_t last = (std::min(c * kChunk + kChunk, p.n_in) - 1) / p.group;
+    const int64_t byte = 64 * c;
+    if constexpr (S != Scales::kRow) in.advance(p.group, c * chunk, std::min(c * chunk + chunk, p.n_in));
     const __mmask64 bytes = byte + 64 <= row_bytes ? ~0ULL : (1ULL << (row_bytes - byte)) - 1;
     __m512i low[R], high[R];
-    __m512 weight_scales[R];
+    __m512 scales[R];
     for (int i = 0; i < R; ++i) {
       _mm_prefetch(reinterpret_cast<const char*>(rows[i] + byte + kPrefetchBytes), _MM_HINT_T0);
       const __m512i packed = _mm512_maskz_loadu_epi8(bytes, rows[i] + byte);
       low[i] = _mm512_and_si512(packed, nibble);
       high[i] = high_nibbles<kGfni>(packed);
-      if constexpr (kOneScale) {
-        weight_scales[i] = _mm512_set1_ps(p.scale[o[i] * groups + first]);
-      } else {
-        const __mmask16 scales = __mmask16((1u << (last - first + 1)) - 1);
-        const __m512i lane_groups = _mm512_loadu_si512(p.lane_groups + 16 * c);
-        const __m512 row_scales = _mm512_maskz_loadu_ps(scales, p.scale + o[i] * groups + first);
-        weight_scales[i] = _mm512_permutexvar_ps(lane_groups, row_scales);
-      }
+      const float* row_scales = p.scale + o[i] * groups;
+      if constexpr (S == Scales::kChunk) scales[i] = _mm512_set1_ps(row_scales[in.first]);
+      if constexpr (S == Scales::kLane) scales[i] = lane_scales(row_scales, p.lane_groups + 16 * c, in.first, in.last);
     }
     for (int j = 0; j < M; ++j) {
-      const int8_t* x = p.x_int8 + ((r + j) * n_chunks + c) * kChunk;
-      const __m512i x_low = _mm512_loadu_si512(x), x_high = _mm512_loadu_si512(x + 64);
-      const __m512 x_scales = _mm512_loadu_ps(p.x_lane_scales + ((r + j) * n_chunks + c) * 16);
+      const int64_t at = (r + j) * n_chunks + c;
+      const __m512i x_low = _mm512_loadu_si512(p.x_int8 + at * chunk), x_high = _mm512_loadu_si512(p.x_int8 + at * chunk + 64);
+      const __m512 x_scales = _mm512_loadu_ps(p.x_scales + at * 16);
       for (int i = 0; i < R; ++i) {
         const __m512i dots =
             _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), low[i], x_low), high[i], x_high);
+        const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dots), x_scales);
         // (dots * x_scales) * weight_scale, so that a single scale is a broadcast operand.
-        sums[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots), x_scales), weight_scales[i], sums[i][j]);
+        sums[i][j] = S == Scales::kRow ? _mm512_add_ps(scaled, sums[i][j]) : _mm512_fmadd_ps(scaled, scales[i], sums[i][j]);
       }
     }
   }
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < M; ++j) {
-      const __m512 offsets = avx512::dot(p.offset + o[i] * groups, p.x_sums + (r + j) * groups, groups);
-      sums[i][j] = _mm512_add_ps(sums[i][j], offsets);
-      p.out[(r + j) * p.n_out + o[i]] = _mm512_reduce_add_ps(sums[i][j]);
+      float out = _mm512_reduce_add_ps(sums[i][j]);
+      if constexpr (S == Scales::kRow) out *= p.scale[o[i]];
+      out += _mm512_reduce_add_ps(avx512::dot(p.offset + o[i] * groups, p.x_sums + (r + j) * groups, groups));
+      p.out[(r + j) * p.n_out + o[i]] = out;
+    }
+}
+
+// Chunks of 16-bit products summed in int32 before they are scaled: each
+// lane gains at most 4 * 127 * 32767 < 2^24 a chunk.
+constexpr int64_t kInt32Chunks = 128;
+
+// Adds block_int8's integer sums of chunk c, scaled, to its float ones, and
+// clears them: lane scales per half (kLane), one scale per chunk, or one per
+// row (scaled at the end).
+template <int R, int M, Scales S>
+GEMMA_KERAS_VNNI inline void scale_sums(const QuantizedProblem& p, const int64_t (&o)[R], int64_t c,
+                                        const ChunkGroups& in, __m512 (&sums)[R][M], __m512i (&dots)[R][M][2]) {
+  for (int i = 0; i < R; ++i) {
+    const float* row_scales = p.scale + o[i] * p.groups();
+    for (int j = 0; j < M; ++j) {
+      const __m512 first = _mm512_cvtepi32_ps(dots[i][j][0]), second = _mm512_cvtepi32_ps(dots[i][j][1]);
+      if constexpr (S == Scales::kLane) {
+        const int32_t* lane_groups = p.lane_groups + 32 * c;
+        sums[i][j] = _mm512_fmadd_ps(first, lane_scales(row_scales, lane_groups, in.first, in.last), sums[i][j]);
+        sums[i][j] = _mm512_fmadd_ps(second, lane_scales(row_scales, lane_groups + 16, in.first, in.last), sums[i][j]);
+      } else {
+        const __m512 both = _mm512_add_ps(first, second);
+        sums[i][j] = S == Scales::kRow ? _mm512_add_ps(both, sums[i][j])
+                                       : _mm512_fmadd_ps(both, _mm512_set1_ps(row_scales[in.first]), sums[i][j]);
+      }
+      dots[i][j][0] = dots[i][j][1] = _mm512_setzero_si512();
+    }
+  }
+}
+
+template <int R, int M, Scales S>
+GEMMA_KERAS_VNNI void block_int8(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
+  constexpr int64_t chunk = kChunk<Bits::kInt8>;
+  const int64_t n_chunks = chunks<Bits::kInt8>(p.n_in);
+  const int8_t* rows[R];
+  for (int i = 0; i < R; ++i) rows[i] = reinterpret_cast<const int8_t*>(p.kernel) + o[i] * p.n_in;
+  __m512 sums[R][M];
+  __m512i dots[R][M][2];  // per chunk half
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) {
+      sums[i][j] = _mm512_setzero_ps();
+      dots[i][j][0] = dots[i][j][1] = _mm512_setzero_si512();
+    }
+  ChunkGroups in;
+  for (int64_t c = 0; c < n_chunks; ++c) {
+    const int64_t begin = c * chunk, end = std::min(begin + chunk, p.n_in);
+    in.advance(p.group, begin, end);
+    const __mmask64 bytes = end - begin == 64 ? ~0ULL : (1ULL << (end - begin)) - 1;
+    __m512i weights[R][2];
+    for (int i = 0; i < R; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(rows[i] + begin + kPrefetchBytes), _MM_HINT_T0);
+      for (int h = 0; h < 2; ++h)
+        weights[i][h] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(__mmask32(bytes >> (32 * h)), rows[i] + begin + 32 * h));
+    }
+    for (int j = 0; j < M; ++j) {
+      const int16_t* x = p.x_int16 + ((r + j) * n_chunks + c) * chunk;
+      for (int h = 0; h < 2; ++h) {
+        const __m512i x_half = _mm512_loadu_si512(x + 32 * h);
+        for (int i = 0; i < R; ++i) dots[i][j][h] = _mm512_dpwssd_epi32(dots[i][j][h], weights[i][h], x_half);
+      }
+    }
+    // Scaled where a group ends (kLane: every chunk), and every kInt32Chunks.
+    const bool group_ends = S == Scales::kLane || (S == Scales::kChunk && end % p.group == 0);
+    if (group_ends || c + 1 == n_chunks || (c + 1) % kInt32Chunks == 0) scale_sums<R, M, S>(p, o, c, in, sums, dots);
+  }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) {
+      float out = _mm512_reduce_add_ps(sums[i][j]) * p.x_scales[r + j];
+      if constexpr (S == Scales::kRow) out *= p.scale[o[i]];
+      p.out[(r + j) * p.n_out + o[i]] = out;
     }
 }
 
@@ -806,6 +944,7 @@ GEMMA_KERAS_VNNI_GFNI void block(const QuantizedProblem& p, const int64_t (&o)[R
 // One instruction set's blocks: `Isa` is the namespace's tag below.
 struct Avx2 {
   static constexpr int kKernelRows = avx2::kKernelRows, kXRows = avx2::kXRows, kOneRowStreams = 4;
+  static constexpr bool wide_x(Bits, int64_t) { return false; }
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     avx2::block<B, R, M>(p, o, r);
@@ -813,22 +952,35 @@ struct Avx2 {
 };
 struct Avx512 {
   static constexpr int kKernelRows = avx512::kKernelRows, kXRows = avx512::kXRows, kOneRowStreams = 4;
+  static constexpr bool wide_x(Bits, int64_t) { return false; }
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     avx512::block<B, R, M>(p, o, r);
   }
 };
-struct Avx512Vnni {  // int4 only
+struct Avx512Vnni {
   static constexpr int kKernelRows = vnni::kKernelRows, kXRows = vnni::kXRows;
   static constexpr int kOneRowStreams = vnni::kOneRowStreams;
+  static constexpr bool wide_x(Bits bits, int64_t n_in) { return bits == Bits::kInt8 && n_in > vnni::kNarrowX; }
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
-    static_assert(B == Bits::kInt4, "the VNNI loop is int4's");
-    const bool one_scale = p.group % vnni::kChunk == 0;
-    if (p.gfni)
-      one_scale ? vnni::block<R, M, true, true>(p, o, r) : vnni::block<R, M, true, false>(p, o, r);
-    else
-      one_scale ? vnni::block<R, M, false, true>(p, o, r) : vnni::block<R, M, false, false>(p, o, r);
+    using vnni::Scales;
+    const Scales scales = p.group == p.n_in                 ? Scales::kRow
+                          : p.group % vnni::kChunk<B> == 0 ? Scales::kChunk
+                                                           : Scales::kLane;
+    if constexpr (B == Bits::kInt8) {
+      if (scales == Scales::kRow) vnni::block_int8<R, M, Scales::kRow>(p, o, r);
+      else if (scales == Scales::kChunk) vnni::block_int8<R, M, Scales::kChunk>(p, o, r);
+      else vnni::block_int8<R, M, Scales::kLane>(p, o, r);
+    } else if (p.gfni) {
+      if (scales == Scales::kRow) vnni::block_int4<R, M, true, Scales::kRow>(p, o, r);
+      else if (scales == Scales::kChunk) vnni::block_int4<R, M, true, Scales::kChunk>(p, o, r);
+      else vnni::block_int4<R, M, true, Scales::kLane>(p, o, r);
+    } else {
+      if (scales == Scales::kRow) vnni::block_int4<R, M, false, Scales::kRow>(p, o, r);
+      else if (scales == Scales::kChunk) vnni::block_int4<R, M, false, Scales::kChunk>(p, o, r);
+      else vnni::block_int4<R, M, false, Scales::kLane>(p, o, r);
+    }
   }
 };
 
@@ -840,18 +992,23 @@ void quantized_x_rows(const QuantizedProblem& p, const int64_t (&o)[R]) {
   for (; r < p.rows; ++r) Isa::template block<B, R, 1>(p, o, r);
 }
 
+// Kernel rows [begin, end) against one x row, S rows at a time.
+template <typename Isa, Bits B, int S>
+int64_t one_x_row(const QuantizedProblem& p, int64_t begin, int64_t end) {
+  return in_streams<S>(begin, end, [&](const int64_t (&o)[S]) { Isa::template block<B, S, 1>(p, o, 0); });
+}
+
 // Kernel rows [begin, end) in streams, as the bfloat16 kernel's `run_rows`.
 template <typename Isa, Bits B>
 void quantized_run_rows(const QuantizedProblem& p, int64_t begin, int64_t end) {
-  constexpr int kStreams = Isa::kOneRowStreams;
-  if (p.rows == 1)
-    begin = in_streams<kStreams>(begin, end, [&](const int64_t (&o)[kStreams]) {
-      Isa::template block<B, kStreams, 1>(p, o, 0);
-    });
-  else
+  if (p.rows > 1)
     begin = in_streams<Isa::kKernelRows>(begin, end, [&](const int64_t (&o)[Isa::kKernelRows]) {
       quantized_x_rows<Isa, B, Isa::kKernelRows>(p, o);
     });
+  else if (Isa::wide_x(B, p.n_in))
+    begin = one_x_row<Isa, B, 4>(p, begin, end);
+  else
+    begin = one_x_row<Isa, B, Isa::kOneRowStreams>(p, begin, end);
   for (int64_t o = begin; o < end; ++o) quantized_x_rows<Isa, B, 1>(p, {o});
 }
 
@@ -864,8 +1021,8 @@ bool cpu_has_avx512_vnni() { return cpu_has_avx512() && __builtin_cpu_supports("
 
 bool cpu_has_gfni() { return __builtin_cpu_supports("gfni"); }
 
-// Which loop a product takes: the CPU's best (int4 on VNNI where it has it,
-// else AVX512, else AVX2), or one below it (for tests).
+// Which loop a product takes: the CPU's best (VNNI where it has it, else
+// AVX512, else AVX2), or one below it (for tests).
 enum class Loop { kBest = 0, kAvx2 = 1, kAvx512 = 2, kVnniWithoutGfni = 3 };
 
 // The int8 or int4 product on the loop `loop` allows, cut into shares.
@@ -889,13 +1046,15 @@ class QuantizedProduct : public SharedWork {
     const bool int8 = problem.bits == Bits::kInt8;
     run_rows_ = avx512 ? (int8 ? quantized_run_rows<Avx512, Bits::kInt8> : quantized_run_rows<Avx512, Bits::kInt4>)
                        : (int8 ? quantized_run_rows<Avx2, Bits::kInt8> : quantized_run_rows<Avx2, Bits::kInt4>);
-    if (!int8 && (loop == Loop::kBest || loop == Loop::kVnniWithoutGfni) && cpu_has_avx512_vnni()) {
+    if ((loop == Loop::kBest || loop == Loop::kVnniWithoutGfni) && cpu_has_avx512_vnni()) {
       problem_.gfni = loop == Loop::kBest && cpu_has_gfni();
-      x_int8_ = vnni::quantize_x(problem.x, problem.rows, problem.n_in, problem.group);
-      problem_.x_int8 = x_int8_.values.data();
-      problem_.x_lane_scales = x_int8_.lane_scales.data();
-      problem_.lane_groups = x_int8_.lane_groups.data();
-      run_rows_ = quantized_run_rows<Avx512Vnni, Bits::kInt4>;
+      x_quantized_ = int8 ? vnni::quantize_x<Bits::kInt8>(problem.x, problem.rows, problem.n_in, problem.group)
+                     : vnni::quantize_x<Bits::kInt4>(problem.x, problem.rows, problem.n_in, problem.group);
+      problem_.x_int8 = x_quantized_.values.data();
+      problem_.x_int16 = x_quantized_.wide_values.data();
+      problem_.x_scales = x_quantized_.scales.data();
+      problem_.lane_groups = x_quantized_.lane_groups.data();
+      run_rows_ = int8 ? quantized_run_rows<Avx512Vnni, Bits::kInt8> : quantized_run_rows<Avx512Vnni, Bits::kInt4>;
     }
     split(problem.n_out, problem.n_out * problem.row_bytes(), threads);
   }
@@ -904,7 +1063,7 @@ class QuantizedProduct : public SharedWork {
   void compute_rows(int64_t begin, int64_t end) const override { run_rows_(problem_, begin, end); }
   QuantizedProblem problem_;
   std::vector<float> x_sums_;
-  vnni::QuantizedX x_int8_;
+  vnni::QuantizedX x_quantized_;
   void (*run_rows_)(const QuantizedProblem&, int64_t, int64_t);
 };
 
@@ -953,7 +1112,7 @@ extern "C" int gemma_cpu_has_bfloat16_dot() {
 
 // The instruction sets of the int8 and int4 products here.
 extern "C" const char* gemma_quantized_linear_isa() {
-  return cpu_has_avx512_vnni() ? "avx512 (int4: avx512-vnni)" : cpu_has_avx512() ? "avx512" : "avx2";
+  return cpu_has_avx512_vnni() ? "avx512-vnni" : cpu_has_avx512() ? "avx512" : "avx2";
 }
 
 // The int8 (bits 8) or int4 (bits 4) product for ctypes (tests, benchmarks),

@@ -173,10 +173,11 @@ def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, loop=None):
     `mode` form (`kernel`, `scale`, `offset`), through ctypes: float32
     `[rows, n_out]`, or None where the kernel cannot be built or run here.
 
-    `loop` None takes the CPU's best loop (int4: on AVX512-VNNI, with x
-    quantized to int8 in blocks of 32, where the CPU has it); "avx2" and
-    "avx512" (float x) take those below it, and "avx512-vnni" int4's VNNI
-    loop without the GFNI instruction it takes where the CPU has it (for tests).
+    `loop` None takes the CPU's best loop (on AVX512-VNNI, where the CPU has
+    it, with x quantized to int8 in blocks: int4's of 32, int8's of 64);
+    "avx2" and "avx512" (float x) take those below it, and "avx512-vnni" the
+    VNNI loop without the GFNI instruction int4's takes where the CPU has it
+    (for tests).
 
     >>> import numpy as np
     >>> from gemma_keras import quantization
@@ -218,8 +219,8 @@ def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, loop=None):
 
 
 def quantized_instruction_set():
-    """The instruction sets of the int8 and int4 kernels here ("avx512 (int4:
-    avx512-vnni)", "avx512" or "avx2"), or None."""
+    """The instruction set of the int8 and int4 kernels here ("avx512-vnni",
+    "avx512" or "avx2"), or None."""
     library = load()
     if library is None:
         return None
