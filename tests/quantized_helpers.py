@@ -58,7 +58,10 @@ def assert_matches_dequantized(out, x, quantized, int8_x=False):
         )
         magnitude = np.abs(x.astype(np.float64)) @ (np.abs(q * scales) + np.abs(offsets)).T
         if int8_x:
-            expected = x_as_the_vnni_loops_read_it(x, "int4") @ (q * scales).T + x.astype(np.float64) @ offsets.T
+            expected = (
+                x_as_the_vnni_loops_read_it(x, "int4") @ (q * scales).T
+                + x.astype(np.float64) @ offsets.T
+            )
     assert out.shape == expected.shape and out.dtype == np.float32
     error = np.abs(out - expected)
     worst = np.unravel_index(np.argmax(error - RELATIVE_TOLERANCE * magnitude), error.shape)

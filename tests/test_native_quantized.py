@@ -123,7 +123,16 @@ def test_vnni_loops_on_x_with_zero_and_outlying_blocks(mode, loop):
     rng = np.random.default_rng(11)
     shapes = {
         "int4": ((160, 32), (224, 32), (384, 96), (640, 128), (768, 256), (256, 256)),
-        "int8": ((208, 16), (208, 208), (224, 32), (384, 96), (640, 128), (768, 256), (8208, 8208), (8320, 128)),
+        "int8": (
+            (208, 16),
+            (208, 208),
+            (224, 32),
+            (384, 96),
+            (640, 128),
+            (768, 256),
+            (8208, 8208),
+            (8320, 128),
+        ),
     }
     for width, group in shapes[mode]:
         quantized = quantization.quantize(rng.standard_normal((37, width)), mode, group)
