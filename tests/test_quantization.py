@@ -216,9 +216,9 @@ def test_decoding_on_the_native_kernel_equals_the_dequantized_product(mode, monk
     if not vnni():
         np.testing.assert_array_equal(on_kernel, model_without.generate(prompt, max_length=12))
         return
-    # x quantized to int8 moves a random tiny model's logits by about 1% and
-    # so flips its near ties: each greedy token must be the plain model's
-    # best to within 3% of its logits' range at that step.
+    # x quantized (int4: to int8, by about 1% of a random tiny model's
+    # logits; int8: to 16 bits) may flip near ties: each greedy token must be
+    # the plain model's best to within 3% of its logits' range at that step.
     on_kernel = np.asarray(on_kernel, "int32")
     plain = logits(model_without, {"token_ids": on_kernel, "padding_mask": np.ones_like(on_kernel)})
     for position in range(prompt.shape[1], on_kernel.shape[1]):

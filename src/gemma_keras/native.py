@@ -174,7 +174,8 @@ def quantized_linear(x, mode, kernel, scale, offset=None, threads=2, loop=None):
     `[rows, n_out]`, or None where the kernel cannot be built or run here.
 
     `loop` None takes the CPU's best loop (on AVX512-VNNI, where the CPU has
-    it, with x quantized to int8 in blocks: int4's of 32, int8's of 64);
+    it, with x quantized: for int4 to int8 in blocks of 32, for int8 to 16
+    bits per row);
     "avx2" and "avx512" (float x) take those below it, and "avx512-vnni" the
     VNNI loop without the GFNI instruction int4's takes where the CPU has it
     (for tests).

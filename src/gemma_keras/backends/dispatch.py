@@ -76,7 +76,8 @@ TENSORFLOW_MAX_ACCUMULATED_ROWS = 32
 # of bfloat16 for a 2B) also slowed the next few decode steps (JAX on a Zen 4:
 # 2B int8 prefill of 32 tokens 0.79 against 1.65 s, int4 0.49 against 1.83 s;
 # docs/performance.md). Other calls keep 16, so that `score` and `fit` of
-# longer inputs keep the dequantized weight's exact products. torch
+# longer inputs keep the dequantized weight's float products (the kernel
+# quantizes x on a CPU with AVX512-VNNI). torch
 # dequantizes eagerly, a new copy of each weight per product, so there the
 # kernel wins up to about 128 rows.
 NATIVE_MAX_QUANTIZED_ROWS = 16
