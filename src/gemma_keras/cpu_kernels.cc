@@ -699,11 +699,22 @@ constexpr int64_t lane_input(int half, int lane) {
   return B == Bits::kInt8 ? 32 * half + 2 * lane : 32 * (lane / 4);
 }
 
+// How a kernel row's weight scales vary across a chunk: one per row (`kRow`,
+// multiplied in at the end), one per chunk (`kChunk`: groups a multiple of
+// the chunk, a broadcast operand), or per lane (`kLane`: gathered per chunk
+// through the lanes' groups).
+enum class Scales { kRow, kChunk, kLane };
+
+template <Bits B>
+inline Scales scales_of(int64_t group, int64_t n_in) {
+  return group == n_in ? Scales::kRow : group % kChunk<B> == 0 ? Scales::kChunk : Scales::kLane;
+}
+
 // x rows as the loops read them. int4, per row and chunk: the four blocks'
 // inputs [0, 16) as int8 (against the low nibbles), then their [16, 32); the
 // 16 lanes' scales (lanes 4b..4b+3 block b's). int8: each row's 16-bit
-// values, zeros to a whole chunk, and its scale. Per chunk (and int8 half):
-// each lane's group less the chunk's first group.
+// values, zeros to a whole chunk, and its scale. For kLane only, per chunk
+// (and int8 half): each lane's group less the chunk's first group.
 struct QuantizedX {
   std::vector<int8_t> values;
   std::vector<int16_t> wide_values;
@@ -728,8 +739,8 @@ GEMMA_KERAS_VNNI QuantizedX quantize_x(const float* x, int64_t rows, int64_t n_i
   constexpr int kHalves = B == Bits::kInt8 ? 2 : 1;
   const int64_t n_chunks = chunks<B>(n_in);
   QuantizedX q;
-  q.lane_groups.resize(n_chunks * kHalves * 16);
-  for (int64_t c = 0; c < n_chunks; ++c)
+  if (scales_of<B>(group, n_in) == Scales::kLane) q.lane_groups.resize(n_chunks * kHalves * 16);
+  for (int64_t c = 0; c < int64_t(q.lane_groups.size()) / (kHalves * 16); ++c)
     for (int half = 0; half < kHalves; ++half)
       for (int lane = 0; lane < 16; ++lane) {
         const int64_t input = std::min(c * chunk + lane_input<B>(half, lane), n_in - 1);
@@ -781,14 +792,10 @@ constexpr int64_t kNarrowX = 8192;
 // the intrinsic is; the loop without it runs on CPUs with VNNI but no GFNI):
 // - `kGfni`: int4's high nibbles shifted down per byte by one GF(2) affine
 //   transform (`gf2p8affineqb`), where a 16-bit shift needs a mask after it;
-// - `S`, how the weight scales vary: one per row (`kRow`), one per row and
-//   chunk (`kChunk`: groups a multiple of the chunk, so a broadcast operand),
-//   or per lane (`kLane`: gathered per chunk). int8 sums whole groups on the
-//   integers before scaling them, where they are a multiple of the chunk.
+// - `S`, how the weight scales vary (see `Scales`). int8 sums whole groups
+//   on the integers before scaling them, where they are a multiple of the chunk.
 #define GEMMA_KERAS_VNNI_GFNI \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,gfni,avx2,fma")))
-
-enum class Scales { kRow, kChunk, kLane };
 
 // Bits 4-7 of each byte to bits 0-3: result bit i takes source bit i + 4,
 // and `gf2p8affineqb` reads result bit i's mask from byte 7 - i.
@@ -965,9 +972,7 @@ struct Avx512Vnni {
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     using vnni::Scales;
-    const Scales scales = p.group == p.n_in                 ? Scales::kRow
-                          : p.group % vnni::kChunk<B> == 0 ? Scales::kChunk
-                                                           : Scales::kLane;
+    const Scales scales = vnni::scales_of<B>(p.group, p.n_in);
     if constexpr (B == Bits::kInt8) {
       if (scales == Scales::kRow) vnni::block_int8<R, M, Scales::kRow>(p, o, r);
       else if (scales == Scales::kChunk) vnni::block_int8<R, M, Scales::kChunk>(p, o, r);
