@@ -115,14 +115,14 @@ def test_vnni_loops_on_x_with_zero_and_outlying_blocks(mode, loop):
     """x blocks of zeros, of one large value, and widths that leave the last
     64-byte chunk part full (int4's 160: one chunk and one block; int8's 208:
     three chunks and a quarter); groups of a multiple of the chunk (one scale
-    per chunk), of the whole row, and of less; int8 rows wider than
-    `kNarrowX` (four streams) and than 128 chunks summed in int32; int4 with
+    per chunk), of the whole row, and of less; rows wider than `kNarrowX`
+    (four streams), int8's also than 128 chunks summed in int32; int4 with
     GFNI where the CPU has it (None) and without."""
     if native.load() is None or not vnni():
         pytest.skip("this CPU has no AVX512-VNNI (or the kernel cannot be built)")
     rng = np.random.default_rng(11)
     shapes = {
-        "int4": ((160, 32), (224, 32), (384, 96), (640, 128), (768, 256), (256, 256)),
+        "int4": ((160, 32), (224, 32), (384, 96), (640, 128), (768, 256), (256, 256), (8224, 32)),
         "int8": (
             (208, 16),
             (208, 208),

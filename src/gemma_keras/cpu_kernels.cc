@@ -778,11 +778,12 @@ GEMMA_KERAS_VNNI QuantizedX quantize_x(const float* x, int64_t rows, int64_t n_i
 // One x row: 2 kernel row streams, where the float loops take 4. All int4
 // products of a decode step in turn, 2 threads, alternating, on a Zen 4
 // (docs/performance.md): the 2B's 42-54 ms with 2 streams, 46-61 with 4,
-// 57-73 with 8, 55-76 with 1. int8's products alike, but for an x row wider
-// than kNarrowX: its 16-bit values outgrow the 32 KB L1 cache, and 4 streams
-// share each read of them (the 2B's 2048x16384 down projection: 0.95 against
-// 0.88 of bfloat16's rate for the same bytes, which 2048-wide ones read 0.97
-// and 0.91 of; medians of 11 alternating rounds).
+// 57-73 with 8, 55-76 with 1. int8's products alike. But an x row wider than
+// kNarrowX (int4's int8 values and lane scales, int8's 16-bit values)
+// outgrows the 32 KB L1 cache, and there 4 streams share each read of it
+// (the 2B's 2048x16384 down projection, medians of 11 alternating rounds:
+// int8 0.95 against 0.88 of bfloat16's rate for the same bytes, where
+// 2048-wide ones read 0.97 and 0.91 of it; int4 13.37 against 15.40 ms).
 constexpr int kKernelRows = 4, kXRows = 2, kOneRowStreams = 2;
 constexpr int64_t kNarrowX = 8192;
 
@@ -968,7 +969,7 @@ struct Avx512 {
 struct Avx512Vnni {
   static constexpr int kKernelRows = vnni::kKernelRows, kXRows = vnni::kXRows;
   static constexpr int kOneRowStreams = vnni::kOneRowStreams;
-  static constexpr bool wide_x(Bits bits, int64_t n_in) { return bits == Bits::kInt8 && n_in > vnni::kNarrowX; }
+  static constexpr bool wide_x(Bits, int64_t n_in) { return n_in > vnni::kNarrowX; }
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     using vnni::Scales;
