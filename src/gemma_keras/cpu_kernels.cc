@@ -899,11 +899,18 @@ GEMMA_KERAS_VNNI_GFNI void block_int4(const QuantizedProblem& p, const int64_t (
       }
     }
   }
+  // The lanes are summed with constant indices before the offsets' loop: indexed
+  // there, `sums` lived on the stack and was stored every chunk.
+  float totals[R][M];
   for (int i = 0; i < R; ++i)
-    for (int j = 0; j < M; ++j) {  // one sum across lanes per output (a row is only 1 KB at 2048 inputs)
-      const __m512 offsets = avx512::dot(p.offset + o[i] * groups, p.x_sums + (r + j) * groups, groups);
+    for (int j = 0; j < M; ++j) {
       const __m512 scale = _mm512_set1_ps(S == Scales::kRow ? p.scale[o[i]] : 1.0f);
-      p.out[(r + j) * p.n_out + o[i]] = _mm512_reduce_add_ps(_mm512_fmadd_ps(sums[i][j], scale, offsets));
+      totals[i][j] = _mm512_reduce_add_ps(_mm512_mul_ps(sums[i][j], scale));
+    }
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < M; ++j) {
+      const __m512 offsets = avx512::dot(p.offset + o[i] * groups, p.x_sums + (r + j) * groups, groups);
+      p.out[(r + j) * p.n_out + o[i]] = totals[i][j] + _mm512_reduce_add_ps(offsets);
     }
 }
 
