@@ -17,12 +17,13 @@ token after a `--prefill`-token prompt, both measured the same way for every
 engine; llama.cpp runs at batch 1, greedy, with `--threads` threads.
 
 Decoding reads every weight once per token, so speed is held to this
-machine's memory bandwidth, measured with a large float32 matrix-vector
-product by the parent (before and after the engines) and by each worker
-(around each repeat of its decode measurement): the bytes an engine reads
-per step are those of its variables as stored (an int8 weight 1 byte plus
-its scales, an int4 weight half a byte plus scales and offsets; llama.cpp's
-tensor bytes in the GGUF). Results go to `<results>/<model>-<backend>-<dtype>.json`.
+machine's memory bandwidth: the best rate at which a few kernels read a large
+float32 matrix (`measure_bandwidth`), measured by the parent (before and after
+the engines) and by each worker (around each repeat of its decode
+measurement). The bytes an engine reads per step are those of its variables
+as stored (an int8 weight 1 byte plus its scales, an int4 weight half a byte
+plus scales and offsets; llama.cpp's tensor bytes in the GGUF). Results go
+to `<results>/<model>-<backend>-<dtype>.json`.
 """
 
 import argparse
