@@ -147,6 +147,7 @@ class GemmaCausalLM(keras.Model):
             optimizer = keras.optimizers.Adam(2e-5)
         if loss == "auto":
             loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        loss = token_rows_loss(loss)
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
         self.sampler = get_sampler(sampler)
@@ -336,3 +337,38 @@ class GemmaCausalLM(keras.Model):
             config["backbone"], custom_objects={"GemmaBackbone": GemmaBackbone}
         )
         return cls(**config)
+
+
+def token_rows_loss(loss):
+    """`loss`, or where it is Keras' `SparseCategoricalCrossentropy` over the last
+    axis without `ignore_class`, a copy that computes it on the logits as rows
+    [tokens, vocabulary] (`cross_entropy_over_rows`): the same values, where
+    Keras' PyTorch backend first moves the vocabulary axis of [batch, length,
+    vocabulary] logits to the middle, and PyTorch's log-softmax over that strided
+    axis took 1.15 s against 0.24 s for 256 tokens of the 270M (forward and
+    backward), a third of a LoRA step."""
+    keyword_arguments = getattr(loss, "_fn_kwargs", {})  # where Keras keeps `axis`
+    if (
+        type(loss) is not keras.losses.SparseCategoricalCrossentropy
+        or loss.ignore_class is not None
+        or keyword_arguments.get("axis") != -1
+    ):
+        return loss
+    rows = keras.losses.SparseCategoricalCrossentropy.from_config(loss.get_config())
+    rows.fn = cross_entropy_over_rows
+    return rows
+
+
+def cross_entropy_over_rows(y_true, y_pred, from_logits=False, ignore_class=None, axis=-1):
+    """`keras.losses.sparse_categorical_crossentropy` over the last axis of
+    `y_pred`, computed on its rows [-1, classes]; shaped as `y_pred[..., 0]`."""
+    ops = keras.ops
+    values = keras.losses.sparse_categorical_crossentropy(
+        ops.reshape(y_true, (-1,)),
+        ops.reshape(y_pred, (-1, ops.shape(y_pred)[-1])),
+        from_logits=from_logits,
+        ignore_class=ignore_class,
+        axis=-1,
+    )
+    return ops.reshape(values, ops.shape(y_pred)[:-1])
+
