@@ -46,7 +46,9 @@ def test_rows_loss_equals_keras_loss_and_its_gradient(settings, trailing_axis):
 
     def values_and_gradient(loss):
         value, (gradient,) = value_and_gradients(
-            lambda x: loss(labels, x, sample_weight=weights), [keras.ops.convert_to_tensor(logits)], 1.0
+            lambda x: loss(labels, x, sample_weight=weights),
+            [keras.ops.convert_to_tensor(logits)],
+            1.0,
         )
         return keras.ops.convert_to_numpy(value), keras.ops.convert_to_numpy(gradient)
 

@@ -371,4 +371,3 @@ def cross_entropy_over_rows(y_true, y_pred, from_logits=False, ignore_class=None
         axis=-1,
     )
     return ops.reshape(values, ops.shape(y_pred)[:-1])
-
