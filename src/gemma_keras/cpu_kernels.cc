@@ -840,9 +840,10 @@ GEMMA_KERAS_VNNI inline __m512 lane_scales(const float* row_scales, const int32_
 // chunks, kLane compares bounds, kRow has one group.
 template <Scales S>
 struct ChunkGroups {
-  int64_t first = 0, last = 0, chunks_per_group, chunks_into_group = 0;
-  ChunkGroups(int64_t group, int64_t chunk) : chunks_per_group(S == Scales::kChunk ? group / chunk : 1) {}
-  void enter(int64_t group, int64_t begin, int64_t end) {
+  const int64_t group, chunks_per_group;
+  int64_t first = 0, last = 0, chunks_into_group = 0;
+  ChunkGroups(int64_t group, int64_t chunk) : group(group), chunks_per_group(S == Scales::kChunk ? group / chunk : 1) {}
+  void enter(int64_t begin, int64_t end) {
     if constexpr (S == Scales::kChunk) {
       if (begin > 0 && ++chunks_into_group == chunks_per_group) {
         chunks_into_group = 0;
@@ -874,7 +875,7 @@ GEMMA_KERAS_VNNI_GFNI void block_int4(const QuantizedProblem& p, const int64_t (
   ChunkGroups<S> in(p.group, chunk);
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t byte = 64 * c;
-    in.enter(p.group, c * chunk, std::min(c * chunk + chunk, p.n_in));
+    in.enter(c * chunk, std::min(c * chunk + chunk, p.n_in));
     const __mmask64 bytes = c < full_chunks ? ~0ULL : last_bytes;
     __m512i low[R], high[R];
     __m512 scales[R];
@@ -904,8 +905,8 @@ GEMMA_KERAS_VNNI_GFNI void block_int4(const QuantizedProblem& p, const int64_t (
   float totals[R][M];
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < M; ++j) {
-      const __m512 scale = _mm512_set1_ps(S == Scales::kRow ? p.scale[o[i]] : 1.0f);
-      totals[i][j] = _mm512_reduce_add_ps(_mm512_mul_ps(sums[i][j], scale));
+      totals[i][j] = _mm512_reduce_add_ps(sums[i][j]);
+      if constexpr (S == Scales::kRow) totals[i][j] *= p.scale[o[i]];
     }
   for (int i = 0; i < R; ++i)
     for (int j = 0; j < M; ++j) {
@@ -958,7 +959,7 @@ GEMMA_KERAS_VNNI void block_int8(const QuantizedProblem& p, const int64_t (&o)[R
   ChunkGroups<S> in(p.group, chunk);
   for (int64_t c = 0; c < n_chunks; ++c) {
     const int64_t begin = c * chunk, end = std::min(begin + chunk, p.n_in);
-    in.enter(p.group, begin, end);
+    in.enter(begin, end);
     const __mmask64 bytes = end - begin == 64 ? ~0ULL : (1ULL << (end - begin)) - 1;
     __m512i weights[R][2];
     for (int i = 0; i < R; ++i) {
