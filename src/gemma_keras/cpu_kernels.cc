@@ -792,17 +792,25 @@ GEMMA_KERAS_VNNI QuantizedX quantize_x(const float* x, int64_t rows, int64_t n_i
   return q;
 }
 
-// One x row: 2 kernel row streams, where the float loops take 4. All int4
-// products of a decode step in turn, 2 threads, alternating, on a Zen 4
-// (docs/performance.md): the 2B's 42-54 ms with 2 streams, 46-61 with 4,
-// 57-73 with 8, 55-76 with 1. int8's products alike. But an x row wider than
+// One x row: how many kernel row streams a thread reads at once, which
+// suits each maker's prefetchers differently. AMD (a Zen 4, all int4
+// products of a decode step in turn, 2 threads, alternating;
+// docs/performance.md): the 2B's 42-54 ms with 2 streams, 46-61 with 4,
+// 57-73 with 8, 55-76 with 1, int8's alike; but an x row wider than
 // kNarrowX (int4's int8 values and lane scales, int8's 16-bit values)
 // outgrows the 32 KB L1 cache, and there 4 streams share each read of it
-// (the 2B's 2048x16384 down projection, medians of 11 alternating rounds:
-// int8 0.95 against 0.88 of bfloat16's rate for the same bytes, where
-// 2048-wide ones read 0.97 and 0.91 of it; int4 13.37 against 15.40 ms).
-constexpr int kKernelRows = 4, kXRows = 2, kOneRowStreams = 2;
+// (the 2B's 2048x16384 down projection, int4 13.37 against 15.40 ms).
+// Intel (a Xeon with AMX, the same products through ctypes, alternating
+// runs): 8 streams read 26.6-26.7 GB/s in int4 against 24.9-25.3 with 2 or
+// 4 and 22.7 with 1, int8 30.3-30.7 against 28.2-29.3, and 8 for the wide
+// x rows too (27.4-27.6 against 26.7-26.9 with 4).
+constexpr int kKernelRows = 4, kXRows = 2;
 constexpr int64_t kNarrowX = 8192;
+
+inline int one_row_streams(int64_t n_in) {
+  static const bool intel = __builtin_cpu_is("intel");
+  return intel ? 8 : n_in > kNarrowX ? 4 : 2;
+}
 
 // Instructions per 64 kernel bytes count too (the 2B's int4 step products at
 // two streams: 42-55 against 53-59 ms before these), so the loops spend as
@@ -990,16 +998,16 @@ GEMMA_KERAS_VNNI void block_int8(const QuantizedProblem& p, const int64_t (&o)[R
 
 // One instruction set's blocks: `Isa` is the namespace's tag below.
 struct Avx2 {
-  static constexpr int kKernelRows = avx2::kKernelRows, kXRows = avx2::kXRows, kOneRowStreams = 4;
-  static constexpr bool wide_x(Bits, int64_t) { return false; }
+  static constexpr int kKernelRows = avx2::kKernelRows, kXRows = avx2::kXRows;
+  static int one_row_streams(int64_t) { return 4; }
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     avx2::block<B, R, M>(p, o, r);
   }
 };
 struct Avx512 {
-  static constexpr int kKernelRows = avx512::kKernelRows, kXRows = avx512::kXRows, kOneRowStreams = 4;
-  static constexpr bool wide_x(Bits, int64_t) { return false; }
+  static constexpr int kKernelRows = avx512::kKernelRows, kXRows = avx512::kXRows;
+  static int one_row_streams(int64_t) { return 4; }
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     avx512::block<B, R, M>(p, o, r);
@@ -1007,8 +1015,7 @@ struct Avx512 {
 };
 struct Avx512Vnni {
   static constexpr int kKernelRows = vnni::kKernelRows, kXRows = vnni::kXRows;
-  static constexpr int kOneRowStreams = vnni::kOneRowStreams;
-  static constexpr bool wide_x(Bits, int64_t n_in) { return n_in > vnni::kNarrowX; }
+  static int one_row_streams(int64_t n_in) { return vnni::one_row_streams(n_in); }
   template <Bits B, int R, int M>
   static void block(const QuantizedProblem& p, const int64_t (&o)[R], int64_t r) {
     using vnni::Scales;
@@ -1050,10 +1057,12 @@ void quantized_run_rows(const QuantizedProblem& p, int64_t begin, int64_t end) {
     begin = in_streams<Isa::kKernelRows>(begin, end, [&](const int64_t (&o)[Isa::kKernelRows]) {
       quantized_x_rows<Isa, B, Isa::kKernelRows>(p, o);
     });
-  else if (Isa::wide_x(B, p.n_in))
+  else if (const int streams = Isa::one_row_streams(p.n_in); streams == 8)
+    begin = one_x_row<Isa, B, 8>(p, begin, end);
+  else if (streams == 4)
     begin = one_x_row<Isa, B, 4>(p, begin, end);
   else
-    begin = one_x_row<Isa, B, Isa::kOneRowStreams>(p, begin, end);
+    begin = one_x_row<Isa, B, 2>(p, begin, end);
   for (int64_t o = begin; o < end; ++o) quantized_x_rows<Isa, B, 1>(p, {o});
 }
 
