@@ -102,6 +102,18 @@ namespace {
 // and 12.9 without; 256 to 768 bytes ahead read alike).
 constexpr int64_t kPrefetchBytes = 512;
 
+// A quantized kernel row's scales (and int4's offsets) live in arrays of
+// their own, streams beside the kernel's that the hardware prefetchers
+// follow poorly: the VNNI loops ask for them this many rows ahead (the 2B's
+// 16384x2048 int4 products on an Intel Xeon, 2 threads: 29.5-30.5 GB/s
+// asking 1 to 8 rows ahead against 28.1 without).
+constexpr int64_t kScaleRowsAhead = 4;
+
+// Asks for the `count` floats at `values` (a row's scales or offsets).
+inline void prefetch_floats(const float* values, int64_t count) {
+  for (int64_t k = 0; k < count; k += 16) _mm_prefetch(reinterpret_cast<const char*>(values + k), _MM_HINT_T0);
+}
+
 // Shares of kernel rows per thread, claimed by whichever thread is free: a
 // thread that starts late (woken from sleep) or runs slow leaves its shares
 // to the others, where with one share per thread the others wait for it.
@@ -874,6 +886,8 @@ GEMMA_KERAS_VNNI_GFNI void block_int4(const QuantizedProblem& p, const int64_t (
   for (int i = 0; i < R; ++i) {
     rows[i] = p.kernel + o[i] * row_bytes;
     row_scales[i] = p.scale + o[i] * groups;
+    prefetch_floats(row_scales[i] + kScaleRowsAhead * groups, groups);
+    prefetch_floats(p.offset + (o[i] + kScaleRowsAhead) * groups, groups);
   }
   __m512 sums[R][M];
   for (int i = 0; i < R; ++i)
@@ -956,7 +970,10 @@ GEMMA_KERAS_VNNI void block_int8(const QuantizedProblem& p, const int64_t (&o)[R
   constexpr int64_t chunk = kChunk<Bits::kInt8>;
   const int64_t n_chunks = chunks<Bits::kInt8>(p.n_in);
   const int8_t* rows[R];
-  for (int i = 0; i < R; ++i) rows[i] = reinterpret_cast<const int8_t*>(p.kernel) + o[i] * p.n_in;
+  for (int i = 0; i < R; ++i) {
+    rows[i] = reinterpret_cast<const int8_t*>(p.kernel) + o[i] * p.n_in;
+    prefetch_floats(p.scale + (o[i] + kScaleRowsAhead) * p.groups(), p.groups());
+  }
   __m512 sums[R][M];
   __m512i dots[R][M][2];  // per chunk half
   for (int i = 0; i < R; ++i)
