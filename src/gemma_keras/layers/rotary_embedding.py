@@ -30,9 +30,11 @@ def apply_rotary_embedding(x, tables):
     the second half (rotate-half, as Gemma was trained), not interleaved pairs:
     `[first * cos - second * sin, second * cos + first * sin]`, written as
     `x * cos + [second, first] * [-sin, sin]` (the same float32 operations).
+    The halves swap by a roll, whose gradient is a roll: TensorFlow's gradient
+    of two slices and a concatenation was 2.5 ms against 1.1 for 256 tokens
+    of the 270M's queries (docs/performance.md).
     """
     cos, sin = tables
-    half = x.shape[-1] // 2
     x_float = ops.cast(x, "float32")
-    swapped = ops.concatenate([x_float[..., half:], x_float[..., :half]], axis=-1)
+    swapped = ops.roll(x_float, x.shape[-1] // 2, axis=-1)
     return ops.cast(x_float * cos + swapped * sin, x.dtype)
