@@ -36,8 +36,10 @@ def logits_and_labels(shape=(2, 7, 4096), seed=0):
     ids=lambda settings: str(settings.get("reduction", "default")),
 )
 @pytest.mark.parametrize("trailing_axis", [False, True], ids=["labels", "labels[..., None]"])
-def test_rows_loss_equals_keras_loss_and_its_gradient(settings, trailing_axis):
-    logits, labels, weights = logits_and_labels()
+# 150 rows: more than PyTorch's loss takes at once (`_RowsCrossEntropy.ROWS_AT_ONCE`).
+@pytest.mark.parametrize("shape", [(2, 7, 4096), (3, 50, 512)], ids=["14 rows", "150 rows"])
+def test_rows_loss_equals_keras_loss_and_its_gradient(settings, trailing_axis, shape):
+    logits, labels, weights = logits_and_labels(shape)
     if trailing_axis:
         labels = labels[..., None]
     theirs = keras.losses.SparseCategoricalCrossentropy(**settings)

@@ -3,6 +3,7 @@
 import keras
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
+from gemma_keras import backends
 from gemma_keras.backbone import GemmaBackbone
 
 
@@ -363,11 +364,12 @@ def cross_entropy_over_rows(y_true, y_pred, from_logits=False, ignore_class=None
     """`keras.losses.sparse_categorical_crossentropy` over the last axis of
     `y_pred`, computed on its rows [-1, classes]; shaped as `y_pred[..., 0]`."""
     ops = keras.ops
-    values = keras.losses.sparse_categorical_crossentropy(
-        ops.reshape(y_true, (-1,)),
-        ops.reshape(y_pred, (-1, ops.shape(y_pred)[-1])),
-        from_logits=from_logits,
-        ignore_class=ignore_class,
-        axis=-1,
-    )
+    labels = ops.reshape(y_true, (-1,))
+    logits = ops.reshape(y_pred, (-1, ops.shape(y_pred)[-1]))
+    if from_logits and ignore_class is None:
+        values = backends.cross_entropy_rows(labels, logits)
+    else:
+        values = keras.losses.sparse_categorical_crossentropy(
+            labels, logits, from_logits=from_logits, ignore_class=ignore_class, axis=-1
+        )
     return ops.reshape(values, ops.shape(y_pred)[:-1])

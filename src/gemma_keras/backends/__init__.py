@@ -88,6 +88,17 @@ def softmax(logits):
     return implementation.softmax(logits)
 
 
+def cross_entropy_rows(labels, logits):
+    """The cross-entropy of logits [rows, classes] against integer labels [rows],
+    one value per row: `keras.losses.sparse_categorical_crossentropy(labels,
+    logits, from_logits=True)`, on PyTorch in a form that keeps fewer tensors of
+    the logits' size for the gradient."""
+    rows = getattr(implementation, "cross_entropy_rows", None)
+    if rows is None:
+        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    return rows(labels, logits)
+
+
 def is_concrete(x):
     """True when `x` holds values now (eager), False while a graph is being traced."""
     return implementation.is_concrete(x)
