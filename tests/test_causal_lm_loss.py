@@ -82,3 +82,10 @@ def test_compile_takes_the_rows_loss():
     tiny_model.compile()  # "auto"
     assert tiny_model.loss.fn.__name__ == "cross_entropy_over_rows"
     assert tiny_model.loss.get_config()["from_logits"] is True
+
+
+def test_rows_loss_names_labels_that_do_not_fit_the_logits():
+    logits, labels, _ = logits_and_labels((2, 7, 64))
+    loss = token_rows_loss(keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(ValueError, match="labels hold 12 tokens and the logits 14"):
+        loss(labels[:, :6], logits)

@@ -93,6 +93,12 @@ def cross_entropy_rows(labels, logits):
     one value per row: `keras.losses.sparse_categorical_crossentropy(labels,
     logits, from_logits=True)`, on PyTorch in a form that keeps fewer tensors of
     the logits' size for the gradient."""
+    if None not in (labels.shape[0], logits.shape[0]) and labels.shape[0] != logits.shape[0]:
+        raise ValueError(
+            f"The labels hold {labels.shape[0]} tokens and the logits {logits.shape[0]}: "
+            "give one label per position of the logits (labels [batch, length] for "
+            "logits [batch, length, vocabulary])."
+        )
     rows = getattr(implementation, "cross_entropy_rows", None)
     if rows is None:
         return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)

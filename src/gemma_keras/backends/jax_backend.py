@@ -226,6 +226,33 @@ def einsum(equation, a, b):
     return keras.ops.einsum(equation, a, b)
 
 
+@jax.custom_vjp
+def cross_entropy_rows(labels, logits):
+    """Cross-entropy of logits [rows, classes] against integer labels [rows],
+    per row (see `gemma_keras.backends.cross_entropy_rows`): `logsumexp -
+    logit`, its gradient `softmax - one_hot` from the logits alone. Keras'
+    own (a log-softmax against a one-hot) took 287 ms against 223, forward and
+    backward, for 256 tokens of the 270M's logits."""
+    return _cross_entropy_rows_forward(labels, logits)[0]
+
+
+def _cross_entropy_rows_forward(labels, logits):
+    labels = labels.astype(jnp.int32)
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    losses = log_normalizer - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return losses, (labels, logits, log_normalizer)
+
+
+def _cross_entropy_rows_backward(saved, grad_losses):
+    labels, logits, log_normalizer = saved
+    grad = jnp.exp(logits - log_normalizer[:, None])
+    grad = grad.at[jnp.arange(logits.shape[0]), labels].add(-1.0)
+    return None, grad * grad_losses[:, None]
+
+
+cross_entropy_rows.defvjp(_cross_entropy_rows_forward, _cross_entropy_rows_backward)
+
+
 def is_concrete(x):
     return not isinstance(x, jax.core.Tracer)
 
