@@ -91,8 +91,9 @@ def softmax(logits):
 def cross_entropy_rows(labels, logits):
     """The cross-entropy of logits [rows, classes] against integer labels [rows],
     one value per row: `keras.losses.sparse_categorical_crossentropy(labels,
-    logits, from_logits=True)`, on PyTorch in a form that keeps fewer tensors of
-    the logits' size for the gradient."""
+    logits, from_logits=True)`, on PyTorch and JAX as `logsumexp - logit`
+    with its gradient taken from the logits alone (fewer tensors of the
+    logits' size, and faster)."""
     if None not in (labels.shape[0], logits.shape[0]) and labels.shape[0] != logits.shape[0]:
         raise ValueError(
             f"The labels hold {labels.shape[0]} tokens and the logits {logits.shape[0]}: "
