@@ -91,19 +91,16 @@ def softmax(logits):
 def cross_entropy_rows(labels, logits):
     """The cross-entropy of logits [rows, classes] against integer labels [rows],
     one value per row: `keras.losses.sparse_categorical_crossentropy(labels,
-    logits, from_logits=True)`, on PyTorch and JAX as `logsumexp - logit`
+    logits, from_logits=True)`; on PyTorch and JAX as `logsumexp - logit`
     with its gradient taken from the logits alone (fewer tensors of the
-    logits' size, and faster)."""
+    logits' size, and faster), on TensorFlow as Keras' own fused operation."""
     if None not in (labels.shape[0], logits.shape[0]) and labels.shape[0] != logits.shape[0]:
         raise ValueError(
             f"The labels hold {labels.shape[0]} tokens and the logits {logits.shape[0]}: "
             "give one label per position of the logits (labels [batch, length] for "
             "logits [batch, length, vocabulary])."
         )
-    rows = getattr(implementation, "cross_entropy_rows", None)
-    if rows is None:
-        return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
-    return rows(labels, logits)
+    return implementation.cross_entropy_rows(labels, logits)
 
 
 def is_concrete(x):

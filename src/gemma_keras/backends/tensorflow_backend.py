@@ -282,6 +282,12 @@ def softmax(logits):
     return exponents / tf.reduce_sum(exponents, axis=-1, keepdims=True)
 
 
+def cross_entropy_rows(labels, logits):
+    """Keras' loss, TensorFlow's fused `SparseSoftmaxCrossEntropyWithLogits`
+    (see `gemma_keras.backends.cross_entropy_rows`)."""
+    return keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+
+
 def is_concrete(x):
     return tf.executing_eagerly() and not isinstance(x, keras.KerasTensor)
 
