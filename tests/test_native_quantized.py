@@ -87,6 +87,27 @@ def test_kernel_matches_the_dequantized_product(mode, group, width):
         assert_matches_dequantized(out, x, quantized, int8_x=vnni())
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="torch's operators take bfloat16 x of any rank")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_torch_operator_takes_bfloat16_x_of_any_rank(mode):
+    """A traced decode step hands the operator the model's bfloat16 [batch,
+    tokens, width] x and takes its output as it comes: the same product as
+    float32 x, rounded once to bfloat16, in x's shape."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    quantized = quantization.quantize(rng.standard_normal((300, 256)), mode, 128)
+    x = torch.from_numpy(rng.standard_normal((2, 3, 256)).astype(np.float32)).bfloat16()
+    expected = kernel_product(mode, quantized, x.float().reshape(6, 256).numpy())
+    arrays = [quantized.kernel, quantized.scale] + ([quantized.offset] if mode == "int4" else [])
+    operator = getattr(torch.ops.gemma_keras, f"{mode}_linear")
+    out = operator(x, *(torch.from_numpy(a) for a in arrays), 2)
+    assert out.dtype == torch.bfloat16 and tuple(out.shape) == (2, 3, 300)
+    # Exactly float32's output rounded to bfloat16: the same kernel on the same values.
+    rounded = torch.from_numpy(expected).bfloat16().float().reshape(2, 3, 300)
+    np.testing.assert_array_equal(out.float().numpy(), rounded.numpy())
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 @pytest.mark.parametrize("loop", ["avx2", "avx512"])
 def test_lower_loops_match_the_dequantized_product(mode, loop):

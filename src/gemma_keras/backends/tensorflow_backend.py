@@ -18,6 +18,7 @@ import threading
 import keras
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
+from tensorflow.python.eager import context as eager_context
 
 from gemma_keras import native, quantization
 from gemma_keras.backends import dispatch, steps
@@ -343,10 +344,31 @@ def compile_step(model, step):
 def native_step(function, specs):
     """`function` traced for `specs` without XLA, its bfloat16 products on the
     native operation, or None where any of them cannot take it (the step is
-    then faster compiled by XLA)."""
+    then faster compiled by XLA).
+
+    It runs on TensorFlow's single-threaded executor: its operations follow
+    one another anyway, and the default executor hands each to its
+    inter-op threads, whose spinning also kept the products' helper thread
+    from a core (the 2B's int4 decode step 73 against 82 ms,
+    docs/performance.md)."""
     _tracing_without_xla.native_products = native_products = []
     try:
         traced = function.get_concrete_function(*specs)
     finally:
         del _tracing_without_xla.native_products
-    return traced if native_products and all(native_products) else None
+    if not (native_products and all(native_products)):
+        return None
+    return SingleThreaded(traced)
+
+
+class SingleThreaded:
+    """A concrete function (`graph` is its graph) that runs its operations one
+    after another on the calling thread: TensorFlow's single-threaded executor."""
+
+    def __init__(self, traced):
+        self.traced = traced
+        self.graph = traced.graph
+
+    def __call__(self, *args):
+        with eager_context.function_executor_type("SINGLE_THREADED_EXECUTOR"):
+            return self.traced(*args)
