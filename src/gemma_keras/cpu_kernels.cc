@@ -414,9 +414,9 @@ void run_on_pool(const SharedWork& product, Schedule schedule) {
 }
 
 // Helper threads of the library's own, for callers without a thread pool
-// (ctypes) and TensorFlow's quantized operations: started on first use, asleep between products after kSpin. One
-// product runs at a time; a helper that wakes after its product is done
-// finds no share.
+// (ctypes) and TensorFlow's quantized operations: started on first use,
+// asleep between products after kSpin. One product runs at a time; a helper
+// that wakes after its product is done finds no share.
 class OwnThreads {
  public:
   void run(const SharedWork& product) {
