@@ -45,30 +45,38 @@ def weight_with_edge_groups(rng, n_out, width, group):
 
 def kernel_product(mode, quantized, x):
     """x @ w.T on this backend's binding of the kernel, as NumPy, or a skip."""
-    arrays = [quantized.kernel, quantized.scale]
-    if mode == "int4":
-        arrays.append(quantized.offset)
+    return kernel_products(mode, [quantized], x)[0]
+
+
+def kernel_products(mode, weights, x):
+    """x @ w.T for each of `weights` in one call of this backend's binding of
+    the kernel, as NumPy arrays, or a skip."""
+    kernels = [w.kernel for w in weights]
+    scales = [w.scale for w in weights]
+    lists = [kernels, scales] + ([[w.offset for w in weights]] if mode == "int4" else [])
     if BACKEND == "jax":
         import jax
         import jax.numpy as jnp
 
         if not native.register_jax_quantized():
             pytest.skip("the native kernel cannot be built or run here (see the warning)")
-        result = jax.ShapeDtypeStruct((x.shape[0], quantized.kernel.shape[0]), jnp.float32)
-        call = jax.ffi.ffi_call(native.QUANTIZED_FFI_TARGETS[mode], result)
-        return np.asarray(jax.jit(call)(x, *arrays))
+        results = [jax.ShapeDtypeStruct((x.shape[0], k.shape[0]), jnp.float32) for k in kernels]
+        call = jax.ffi.ffi_call(native.QUANTIZED_FFI_TARGETS[mode], results)
+        arrays = [array for w in zip(*lists, strict=True) for array in w]
+        return [np.asarray(out) for out in jax.jit(call)(x, *arrays)]
     if BACKEND == "tensorflow":
         library = native.load_tensorflow()
         if library is None:
             pytest.skip("the native kernel cannot be built for TensorFlow here (see the warning)")
         operation = library.gemma_int8_linear if mode == "int8" else library.gemma_int4_linear
-        return operation(x, *arrays).numpy()
+        return [out.numpy() for out in operation(x, *lists)]
     import torch
 
     if native.load_torch() is None:
         pytest.skip("the native kernel cannot be built for torch here (see the warning)")
     operator = getattr(torch.ops.gemma_keras, f"{mode}_linear")
-    return operator(*(torch.from_numpy(a) for a in (x, *arrays)), 2).numpy()
+    tensors = [torch.from_numpy(array) for w in zip(*lists, strict=True) for array in w]
+    return [out.numpy() for out in operator(torch.from_numpy(x), tensors, 2)]
 
 
 @pytest.mark.parametrize(("mode", "group", "width"), CASES)
@@ -87,6 +95,32 @@ def test_kernel_matches_the_dequantized_product(mode, group, width):
         assert_matches_dequantized(out, x, quantized, int8_x=vnni())
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_one_call_over_several_kernels_gives_each_kernels_product(mode, rows):
+    """A layer's q, k and v (or gate and up) in one call: each output is
+    exactly its kernel's product alone, whichever thread's share its rows fell in."""
+    rng = np.random.default_rng(rows)
+    weights = [
+        quantization.quantize(rng.standard_normal((n_out, 512)), mode, 64)
+        for n_out in (1000, 72, 72, 8)
+    ]
+    x = rng.standard_normal((rows, 512)).astype(np.float32)
+    together = kernel_products(mode, weights, x)
+    for out, quantized in zip(together, weights, strict=True):
+        assert out.shape == (rows, quantized.kernel.shape[0])
+        np.testing.assert_array_equal(out, kernel_product(mode, quantized, x))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_one_call_rejects_kernels_of_different_groups(mode):
+    """Kernels of one call share x's quantized groups: other groups are a clear error."""
+    rng = np.random.default_rng(0)
+    weights = [quantization.quantize(rng.standard_normal((16, 256)), mode, g) for g in (64, 128)]
+    with pytest.raises(Exception, match="one for all kernels"):
+        kernel_products(mode, weights, np.ones((1, 256), np.float32))
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch's operators take bfloat16 x of any rank")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_torch_operator_takes_bfloat16_x_of_any_rank(mode):
@@ -101,7 +135,7 @@ def test_torch_operator_takes_bfloat16_x_of_any_rank(mode):
     expected = kernel_product(mode, quantized, x.float().reshape(6, 256).numpy())
     arrays = [quantized.kernel, quantized.scale] + ([quantized.offset] if mode == "int4" else [])
     operator = getattr(torch.ops.gemma_keras, f"{mode}_linear")
-    out = operator(x, *(torch.from_numpy(a) for a in arrays), 2)
+    (out,) = operator(x, [torch.from_numpy(a) for a in arrays], 2)
     assert out.dtype == torch.bfloat16 and tuple(out.shape) == (2, 3, 300)
     # Exactly float32's output rounded to bfloat16: the same kernel on the same values.
     rounded = torch.from_numpy(expected).bfloat16().float().reshape(2, 3, 300)

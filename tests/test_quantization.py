@@ -229,6 +229,34 @@ def test_decoding_on_the_native_kernel_equals_the_dequantized_product(mode, monk
         assert np.all(gap <= 0.03 * spread), (position, gap, spread)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_generation_multiplies_each_layers_q_k_v_and_gate_up_in_one_call(lora, monkeypatch):
+    """A layer's q, k and v, and its gate and up, take one `quantized_linears`
+    call each in a generation step (the native kernel reads them as one
+    product); with LoRA on q and v (the default), q, k and v go one by one,
+    each adding its own adapter, while gate and up still go together."""
+    from gemma_keras import backends
+
+    model = random_model("gemma2")
+    model.quantize("int4", group_size=32)
+    if lora:
+        model.backbone.enable_lora(2)
+    weights_per_call = []
+    each_call = backends.implementation.quantized_linears
+
+    def recorded(x, mode, weights):
+        weights_per_call.append(len(weights))
+        return each_call(x, mode, weights)
+
+    monkeypatch.setattr(backends.implementation, "quantized_linears", recorded)
+    model.generate(inputs(batch=1, length=5)["token_ids"], max_length=8)
+    layers = model.config.num_layers
+    # Each traced step (a prefill, a decode step): per layer one call for q, k, v and one for gate, up.
+    together = weights_per_call.count(2)
+    assert together >= 2 * layers and together % layers == 0
+    assert weights_per_call.count(3) == (0 if lora else together)
+
+
 @pytest.mark.parametrize(
     "mode, group_size", [("int8", 64), ("int8", 32), ("int4", 32), ("int4", 64)]
 )

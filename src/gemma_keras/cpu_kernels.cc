@@ -114,17 +114,20 @@ inline void prefetch_floats(const float* values, int64_t count) {
   for (int64_t k = 0; k < count; k += 16) _mm_prefetch(reinterpret_cast<const char*>(values + k), _MM_HINT_T0);
 }
 
-// Shares of kernel rows per thread, claimed by whichever thread is free: a
-// thread that starts late (woken from sleep) or runs slow leaves its shares
-// to the others, where with one share per thread the others wait for it.
+// A product's kernel rows are cut into shares, claimed by whichever thread
+// is free: a thread that starts late (woken from sleep) or runs slow leaves
+// its shares to the others. Each share takes kShareOfRest of the rows left
+// divided among the threads (at least kMinShareBytes): the first shares are
+// long streams, which read fastest (two shares per thread read 5-10% faster
+// than 8; docs/performance.md), and the last are short, so that a thread
+// done early waits little for the other (the 2B's int4 and int8 decode steps
+// on PyTorch 2.5 ms faster than with two equal shares per thread).
 // kSpin: how long a thread with nothing to do keeps checking for work before
 // it sleeps, since waking a sleeping thread is slow on a VM and a decode step
-// starts its next product well within 2 ms. The 2B's 127 products of one
-// decode step on 2 threads, alternating in one process, medians of 8: 311 ms
-// with one share per thread and no spinning, 259 with 8 shares, 233 with 8
-// shares and 2 ms of spinning. With spinning, two longer shares per thread
-// read faster than 8 (int8 decode steps 5-10%; docs/performance.md).
-constexpr int64_t kSharesPerThread = 2;
+// starts its next product well within 2 ms (the 2B's 127 products of one
+// decode step: 259 against 233 ms with 2 ms of spinning).
+constexpr double kShareOfRest = 0.8;
+constexpr int64_t kMinShareBytes = int64_t(64) << 10;
 constexpr auto kSpin = std::chrono::milliseconds(2);
 
 // Whether `done()` became true within kSpin, checking without sleeping.
@@ -313,31 +316,34 @@ void run_rows(const Problem& p, int64_t begin, int64_t end) {
 class SharedWork {
  public:
   virtual ~SharedWork() = default;
-  int64_t parts() const { return parts_; }
+  int64_t parts() const { return int64_t(bounds_.size()) - 1; }
   int64_t threads() const { return threads_; }
-  void run(int64_t part) const {
-    const int64_t begin = part * share_;
-    compute_rows(begin, std::min(n_out_, begin + share_));
-  }
+  void run(int64_t part) const { compute_rows(bounds_[part], bounds_[part + 1]); }
 
  protected:
-  // Cuts `n_out` kernel rows, `bytes` in all, into shares for `threads`.
+  // Cuts `n_out` kernel rows, `bytes` in all, into shares (multiples of 8
+  // rows) for `threads`.
   void split(int64_t n_out, int64_t bytes, int64_t threads) {
-    n_out_ = n_out;
     // Tiny kernels (under 128 KB) are not worth a second thread; the 270M's
     // projections (82-655 KB in int4) are (its quantized decode steps 12-19%
     // faster on JAX and PyTorch; docs/performance.md).
     threads_ = bytes < (int64_t(128) << 10) || threads < 1 ? 1 : threads;
-    const int64_t wanted = threads_ == 1 ? 1 : threads_ * kSharesPerThread;
-    share_ = std::max<int64_t>(8, ((n_out + wanted - 1) / wanted + 7) / 8 * 8);
-    parts_ = std::max<int64_t>(1, (n_out + share_ - 1) / share_);
-    threads_ = std::min(threads_, parts_);
+    bounds_ = {0};
+    if (threads_ == 1) bounds_.push_back(n_out);
+    const int64_t min_rows = std::max<int64_t>(8, kMinShareBytes * n_out / std::max<int64_t>(1, bytes));
+    while (bounds_.back() < n_out) {
+      const int64_t rest = n_out - bounds_.back();
+      const int64_t rows = std::max<int64_t>(min_rows, int64_t(rest * kShareOfRest / threads_));
+      bounds_.push_back(std::min(n_out, bounds_.back() + (rows + 7) / 8 * 8));
+    }
+    threads_ = std::min(threads_, parts());
   }
 
  private:
   // Kernel rows [begin, end) against every row of x.
   virtual void compute_rows(int64_t begin, int64_t end) const = 0;
-  int64_t n_out_ = 0, threads_ = 1, share_ = 1, parts_ = 0;
+  int64_t threads_ = 1;
+  std::vector<int64_t> bounds_;  // share s: kernel rows [bounds_[s], bounds_[s + 1])
 };
 
 // The bfloat16 (or float32) product, with x reordered for `block`.
@@ -1096,43 +1102,66 @@ bool cpu_has_gfni() { return __builtin_cpu_supports("gfni"); }
 // AVX512, else AVX2), or one below it (for tests).
 enum class Loop { kBest = 0, kAvx2 = 1, kAvx512 = 2, kVnniWithoutGfni = 3 };
 
-// The int8 or int4 product on the loop `loop` allows, cut into shares.
+// The int8 or int4 products of one x with one kernel or several (a layer's
+// q, k and v; its gate and up), on the loop `loop` allows: one product over
+// the kernels' rows one after another, cut into shares. One call for a
+// layer's q, k and v and one for its gate and up: the 2B's 127 int4 products
+// per decode step as 73 calls read 46.5-47.1 ms against 49.2-52.3 through
+// torch's operator (each call's threads join late and end unevenly).
 class QuantizedProduct : public SharedWork {
  public:
-  QuantizedProduct(const QuantizedProblem& problem, int64_t threads, Loop loop = Loop::kBest)
-      : problem_(problem) {
-    if (problem.bits == Bits::kInt4) {  // sums in double, rounded once
-      const int64_t groups = problem.groups();
-      x_sums_.resize(problem.rows * groups);
-      for (int64_t r = 0; r < problem.rows; ++r)
+  // `problems` share bits, x, rows, n_in and group (see `same_x`).
+  QuantizedProduct(std::vector<QuantizedProblem> problems, int64_t threads, Loop loop = Loop::kBest)
+      : problems_(std::move(problems)) {
+    const QuantizedProblem& first = problems_[0];
+    if (first.bits == Bits::kInt4) {  // sums in double, rounded once
+      const int64_t groups = first.groups();
+      x_sums_.resize(first.rows * groups);
+      for (int64_t r = 0; r < first.rows; ++r)
         for (int64_t g = 0; g < groups; ++g) {
           double sum = 0;
-          for (int64_t k = g * problem.group; k < (g + 1) * problem.group; ++k)
-            sum += problem.x[r * problem.n_in + k];
+          for (int64_t k = g * first.group; k < (g + 1) * first.group; ++k) sum += first.x[r * first.n_in + k];
           x_sums_[r * groups + g] = float(sum);
         }
-      problem_.x_sums = x_sums_.data();
     }
     const bool avx512 = loop != Loop::kAvx2 && cpu_has_avx512();
-    const bool int8 = problem.bits == Bits::kInt8;
+    const bool int8 = first.bits == Bits::kInt8;
     run_rows_ = avx512 ? (int8 ? quantized_run_rows<Avx512, Bits::kInt8> : quantized_run_rows<Avx512, Bits::kInt4>)
                        : (int8 ? quantized_run_rows<Avx2, Bits::kInt8> : quantized_run_rows<Avx2, Bits::kInt4>);
-    if ((loop == Loop::kBest || loop == Loop::kVnniWithoutGfni) && cpu_has_avx512_vnni()) {
-      problem_.gfni = loop == Loop::kBest && cpu_has_gfni();
-      x_quantized_ = int8 ? vnni::quantize_x<Bits::kInt8>(problem.x, problem.rows, problem.n_in, problem.group)
-                     : vnni::quantize_x<Bits::kInt4>(problem.x, problem.rows, problem.n_in, problem.group);
-      problem_.x_int8 = x_quantized_.values.data();
-      problem_.x_int16 = x_quantized_.wide_values.data();
-      problem_.x_scales = x_quantized_.scales.data();
-      problem_.lane_groups = x_quantized_.lane_groups.data();
+    const bool vnni = (loop == Loop::kBest || loop == Loop::kVnniWithoutGfni) && cpu_has_avx512_vnni();
+    if (vnni) {
+      x_quantized_ = int8 ? vnni::quantize_x<Bits::kInt8>(first.x, first.rows, first.n_in, first.group)
+                     : vnni::quantize_x<Bits::kInt4>(first.x, first.rows, first.n_in, first.group);
       run_rows_ = int8 ? quantized_run_rows<Avx512Vnni, Bits::kInt8> : quantized_run_rows<Avx512Vnni, Bits::kInt4>;
     }
-    split(problem.n_out, problem.n_out * problem.row_bytes(), threads);
+    int64_t rows = 0, bytes = 0;
+    for (QuantizedProblem& problem : problems_) {
+      if (!int8) problem.x_sums = x_sums_.data();
+      if (vnni) {
+        problem.gfni = loop == Loop::kBest && cpu_has_gfni();
+        problem.x_int8 = x_quantized_.values.data();
+        problem.x_int16 = x_quantized_.wide_values.data();
+        problem.x_scales = x_quantized_.scales.data();
+        problem.lane_groups = x_quantized_.lane_groups.data();
+      }
+      first_rows_.push_back(rows);
+      rows += problem.n_out;
+      bytes += problem.n_out * problem.row_bytes();
+    }
+    split(rows, bytes, threads);
   }
 
  private:
-  void compute_rows(int64_t begin, int64_t end) const override { run_rows_(problem_, begin, end); }
-  QuantizedProblem problem_;
+  // Rows [begin, end) of the kernels one after another.
+  void compute_rows(int64_t begin, int64_t end) const override {
+    for (size_t i = 0; i < problems_.size(); ++i) {
+      const int64_t first = first_rows_[i];
+      const int64_t from = std::max(begin, first), to = std::min(end, first + problems_[i].n_out);
+      if (from < to) run_rows_(problems_[i], from - first, to - first);
+    }
+  }
+  std::vector<QuantizedProblem> problems_;
+  std::vector<int64_t> first_rows_;  // each kernel's first row among all
   std::vector<float> x_sums_;
   vnni::QuantizedX x_quantized_;
   void (*run_rows_)(const QuantizedProblem&, int64_t, int64_t);
@@ -1155,10 +1184,11 @@ std::string quantized_shapes_error(Bits bits, const std::string& x, const std::s
                                    const std::string& scale) {
   const std::string expected =
       bits == Bits::kInt8
-          ? "gemma int8_linear takes float32 x [..., n_in], int8 kernel [n_out, n_in] and float32 "
-            "scale [n_out, n_in / group], group a multiple of 16"
-          : "gemma int4_linear takes float32 x [..., n_in], uint8 kernel [n_out, n_in / 2] and "
-            "float32 scale and offset [n_out, n_in / group], group a multiple of 32";
+          ? "gemma int8_linear takes float32 x [..., n_in], int8 kernels [n_out, n_in] and float32 "
+            "scales [n_out, n_in / group], group a multiple of 16 and one for all kernels"
+          : "gemma int4_linear takes float32 x [..., n_in], uint8 kernels [n_out, n_in / 2] and "
+            "float32 scales and offsets [n_out, n_in / group], group a multiple of 32 and one for "
+            "all kernels";
   return expected + "; not x " + x + ", kernel " + kernel + ", scale " + scale;
 }
 
@@ -1204,7 +1234,7 @@ extern "C" int gemma_quantized_linear(int bits, const void* kernel, const float*
   const QuantizedProblem problem{kind, static_cast<const uint8_t*>(kernel), scale, offset, x,
                                  nullptr, out, rows, n_out, n_in, group};
   if (loop < 0 || loop > 3) return -1;
-  own_threads().run(QuantizedProduct(problem, threads, static_cast<Loop>(loop)));
+  own_threads().run(QuantizedProduct({problem}, threads, static_cast<Loop>(loop)));
   return 0;
 }
 
@@ -1236,62 +1266,72 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_bf16_linear_ffi, Bf16Linear,
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // The XLA FFI handlers of the int8 and int4 products, on XLA's threads as
-// the bfloat16 one: x float32 [..., n_in] -> out float32 [..., n_out].
+// the bfloat16 one: x float32 [..., n_in], then each kernel's integers and
+// scale (int4: and offset) -> each kernel's out float32 [..., n_out].
 template <typename Dimensions>
 std::vector<int64_t> dims(Dimensions span) {
   return std::vector<int64_t>(span.begin(), span.end());
 }
 
 static ffi::Error QuantizedLinear(Bits bits, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                  const void* kernel, const std::vector<int64_t>& kernel_dims,
-                                  ffi::Buffer<ffi::F32> scale, const ffi::Buffer<ffi::F32>* offset,
-                                  ffi::ResultBuffer<ffi::F32> out) {
-  const std::vector<int64_t> x_dims = dims(x.dimensions()), scale_dims = dims(scale.dimensions());
-  const std::vector<int64_t> offset_dims = offset ? dims(offset->dimensions()) : std::vector<int64_t>();
+                                  ffi::RemainingArgs weights, ffi::RemainingRets outs) {
+  const size_t arrays = bits == Bits::kInt8 ? 2 : 3;  // per kernel
+  const std::vector<int64_t> x_dims = dims(x.dimensions());
   const int64_t n_in = x_dims.empty() ? 0 : x_dims.back();
-  if (!quantized_shapes_fit(bits, n_in, kernel_dims, scale_dims, offset ? &offset_dims : nullptr))
-    return ffi::Error::InvalidArgument(quantized_shapes_error(
-        bits, shape_string(x_dims), shape_string(kernel_dims), shape_string(scale_dims)));
-  const int64_t n_out = kernel_dims[0];
-  const QuantizedProblem problem{bits, static_cast<const uint8_t*>(kernel), scale.typed_data(),
-                                 offset ? offset->typed_data() : nullptr, x.typed_data(), nullptr,
-                                 out->typed_data(), int64_t(x.element_count()) / n_in, n_out, n_in,
-                                 n_in / scale_dims[1]};
-  QuantizedProduct product(problem, pool.num_threads());
+  if (outs.empty() || weights.size() != arrays * outs.size())
+    return ffi::Error::InvalidArgument(
+        std::string("gemma ") + (bits == Bits::kInt8 ? "int8_linear takes x, then a kernel and a scale"
+                                                     : "int4_linear takes x, then a kernel, a scale and an offset") +
+        " per output; not " + std::to_string(weights.size()) + " arrays for " + std::to_string(outs.size()) +
+        " outputs");
+  std::vector<QuantizedProblem> problems;
+  for (size_t i = 0; i < outs.size(); ++i) {
+    auto kernel = weights.get<ffi::AnyBuffer>(arrays * i);
+    auto scale = weights.get<ffi::Buffer<ffi::F32>>(arrays * i + 1);
+    auto offset = weights.get<ffi::Buffer<ffi::F32>>(arrays * i + arrays - 1);
+    auto out = outs.get<ffi::Buffer<ffi::F32>>(i);
+    const auto integers = bits == Bits::kInt8 ? ffi::DataType::S8 : ffi::DataType::U8;
+    const bool typed = kernel && scale && offset && out && kernel->element_type() == integers;
+    const std::vector<int64_t> kernel_dims = kernel ? dims(kernel->dimensions()) : std::vector<int64_t>();
+    const std::vector<int64_t> scale_dims = scale ? dims(scale->dimensions()) : std::vector<int64_t>();
+    const std::vector<int64_t> offset_dims = offset ? dims(offset->dimensions()) : std::vector<int64_t>();
+    if (!typed || !quantized_shapes_fit(bits, n_in, kernel_dims, scale_dims, bits == Bits::kInt4 ? &offset_dims : nullptr) ||
+        (i > 0 && n_in / scale_dims[1] != problems[0].group))
+      return ffi::Error::InvalidArgument(quantized_shapes_error(
+          bits, shape_string(x_dims), shape_string(kernel_dims), shape_string(scale_dims)));
+    problems.push_back({bits, static_cast<const uint8_t*>(kernel->untyped_data()), scale->typed_data(),
+                        bits == Bits::kInt4 ? offset->typed_data() : nullptr, x.typed_data(), nullptr,
+                        (*out)->typed_data(), int64_t(x.element_count()) / n_in, kernel_dims[0], n_in,
+                        n_in / scale_dims[1]});
+  }
+  QuantizedProduct product(std::move(problems), pool.num_threads());
   run_on_pool(product, [&](auto task) { pool.Schedule(std::move(task)); });
   return ffi::Error::Success();
 }
 
-static ffi::Error Int8Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::S8> kernel, ffi::Buffer<ffi::F32> scale,
-                             ffi::ResultBuffer<ffi::F32> out) {
-  return QuantizedLinear(Bits::kInt8, pool, x, kernel.typed_data(), dims(kernel.dimensions()),
-                         scale, nullptr, out);
+static ffi::Error Int8Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
+                             ffi::RemainingRets outs) {
+  return QuantizedLinear(Bits::kInt8, pool, x, weights, outs);
 }
 
-static ffi::Error Int4Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                             ffi::Buffer<ffi::U8> kernel, ffi::Buffer<ffi::F32> scale,
-                             ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> out) {
-  return QuantizedLinear(Bits::kInt4, pool, x, kernel.typed_data(), dims(kernel.dimensions()),
-                         scale, &offset, out);
+static ffi::Error Int4Linear(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs weights,
+                             ffi::RemainingRets outs) {
+  return QuantizedLinear(Bits::kInt4, pool, x, weights, outs);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_int8_linear_ffi, Int8Linear,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(gemma_int4_linear_ffi, Int4Linear,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .RemainingArgs()
+                                  .RemainingRets());
 #endif  // GEMMA_KERAS_XLA_FFI
 
 #ifdef GEMMA_KERAS_TF_OP
@@ -1353,34 +1393,37 @@ class GemmaBf16LinearOp : public tf::OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("GemmaBf16Linear").Device(tf::DEVICE_CPU), GemmaBf16LinearOp);
 
-// The TensorFlow operations GemmaInt8Linear(x: float [..., n_in], kernel:
-// int8 [n_out, n_in], scale: float [n_out, groups]) and GemmaInt4Linear(x,
-// kernel: uint8 [n_out, n_in / 2], scale, offset: float [n_out, groups]) ->
-// float [..., n_out], on TensorFlow's intra-op threads.
+// The TensorFlow operations GemmaInt8Linear(x: float [..., n_in], kernels:
+// N int8 [n_out, n_in], scales: N float [n_out, groups]) and
+// GemmaInt4Linear(x, kernels: N uint8 [n_out, n_in / 2], scales, offsets: N
+// float [n_out, groups]) -> N float [..., n_out], one per kernel.
+tf::Status QuantizedLinearShapes(tf::shape_inference::InferenceContext* c) {
+  int n;
+  TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+  for (int i = 0; i < n; ++i) {
+    tf::shape_inference::ShapeHandle out;
+    TF_RETURN_IF_ERROR(c->ReplaceDim(c->input(0), -1, c->Dim(c->input(1 + i), 0), &out));
+    c->set_output(i, out);
+  }
+  return tf::OkStatus();
+}
+
 REGISTER_OP("GemmaInt8Linear")
+    .Attr("N: int >= 1")
     .Input("x: float")
-    .Input("kernel: int8")
-    .Input("scale: float")
-    .Output("out: float")
-    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
-      tf::shape_inference::ShapeHandle out;
-      TF_RETURN_IF_ERROR(c->ReplaceDim(c->input(0), -1, c->Dim(c->input(1), 0), &out));
-      c->set_output(0, out);
-      return tf::OkStatus();
-    });
+    .Input("kernels: N * int8")
+    .Input("scales: N * float")
+    .Output("outs: N * float")
+    .SetShapeFn(QuantizedLinearShapes);
 
 REGISTER_OP("GemmaInt4Linear")
+    .Attr("N: int >= 1")
     .Input("x: float")
-    .Input("kernel: uint8")
-    .Input("scale: float")
-    .Input("offset: float")
-    .Output("out: float")
-    .SetShapeFn([](tf::shape_inference::InferenceContext* c) {
-      tf::shape_inference::ShapeHandle out;
-      TF_RETURN_IF_ERROR(c->ReplaceDim(c->input(0), -1, c->Dim(c->input(1), 0), &out));
-      c->set_output(0, out);
-      return tf::OkStatus();
-    });
+    .Input("kernels: N * uint8")
+    .Input("scales: N * float")
+    .Input("offsets: N * float")
+    .Output("outs: N * float")
+    .SetShapeFn(QuantizedLinearShapes);
 
 template <Bits B>
 class GemmaQuantizedLinearOp : public tf::OpKernel {
@@ -1388,34 +1431,40 @@ class GemmaQuantizedLinearOp : public tf::OpKernel {
   using OpKernel::OpKernel;
   void Compute(tf::OpKernelContext* context) override {
     const tf::Tensor& x = context->input(0);
-    const tf::Tensor& kernel = context->input(1);
-    const tf::Tensor& scale = context->input(2);
-    const tf::Tensor* offset = B == Bits::kInt4 ? &context->input(3) : nullptr;
+    tf::OpInputList kernels, scales, offsets;
+    OP_REQUIRES_OK(context, context->input_list("kernels", &kernels));
+    OP_REQUIRES_OK(context, context->input_list("scales", &scales));
+    if (B == Bits::kInt4) OP_REQUIRES_OK(context, context->input_list("offsets", &offsets));
     const auto dims = [](const tf::Tensor& t) {
       std::vector<int64_t> sizes;
       for (int i = 0; i < t.dims(); ++i) sizes.push_back(t.dim_size(i));
       return sizes;
     };
-    const std::vector<int64_t> kernel_dims = dims(kernel), scale_dims = dims(scale);
-    const std::vector<int64_t> offset_dims = offset ? dims(*offset) : std::vector<int64_t>();
     const int64_t n_in = x.dims() >= 1 ? x.dim_size(x.dims() - 1) : 0;
-    OP_REQUIRES(context, quantized_shapes_fit(B, n_in, kernel_dims, scale_dims, offset ? &offset_dims : nullptr),
-                tf::errors::InvalidArgument(quantized_shapes_error(
-                    B, x.shape().DebugString(), kernel.shape().DebugString(), scale.shape().DebugString())));
-    const int64_t n_out = kernel_dims[0];
-    tf::TensorShape out_shape = x.shape();
-    out_shape.set_dim(x.dims() - 1, n_out);
-    tf::Tensor* out = nullptr;
-    OP_REQUIRES_OK(context, context->allocate_output(0, out_shape, &out));
-    const QuantizedProblem problem{B, reinterpret_cast<const uint8_t*>(kernel.tensor_data().data()),
-                                   scale.flat<float>().data(), offset ? offset->flat<float>().data() : nullptr,
-                                   x.flat<float>().data(), nullptr, out->flat<float>().data(),
-                                   x.NumElements() / n_in, n_out, n_in, n_in / scale_dims[1]};
+    std::vector<QuantizedProblem> problems;
+    for (int i = 0; i < kernels.size(); ++i) {
+      const std::vector<int64_t> kernel_dims = dims(kernels[i]), scale_dims = dims(scales[i]);
+      const std::vector<int64_t> offset_dims = B == Bits::kInt4 ? dims(offsets[i]) : std::vector<int64_t>();
+      OP_REQUIRES(context,
+                  quantized_shapes_fit(B, n_in, kernel_dims, scale_dims, B == Bits::kInt4 ? &offset_dims : nullptr) &&
+                      (i == 0 || n_in / scale_dims[1] == problems[0].group),
+                  tf::errors::InvalidArgument(quantized_shapes_error(B, x.shape().DebugString(),
+                                                                     kernels[i].shape().DebugString(),
+                                                                     scales[i].shape().DebugString())));
+      tf::TensorShape out_shape = x.shape();
+      out_shape.set_dim(x.dims() - 1, kernel_dims[0]);
+      tf::Tensor* out = nullptr;
+      OP_REQUIRES_OK(context, context->allocate_output(i, out_shape, &out));
+      problems.push_back({B, reinterpret_cast<const uint8_t*>(kernels[i].tensor_data().data()),
+                          scales[i].flat<float>().data(), B == Bits::kInt4 ? offsets[i].flat<float>().data() : nullptr,
+                          x.flat<float>().data(), nullptr, out->flat<float>().data(), x.NumElements() / n_in,
+                          kernel_dims[0], n_in, n_in / scale_dims[1]});
+    }
     // On the library's own threads, which spin between products: TensorFlow's
     // intra-op threads sleep between operations and, woken for each product,
     // joined it 50-200 us late (the 2B's int4 decode step 66 against 68 ms).
     const int64_t threads = context->device()->tensorflow_cpu_worker_threads()->workers->NumThreads();
-    own_threads().run(QuantizedProduct(problem, threads));
+    own_threads().run(QuantizedProduct(std::move(problems), threads));
   }
 };
 
@@ -1468,56 +1517,69 @@ at::Tensor TorchBf16Linear(const at::Tensor& x, const at::Tensor& kernel, int64_
   return out.to(x.scalar_type()).reshape(sizes);
 }
 
-// The torch operators gemma_keras::int8_linear(x, kernel, scale, threads) and
-// gemma_keras::int4_linear(x, kernel, scale, offset, threads): float32 or
-// bfloat16 x [..., n_in] -> [..., n_out] in x's dtype, with an int8 kernel
-// [n_out, n_in] or a uint8 (packed int4) one [n_out, n_in / 2] and float32
-// scale (and offset) [n_out, groups]; on up to `threads` of torch's intra-op
-// threads. The casts and reshapes are here, in C++, where in a traced step
-// each would be an operation replayed by TorchScript's interpreter.
-at::Tensor TorchQuantizedLinear(Bits bits, const at::Tensor& x, const at::Tensor& kernel,
-                                const at::Tensor& scale, const at::Tensor* offset, int64_t threads) {
-  const std::vector<int64_t> kernel_dims = kernel.sizes().vec(), scale_dims = scale.sizes().vec();
-  const std::vector<int64_t> offset_dims = offset ? offset->sizes().vec() : std::vector<int64_t>();
+// The torch operators gemma_keras::int8_linear(x, weights, threads) and
+// gemma_keras::int4_linear(x, weights, threads): float32 or bfloat16 x
+// [..., n_in] -> one [..., n_out] in x's dtype per kernel, `weights` holding
+// each kernel's integers (int8 [n_out, n_in], or uint8 packed int4 [n_out,
+// n_in / 2]) then its float32 scale (int4: and offset) [n_out, groups]; on up
+// to `threads` of torch's intra-op threads. One list, as XLA's handlers take
+// them: each list is a node that a traced step replays. The casts and reshapes
+// are here, in C++, where in a traced step each would be a node too.
+std::vector<at::Tensor> TorchQuantizedLinear(Bits bits, const at::Tensor& x, at::TensorList weights,
+                                             int64_t threads) {
+  const size_t arrays = bits == Bits::kInt8 ? 2 : 3;  // per kernel
+  const char* name = bits == Bits::kInt8 ? "int8" : "int4";
+  TORCH_CHECK(!weights.empty() && weights.size() % arrays == 0, "gemma_keras::", name, "_linear takes ",
+              bits == Bits::kInt8 ? "a kernel and a scale" : "a kernel, a scale and an offset",
+              " per output; not ", weights.size(), " tensors");
   const int64_t n_in = x.dim() >= 1 ? x.size(-1) : 0;
-  const bool dtypes_fit =
-      (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-      scale.scalar_type() == at::kFloat &&
-      kernel.scalar_type() == (bits == Bits::kInt8 ? at::kChar : at::kByte) &&
-      (offset == nullptr || offset->scalar_type() == at::kFloat);
-  TORCH_CHECK(dtypes_fit && quantized_shapes_fit(bits, n_in, kernel_dims, scale_dims,
-                                                 offset ? &offset_dims : nullptr),
-              quantized_shapes_error(bits, shape_string(x.sizes().vec()), shape_string(kernel_dims),
-                                     shape_string(scale_dims)),
-              " (dtypes ", x.scalar_type(), ", ", kernel.scalar_type(), ", ", scale.scalar_type(), ")");
-  const at::Tensor flat = x.reshape({-1, n_in}).to(at::kFloat).contiguous();
-  const at::Tensor kernel_rows = kernel.contiguous(), scales = scale.contiguous();
-  const at::Tensor offsets = offset ? offset->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({flat.size(0), kernel_dims[0]}, flat.options());
-  const QuantizedProblem problem{bits, static_cast<const uint8_t*>(kernel_rows.data_ptr()),
-                                 scales.data_ptr<float>(), offset ? offsets.data_ptr<float>() : nullptr,
-                                 flat.data_ptr<float>(), nullptr, out.data_ptr<float>(),
-                                 flat.size(0), kernel_dims[0], n_in, n_in / scale_dims[1]};
-  run_on_torch_threads(QuantizedProduct(problem, threads));
+  // (x of no width fails the first kernel's check below)
+  const at::Tensor flat = n_in > 0 ? x.reshape({-1, n_in}).to(at::kFloat).contiguous() : x;
+  // The weights made contiguous, alive while the product reads them, and the outputs.
+  std::vector<at::Tensor> contiguous, outs;
+  std::vector<QuantizedProblem> problems;
+  for (size_t i = 0; i < weights.size(); i += arrays) {
+    const at::Tensor &kernel = weights[i], &scale = weights[i + 1], &offset = weights[i + arrays - 1];
+    const std::vector<int64_t> kernel_dims = kernel.sizes().vec(), scale_dims = scale.sizes().vec();
+    const std::vector<int64_t> offset_dims = offset.sizes().vec();
+    const bool dtypes_fit = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                            scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
+                            kernel.scalar_type() == (bits == Bits::kInt8 ? at::kChar : at::kByte);
+    TORCH_CHECK(dtypes_fit &&
+                    quantized_shapes_fit(bits, n_in, kernel_dims, scale_dims,
+                                         bits == Bits::kInt4 ? &offset_dims : nullptr) &&
+                    (problems.empty() || n_in / scale_dims[1] == problems[0].group),
+                quantized_shapes_error(bits, shape_string(x.sizes().vec()), shape_string(kernel_dims),
+                                       shape_string(scale_dims)),
+                " (dtypes ", x.scalar_type(), ", ", kernel.scalar_type(), ", ", scale.scalar_type(), ")");
+    for (size_t k = i; k < i + arrays; ++k) contiguous.push_back(weights[k].contiguous());
+    const at::Tensor* own = &contiguous[contiguous.size() - arrays];
+    outs.push_back(at::empty({flat.size(0), kernel_dims[0]}, flat.options()));
+    problems.push_back({bits, static_cast<const uint8_t*>(own[0].data_ptr()), own[1].data_ptr<float>(),
+                        bits == Bits::kInt4 ? own[2].data_ptr<float>() : nullptr, flat.data_ptr<float>(), nullptr,
+                        outs.back().data_ptr<float>(), flat.size(0), kernel_dims[0], n_in, n_in / scale_dims[1]});
+  }
+  run_on_torch_threads(QuantizedProduct(std::move(problems), threads));
   std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = kernel_dims[0];
-  return out.to(x.scalar_type()).reshape(sizes);
+  for (at::Tensor& out : outs) {
+    sizes.back() = out.size(1);
+    out = out.to(x.scalar_type()).reshape(sizes);
+  }
+  return outs;
 }
 
-at::Tensor TorchInt8Linear(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& scale,
-                           int64_t threads) {
-  return TorchQuantizedLinear(Bits::kInt8, x, kernel, scale, nullptr, threads);
+std::vector<at::Tensor> TorchInt8Linear(const at::Tensor& x, at::TensorList weights, int64_t threads) {
+  return TorchQuantizedLinear(Bits::kInt8, x, weights, threads);
 }
 
-at::Tensor TorchInt4Linear(const at::Tensor& x, const at::Tensor& kernel, const at::Tensor& scale,
-                           const at::Tensor& offset, int64_t threads) {
-  return TorchQuantizedLinear(Bits::kInt4, x, kernel, scale, &offset, threads);
+std::vector<at::Tensor> TorchInt4Linear(const at::Tensor& x, at::TensorList weights, int64_t threads) {
+  return TorchQuantizedLinear(Bits::kInt4, x, weights, threads);
 }
 
 TORCH_LIBRARY(gemma_keras, library) {
   library.def("bf16_linear(Tensor x, Tensor kernel, int threads) -> Tensor");
-  library.def("int8_linear(Tensor x, Tensor kernel, Tensor scale, int threads) -> Tensor");
-  library.def("int4_linear(Tensor x, Tensor kernel, Tensor scale, Tensor offset, int threads) -> Tensor");
+  library.def("int8_linear(Tensor x, Tensor[] weights, int threads) -> Tensor[]");
+  library.def("int4_linear(Tensor x, Tensor[] weights, int threads) -> Tensor[]");
 }
 TORCH_LIBRARY_IMPL(gemma_keras, CPU, library) {
   library.impl("bf16_linear", &TorchBf16Linear);

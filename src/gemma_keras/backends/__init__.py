@@ -54,7 +54,15 @@ def quantized_linear(x, mode, kernel, scale, offset=None):
     generation's prefill multiplies the weight dequantized to bfloat16 where
     the CPU has AVX512-BF16; elsewhere the weight is dequantized to `x`'s
     dtype and multiplied by `linear` (see `dispatch.choose_quantized_product`)."""
-    return implementation.quantized_linear(x, mode, kernel, scale, offset)
+    return quantized_linears(x, mode, [(kernel, scale, offset)])[0]
+
+
+def quantized_linears(x, mode, weights):
+    """`[quantized_linear(x, mode, *w) for w in weights]`, each `w` a
+    `(kernel, scale, offset)` of the same form and input width. The native
+    kernel reads them as one product over all their rows (a layer's q, k and
+    v), which saves each further call's threads joining late and ending unevenly."""
+    return implementation.quantized_linears(x, mode, weights)
 
 
 def add_kernel(layer, name, shape):

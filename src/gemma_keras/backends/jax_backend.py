@@ -65,8 +65,8 @@ def linear(x, kernel):
     return keras.ops.einsum("...i,oi->...o", x, kernel)
 
 
-def quantized_linear(x, mode, kernel, scale, offset):
-    """`x @ w.T` for a quantized weight (see `gemma_keras.backends.quantized_linear`)."""
+def quantized_linears(x, mode, weights):
+    """`x @ w.T` for each quantized weight (see `gemma_keras.backends.quantized_linears`)."""
     platform = platform_of(x)
     shape = tuple(size if isinstance(size, int) else None for size in x.shape)
     rows = None if None in shape[:-1] else math.prod(shape[:-1])
@@ -78,12 +78,14 @@ def quantized_linear(x, mode, kernel, scale, offset):
         generating=steps.generating(),
     )
     if product == dispatch.NATIVE_QUANTIZED_KERNEL:
-        return native_quantized_linear(x, mode, kernel, scale, offset)
+        arrays = tuple(tuple(a for a in w if a is not None) for w in weights)
+        return native_quantized_linears(x, mode, arrays)
     if product == dispatch.DEQUANTIZED_BFLOAT16:
-        return quantization.dequantized_product(
-            x, mode, kernel, scale, offset, _bfloat16_product, jnp.bfloat16
-        )
-    return quantization.dequantized_product(x, mode, kernel, scale, offset, linear, x.dtype)
+        return [
+            quantization.dequantized_product(x, mode, *w, _bfloat16_product, jnp.bfloat16)
+            for w in weights
+        ]
+    return [quantization.dequantized_product(x, mode, *w, linear, x.dtype) for w in weights]
 
 
 def _bfloat16_product(flat, weight):
@@ -96,29 +98,35 @@ def _bfloat16_product(flat, weight):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def native_quantized_linear(x, mode, kernel, scale, offset):
-    """The native int8/int4 product as an XLA FFI call, in float32, returned
-    in `x`'s dtype. Differentiable in `x` (QLoRA): its gradient multiplies
-    by the dequantized weight."""
+def native_quantized_linears(x, mode, weights):
+    """The native int8/int4 products of `x` with each of `weights`
+    (`(kernel, scale)` or `(kernel, scale, offset)`) as one XLA FFI call, in
+    float32, returned in `x`'s dtype. Differentiable in `x` (QLoRA): its
+    gradient multiplies by the dequantized weights."""
     flat = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-    result = jax.ShapeDtypeStruct((flat.shape[0], kernel.shape[0]), jnp.float32)
-    arrays = (kernel, scale) if offset is None else (kernel, scale, offset)
-    out = jax.ffi.ffi_call(native.QUANTIZED_FFI_TARGETS[mode], result)(flat, *arrays)
-    return out.astype(x.dtype).reshape(*x.shape[:-1], kernel.shape[0])
+    results = [jax.ShapeDtypeStruct((flat.shape[0], w[0].shape[0]), jnp.float32) for w in weights]
+    arrays = [array for w in weights for array in w]
+    outs = jax.ffi.ffi_call(native.QUANTIZED_FFI_TARGETS[mode], results)(flat, *arrays)
+    return [
+        out.astype(x.dtype).reshape(*x.shape[:-1], w[0].shape[0])
+        for out, w in zip(outs, weights, strict=True)
+    ]
 
 
-def _native_quantized_forward(x, mode, kernel, scale, offset):
-    return native_quantized_linear(x, mode, kernel, scale, offset), (x, kernel, scale, offset)
+def _native_quantized_forward(x, mode, weights):
+    return native_quantized_linears(x, mode, weights), (x, weights)
 
 
-def _native_quantized_backward(mode, saved, grad):
-    x, kernel, scale, offset = saved
-    weight = quantization.dequantize(mode, kernel, scale, offset)
-    grad_x = jnp.einsum("...o,oi->...i", grad.astype(jnp.float32), weight)
-    return grad_x.astype(x.dtype), None, None, None
+def _native_quantized_backward(mode, saved, grads):
+    x, weights = saved
+    grad_x = sum(
+        jnp.einsum("...o,oi->...i", grad.astype(jnp.float32), quantization.dequantize(mode, *w))
+        for grad, w in zip(grads, weights, strict=True)
+    )
+    return grad_x.astype(x.dtype), None
 
 
-native_quantized_linear.defvjp(_native_quantized_forward, _native_quantized_backward)
+native_quantized_linears.defvjp(_native_quantized_forward, _native_quantized_backward)
 
 
 def _native_kernel_available():

@@ -86,10 +86,13 @@ def linear(x, kernel):
     return tf.reshape(out, tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[:1]], 0))
 
 
-def quantized_linear(x, mode, kernel, scale, offset):
-    """`x @ w.T` for a quantized weight (see `gemma_keras.backends.quantized_linear`)."""
-    kernel = keras.ops.convert_to_tensor(kernel)
-    platform = platform_of(kernel)
+def quantized_linears(x, mode, weights):
+    """`x @ w.T` for each quantized weight (see `gemma_keras.backends.quantized_linears`)."""
+    kernels, scales, offsets = (
+        [None if a is None else keras.ops.convert_to_tensor(a) for a in arrays]
+        for arrays in zip(*weights, strict=True)
+    )
+    platform = platform_of(kernels[0])
     native_products = _native_products()
     rows = None if None in x.shape[:-1] else math.prod(x.shape[:-1])
     product = dispatch.choose_quantized_product(
@@ -103,19 +106,25 @@ def quantized_linear(x, mode, kernel, scale, offset):
     if native_products is not None:
         native_products.append(product in WITHOUT_XLA_QUANTIZED)
     if product == dispatch.DEQUANTIZED_BFLOAT16:
-        return quantization.dequantized_product(
-            x, mode, kernel, scale, offset, _bfloat16_product, tf.bfloat16
-        )
+        return [
+            quantization.dequantized_product(x, mode, *w, _bfloat16_product, tf.bfloat16)
+            for w in zip(kernels, scales, offsets, strict=True)
+        ]
     if product != dispatch.NATIVE_QUANTIZED_KERNEL:
-        return quantization.dequantized_product(x, mode, kernel, scale, offset, linear, x.dtype)
+        return [
+            quantization.dequantized_product(x, mode, *w, linear, x.dtype)
+            for w in zip(kernels, scales, offsets, strict=True)
+        ]
     library = native_linear_library()
     flat = tf.cast(tf.reshape(x, (-1, tf.shape(x)[-1])), tf.float32)
     if mode == "int8":
-        out = library.gemma_int8_linear(flat, kernel, scale)
+        outs = library.gemma_int8_linear(flat, kernels, scales)
     else:
-        out = library.gemma_int4_linear(flat, kernel, scale, offset)
-    shape = tf.concat([tf.shape(x)[:-1], tf.shape(kernel)[:1]], 0)
-    return tf.reshape(tf.cast(out, x.dtype), shape)
+        outs = library.gemma_int4_linear(flat, kernels, scales, offsets)
+    return [
+        tf.reshape(tf.cast(out, x.dtype), tf.concat([tf.shape(x)[:-1], tf.shape(k)[:1]], 0))
+        for out, k in zip(outs, kernels, strict=True)
+    ]
 
 
 # The quantized products that make a step without XLA worth it (see `native_step`).
@@ -130,13 +139,21 @@ def _bfloat16_product(flat, weight):
 
 
 def _quantized_gradient(mode):
-    """The int8/int4 operations' gradient in `x` (QLoRA): the product with the
-    dequantized weight; the integers and scales are constants."""
+    """The int8/int4 operations' gradient in `x` (QLoRA): the sum of each
+    output's upstream times its dequantized weight; the integers and scales
+    are constants."""
 
-    def gradient(operation, upstream):
-        weight = quantization.dequantize(mode, *operation.inputs[1:])
-        none = [None] * (len(operation.inputs) - 1)
-        return [tf.matmul(upstream, weight), *none]
+    def gradient(operation, *upstream):
+        count = len(operation.outputs)
+        arrays = list(operation.inputs)[1:]  # the kernels, the scales (and the offsets)
+        weights = [arrays[i::count] for i in range(count)]
+        grad_x = tf.add_n(
+            [
+                tf.matmul(grad, quantization.dequantize(mode, *w))
+                for grad, w in zip(upstream, weights, strict=True)
+            ]
+        )
+        return [grad_x, *([None] * len(arrays))]
 
     return gradient
 

@@ -62,9 +62,9 @@ def linear(x, kernel):
     return torch.nn.functional.linear(x, kernel)
 
 
-def quantized_linear(x, mode, kernel, scale, offset):
-    """`x @ w.T` for a quantized weight (see `gemma_keras.backends.quantized_linear`)."""
-    platform = platform_of(x, kernel)
+def quantized_linears(x, mode, weights):
+    """`x @ w.T` for each quantized weight (see `gemma_keras.backends.quantized_linears`)."""
+    platform = platform_of(x, weights[0][0])
     product = dispatch.choose_quantized_product(
         "torch",
         platform,
@@ -74,15 +74,19 @@ def quantized_linear(x, mode, kernel, scale, offset):
         generating=steps.generating(),
     )
     if product == dispatch.NATIVE_QUANTIZED_KERNEL:
-        threads = torch.get_num_threads()
-        if mode == "int8":
-            return torch.ops.gemma_keras.int8_linear(x, kernel, scale, threads)
-        return torch.ops.gemma_keras.int4_linear(x, kernel, scale, offset, threads)
-    if product == dispatch.DEQUANTIZED_BFLOAT16:
-        return quantization.dequantized_product(
-            x, mode, kernel, scale, offset, _bfloat16_product, "bfloat16"
+        arrays = [array for w in weights for array in w if array is not None]
+        operator = (
+            torch.ops.gemma_keras.int8_linear
+            if mode == "int8"
+            else torch.ops.gemma_keras.int4_linear
         )
-    return quantization.dequantized_product(x, mode, kernel, scale, offset, linear, x.dtype)
+        return operator(x, arrays, torch.get_num_threads())
+    if product == dispatch.DEQUANTIZED_BFLOAT16:
+        return [
+            quantization.dequantized_product(x, mode, *w, _bfloat16_product, "bfloat16")
+            for w in weights
+        ]
+    return [quantization.dequantized_product(x, mode, *w, linear, x.dtype) for w in weights]
 
 
 def _bfloat16_product(flat, weight):

@@ -7,7 +7,7 @@ from keras import ops
 
 from gemma_keras.backends import einsum, softmax, write_slots
 from gemma_keras.layers.precision import FLOAT16_MAX
-from gemma_keras.layers.projection import Projection
+from gemma_keras.layers.projection import Projection, project
 from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.rotary_embedding import apply_rotary_embedding, rotary_tables
 from gemma_keras.layers.soft_cap import soft_cap
@@ -173,15 +173,16 @@ class Attention(keras.layers.Layer):
             rotary, mask[:, None, None, :, :], write_slot, ring_write, new_keys_only
         )
 
-    def _project(self, x, projection, num_heads):
-        batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        return ops.reshape(projection(x), (batch, length, num_heads, self.head_dim))
-
     def call(self, x, plan, cache=None):
         batch, length = ops.shape(x)[0], ops.shape(x)[1]
-        query = self._project(x, self.query, self.num_query_heads)
-        key = self._project(x, self.key, self.num_key_value_heads)
-        value = self._project(x, self.value, self.num_key_value_heads)
+        query, key, value = (
+            ops.reshape(projected, (batch, length, heads, self.head_dim))
+            for projected, heads in zip(
+                project(x, [self.query, self.key, self.value]),
+                [self.num_query_heads, self.num_key_value_heads, self.num_key_value_heads],
+                strict=True,
+            )
+        )
         if self.use_qk_norm:
             query = self.query_norm(query)
             key = self.key_norm(key)

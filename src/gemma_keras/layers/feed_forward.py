@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras.layers.projection import Projection
+from gemma_keras.layers.projection import Projection, project
 
 # A float16 model's `gelu(gate) * up` is scaled per token so that its largest
 # value is at most this before `down` (see `FeedForward`): `down`'s outputs
@@ -48,11 +48,11 @@ class FeedForward(keras.layers.Layer):
             projection.build()
 
     def call(self, x):
+        gate, up = project(x, [self.gate, self.up])
         if self.compute_dtype != "float16":
-            gate = ops.gelu(self.gate(x), approximate=True)
-            return self.down(gate * self.up(x))
-        gate = ops.gelu(ops.cast(self.gate(x), "float32"), approximate=True)
-        hidden = gate * ops.cast(self.up(x), "float32")
+            return self.down(ops.gelu(gate, approximate=True) * up)
+        gate = ops.gelu(ops.cast(gate, "float32"), approximate=True)
+        hidden = gate * ops.cast(up, "float32")
         peak = ops.max(ops.abs(hidden), axis=-1, keepdims=True)
         # A power of two: dividing by it and multiplying back are exact.
         exponent = ops.maximum(ops.ceil(ops.log2(peak / FLOAT16_DOWN_INPUT_LIMIT)), 0.0)

@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from gemma_keras.backends import add_kernel, linear, quantized_linear
+from gemma_keras.backends import add_kernel, linear, quantized_linear, quantized_linears, steps
 from gemma_keras.layers.lora import LoraLayer
 
 
@@ -70,3 +70,24 @@ class Projection(LoraLayer):
 
     def get_config(self):
         return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim}
+
+
+def project(x, projections):
+    """`[projection(x) for projection in projections]`. In a generation step,
+    where all are quantized alike and none has LoRA, one `quantized_linears`
+    call multiplies them all (the native kernel then reads a layer's q, k and
+    v, or its gate and up, as one product)."""
+    modes = {projection.quantization_mode for projection in projections}
+    together = (
+        steps.generating()
+        and len(projections) > 1
+        and len(modes) == 1
+        and None not in modes
+        and not any(projection.lora_enabled for projection in projections)
+        and not isinstance(x, keras.KerasTensor)
+    )
+    if not together:
+        return [projection(x) for projection in projections]
+    x = ops.cast(x, projections[0].compute_dtype)
+    arrays = [projection.quantized_arrays() for projection in projections]
+    return quantized_linears(x, modes.pop(), arrays)
