@@ -251,7 +251,7 @@ def test_generation_multiplies_each_layers_q_k_v_and_gate_up_in_one_call(lora, m
     monkeypatch.setattr(backends.implementation, "quantized_linears", recorded)
     model.generate(inputs(batch=1, length=5)["token_ids"], max_length=8)
     layers = model.config.num_layers
-    # Each traced step (a prefill, a decode step): per layer one call for q, k, v and one for gate, up.
+    # Each traced step (prefill, decode): per layer one call for q, k, v, one for gate, up.
     together = weights_per_call.count(2)
     assert together >= 2 * layers and together % layers == 0
     assert weights_per_call.count(3) == (0 if lora else together)
