@@ -121,25 +121,37 @@ def test_one_call_rejects_kernels_of_different_groups(mode):
         kernel_products(mode, weights, np.ones((1, 256), np.float32))
 
 
-@pytest.mark.skipif(BACKEND != "torch", reason="torch's operators take bfloat16 x of any rank")
+@pytest.mark.skipif(BACKEND == "jax", reason="XLA's handlers take float32 x [rows, n_in]")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_torch_operator_takes_bfloat16_x_of_any_rank(mode):
-    """A traced decode step hands the operator the model's bfloat16 [batch,
-    tokens, width] x and takes its output as it comes: the same product as
-    float32 x, rounded once to bfloat16, in x's shape."""
-    import torch
-
+def test_operator_takes_bfloat16_x_of_any_rank(mode):
+    """A decode step without XLA (torch's traced graph, TensorFlow's step)
+    hands the operator the model's bfloat16 [batch, tokens, width] x and takes
+    its output as it comes: the same product as float32 x, rounded once to
+    bfloat16, in x's shape."""
     rng = np.random.default_rng(3)
     quantized = quantization.quantize(rng.standard_normal((300, 256)), mode, 128)
-    x = torch.from_numpy(rng.standard_normal((2, 3, 256)).astype(np.float32)).bfloat16()
-    expected = kernel_product(mode, quantized, x.float().reshape(6, 256).numpy())
+    x = rng.standard_normal((2, 3, 256)).astype(np.float32)
+    x = keras.ops.convert_to_numpy(keras.ops.cast(keras.ops.cast(x, "bfloat16"), "float32"))
+    expected = kernel_product(mode, quantized, x.reshape(6, 256))
     arrays = [quantized.kernel, quantized.scale] + ([quantized.offset] if mode == "int4" else [])
-    operator = getattr(torch.ops.gemma_keras, f"{mode}_linear")
-    (out,) = operator(x, [torch.from_numpy(a) for a in arrays], 2)
-    assert out.dtype == torch.bfloat16 and tuple(out.shape) == (2, 3, 300)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        operation = getattr(native.load_tensorflow(), f"gemma_{mode}_linear")
+        (out,) = operation(tf.cast(x, tf.bfloat16), *([a] for a in arrays))
+    else:
+        import torch
+
+        operator = getattr(torch.ops.gemma_keras, f"{mode}_linear")
+        (out,) = operator(torch.from_numpy(x).bfloat16(), [torch.from_numpy(a) for a in arrays], 2)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert tuple(out.shape) == (2, 3, 300)
     # Exactly float32's output rounded to bfloat16: the same kernel on the same values.
-    rounded = torch.from_numpy(expected).bfloat16().float().reshape(2, 3, 300)
-    np.testing.assert_array_equal(out.float().numpy(), rounded.numpy())
+    rounded = keras.ops.cast(keras.ops.cast(expected.reshape(2, 3, 300), "bfloat16"), "float32")
+    out = keras.ops.cast(keras.ops.convert_to_tensor(out), "float32")
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(out), keras.ops.convert_to_numpy(rounded)
+    )
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -1393,10 +1393,11 @@ class GemmaBf16LinearOp : public tf::OpKernel {
 
 REGISTER_KERNEL_BUILDER(Name("GemmaBf16Linear").Device(tf::DEVICE_CPU), GemmaBf16LinearOp);
 
-// The TensorFlow operations GemmaInt8Linear(x: float [..., n_in], kernels:
-// N int8 [n_out, n_in], scales: N float [n_out, groups]) and
+// The TensorFlow operations GemmaInt8Linear(x: T [..., n_in], kernels: N
+// int8 [n_out, n_in], scales: N float [n_out, groups]) and
 // GemmaInt4Linear(x, kernels: N uint8 [n_out, n_in / 2], scales, offsets: N
-// float [n_out, groups]) -> N float [..., n_out], one per kernel.
+// float [n_out, groups]) -> N T [..., n_out], one per kernel; T float32 or
+// bfloat16, multiplied as float32 and rounded once, as torch's operators do.
 tf::Status QuantizedLinearShapes(tf::shape_inference::InferenceContext* c) {
   int n;
   TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
@@ -1409,20 +1410,22 @@ tf::Status QuantizedLinearShapes(tf::shape_inference::InferenceContext* c) {
 }
 
 REGISTER_OP("GemmaInt8Linear")
+    .Attr("T: {float, bfloat16}")
     .Attr("N: int >= 1")
-    .Input("x: float")
+    .Input("x: T")
     .Input("kernels: N * int8")
     .Input("scales: N * float")
-    .Output("outs: N * float")
+    .Output("outs: N * T")
     .SetShapeFn(QuantizedLinearShapes);
 
 REGISTER_OP("GemmaInt4Linear")
+    .Attr("T: {float, bfloat16}")
     .Attr("N: int >= 1")
-    .Input("x: float")
+    .Input("x: T")
     .Input("kernels: N * uint8")
     .Input("scales: N * float")
     .Input("offsets: N * float")
-    .Output("outs: N * float")
+    .Output("outs: N * T")
     .SetShapeFn(QuantizedLinearShapes);
 
 template <Bits B>
@@ -1441,6 +1444,16 @@ class GemmaQuantizedLinearOp : public tf::OpKernel {
       return sizes;
     };
     const int64_t n_in = x.dims() >= 1 ? x.dim_size(x.dims() - 1) : 0;
+    const int64_t rows = n_in > 0 ? x.NumElements() / n_in : 0;
+    // A bfloat16 x is multiplied as float32, into float32 outputs rounded once.
+    const bool bfloat16 = x.dtype() == tf::DT_BFLOAT16;
+    tf::Tensor wide_x = x;
+    if (bfloat16) {
+      OP_REQUIRES_OK(context, context->allocate_temp(tf::DT_FLOAT, tf::TensorShape({rows, n_in}), &wide_x));
+      wide_x.flat<float>() = x.flat<Eigen::bfloat16>().cast<float>();
+    }
+    std::vector<tf::Tensor*> outs(kernels.size());
+    std::vector<tf::Tensor> wide_outs(kernels.size());
     std::vector<QuantizedProblem> problems;
     for (int i = 0; i < kernels.size(); ++i) {
       const std::vector<int64_t> kernel_dims = dims(kernels[i]), scale_dims = dims(scales[i]);
@@ -1453,11 +1466,14 @@ class GemmaQuantizedLinearOp : public tf::OpKernel {
                                                                      scales[i].shape().DebugString())));
       tf::TensorShape out_shape = x.shape();
       out_shape.set_dim(x.dims() - 1, kernel_dims[0]);
-      tf::Tensor* out = nullptr;
-      OP_REQUIRES_OK(context, context->allocate_output(i, out_shape, &out));
+      OP_REQUIRES_OK(context, context->allocate_output(i, out_shape, &outs[i]));
+      wide_outs[i] = *outs[i];
+      if (bfloat16)
+        OP_REQUIRES_OK(context,
+                       context->allocate_temp(tf::DT_FLOAT, tf::TensorShape({rows, kernel_dims[0]}), &wide_outs[i]));
       problems.push_back({B, reinterpret_cast<const uint8_t*>(kernels[i].tensor_data().data()),
                           scales[i].flat<float>().data(), B == Bits::kInt4 ? offsets[i].flat<float>().data() : nullptr,
-                          x.flat<float>().data(), nullptr, out->flat<float>().data(), x.NumElements() / n_in,
+                          wide_x.flat<float>().data(), nullptr, wide_outs[i].flat<float>().data(), rows,
                           kernel_dims[0], n_in, n_in / scale_dims[1]});
     }
     // On the library's own threads, which spin between products: TensorFlow's
@@ -1465,6 +1481,8 @@ class GemmaQuantizedLinearOp : public tf::OpKernel {
     // joined it 50-200 us late (the 2B's int4 decode step 66 against 68 ms).
     const int64_t threads = context->device()->tensorflow_cpu_worker_threads()->workers->NumThreads();
     own_threads().run(QuantizedProduct(std::move(problems), threads));
+    if (!bfloat16) return;
+    for (size_t i = 0; i < outs.size(); ++i) outs[i]->flat<Eigen::bfloat16>() = wide_outs[i].flat<float>().cast<Eigen::bfloat16>();
   }
 };
 

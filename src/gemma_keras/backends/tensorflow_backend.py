@@ -116,15 +116,13 @@ def quantized_linears(x, mode, weights):
             for w in zip(kernels, scales, offsets, strict=True)
         ]
     library = native_linear_library()
-    flat = tf.cast(tf.reshape(x, (-1, tf.shape(x)[-1])), tf.float32)
+    # The operations take float32 or bfloat16 x (float16 goes through float32).
+    taken = x if x.dtype in (tf.float32, tf.bfloat16) else tf.cast(x, tf.float32)
     if mode == "int8":
-        outs = library.gemma_int8_linear(flat, kernels, scales)
+        outs = library.gemma_int8_linear(taken, kernels, scales)
     else:
-        outs = library.gemma_int4_linear(flat, kernels, scales, offsets)
-    return [
-        tf.reshape(tf.cast(out, x.dtype), tf.concat([tf.shape(x)[:-1], tf.shape(k)[:1]], 0))
-        for out, k in zip(outs, kernels, strict=True)
-    ]
+        outs = library.gemma_int4_linear(taken, kernels, scales, offsets)
+    return outs if taken is x else [tf.cast(out, x.dtype) for out in outs]
 
 
 # The quantized products that make a step without XLA worth it (see `native_step`).
