@@ -92,9 +92,9 @@ def has_bfloat16_dot():
 @functools.cache
 def load_tensorflow():
     """The kernels as TensorFlow operations (the module that `tf.load_op_library`
-    returns: `gemma_bf16_linear`, `gemma_int8_linear(x, kernel, scale)`,
-    `gemma_int4_linear(x, kernel, scale, offset)`), or None where they cannot be
-    built or run here.
+    returns: `gemma_bf16_linear`, `gemma_int8_linear(x, kernels, scales)`,
+    `gemma_int4_linear(x, kernels, scales, offsets)`, one output per kernel),
+    or None where they cannot be built or run here.
 
     Built against the installed TensorFlow's headers and library, once per
     TensorFlow version (about 20 s).
@@ -111,9 +111,10 @@ def load_tensorflow():
 def load_torch():
     """The kernel as the torch operator `gemma_keras::bf16_linear` (the
     `torch.ops` handle), or None where it cannot be built or run here. Loading
-    it registers `torch.ops.gemma_keras.int8_linear(x, kernel, scale, threads)`
-    and `int4_linear(x, kernel, scale, offset, threads)` too. They run on up
-    to `threads` of torch's intra-op threads.
+    it registers `torch.ops.gemma_keras.int8_linear(x, weights, threads)` and
+    `int4_linear(x, weights, threads)` too, `weights` listing each kernel's
+    integers and scale (int4: and offset), one output per kernel. They run on
+    up to `threads` of torch's intra-op threads.
 
     Built against the installed torch's headers and libraries, once per
     torch version (about 15 s).
@@ -144,10 +145,12 @@ def register_jax_quantized():
     """Registers the int8 and int4 XLA FFI handlers as JAX CPU targets (once);
     False where the kernel cannot be built or run here or `enabled()` is False.
 
-    Then `jax.ffi.ffi_call(QUANTIZED_FFI_TARGETS[mode], out)` multiplies:
-    int8 `(x, kernel, scale)`, int4 `(x, kernel, scale, offset)`, with x
-    float32 `[..., n_in]` and `out` a `jax.ShapeDtypeStruct((..., n_out),
-    jnp.float32)`; the arrays are `gemma_keras.quantization`'s forms.
+    Then `jax.ffi.ffi_call(QUANTIZED_FFI_TARGETS[mode], outs)` multiplies
+    float32 x `[..., n_in]` by each kernel that follows it: int8 `(x, kernel,
+    scale, ...)`, int4 `(x, kernel, scale, offset, ...)`, one
+    `jax.ShapeDtypeStruct((..., n_out), jnp.float32)` in `outs` per kernel
+    (or `outs` that struct alone for one kernel); the arrays are
+    `gemma_keras.quantization`'s forms.
     """
     return enabled() and _register_jax_quantized()
 
