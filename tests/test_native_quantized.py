@@ -121,6 +121,60 @@ def test_one_call_rejects_kernels_of_different_groups(mode):
         kernel_products(mode, weights, np.ones((1, 256), np.float32))
 
 
+@pytest.mark.skipif(BACKEND == "torch", reason="torch's products step aside for a gradient")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradient_of_one_call_over_several_kernels(dtype):
+    """QLoRA's gradient in x through one call over two kernels: the sum of
+    each output's upstream times its dequantized weight, in x's dtype."""
+    rng = np.random.default_rng(5)
+    weights = [quantization.quantize(rng.standard_normal((n, 128)), "int4", 32) for n in (40, 24)]
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    upstream = [rng.standard_normal((3, n)).astype(np.float32) for n in (40, 24)]
+    expected = sum(
+        u @ quantization.dequantize("int4", *w.arrays().values())
+        for u, w in zip(upstream, weights, strict=True)
+    )
+    arrays = [[w.kernel, w.scale, w.offset] for w in weights]
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        from gemma_keras.backends import tensorflow_backend
+
+        library = tensorflow_backend.native_linear_library()
+        if library is None:
+            pytest.skip("the native kernel cannot be built for TensorFlow here")
+        x_in = tf.cast(x, dtype)
+        with tf.GradientTape() as tape:
+            tape.watch(x_in)
+            outs = library.gemma_int4_linear(x_in, *(list(a) for a in zip(*arrays, strict=True)))
+            loss = sum(
+                tf.reduce_sum(tf.cast(o, tf.float32) * u)
+                for o, u in zip(outs, upstream, strict=True)
+            )
+        grad = tape.gradient(loss, x_in)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        from gemma_keras.backends import jax_backend
+
+        if not native.register_jax_quantized():
+            pytest.skip("the native kernel cannot be built or run here")
+
+        def loss(x_in):
+            outs = jax_backend.native_quantized_linears(x_in, "int4", tuple(map(tuple, arrays)))
+            return sum(
+                jnp.sum(o.astype(jnp.float32) * u) for o, u in zip(outs, upstream, strict=True)
+            )
+
+        grad = jax.grad(loss)(jnp.asarray(x, dtype))
+    assert keras.backend.standardize_dtype(grad.dtype) == dtype
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float32), expected, rtol=tolerance, atol=tolerance * 10
+    )
+
+
 @pytest.mark.skipif(BACKEND == "jax", reason="XLA's handlers take float32 x [rows, n_in]")
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_operator_takes_bfloat16_x_of_any_rank(mode):

@@ -147,11 +147,11 @@ def _quantized_gradient(mode):
         weights = [arrays[i::count] for i in range(count)]
         grad_x = tf.add_n(
             [
-                tf.matmul(grad, quantization.dequantize(mode, *w))
+                tf.matmul(tf.cast(grad, tf.float32), quantization.dequantize(mode, *w))
                 for grad, w in zip(upstream, weights, strict=True)
             ]
         )
-        return [grad_x, *([None] * len(arrays))]
+        return [tf.cast(grad_x, operation.inputs[0].dtype), *([None] * len(arrays))]
 
     return gradient
 
