@@ -1110,7 +1110,7 @@ enum class Loop { kBest = 0, kAvx2 = 1, kAvx512 = 2, kVnniWithoutGfni = 3 };
 // torch's operator (each call's threads join late and end unevenly).
 class QuantizedProduct : public SharedWork {
  public:
-  // `problems` share bits, x, rows, n_in and group (see `same_x`).
+  // `problems` share bits, x, rows, n_in and group (each binding checks the group).
   QuantizedProduct(std::vector<QuantizedProblem> problems, int64_t threads, Loop loop = Loop::kBest)
       : problems_(std::move(problems)) {
     const QuantizedProblem& first = problems_[0];

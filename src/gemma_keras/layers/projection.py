@@ -74,9 +74,10 @@ class Projection(LoraLayer):
 
 def project(x, projections):
     """`[projection(x) for projection in projections]`. In a generation step,
-    where all are quantized alike and none has LoRA, one `quantized_linears`
-    call multiplies them all (the native kernel then reads a layer's q, k and
-    v, or its gate and up, as one product)."""
+    where all are quantized alike (one mode, one group size: a GGUF file may
+    mix them) and none has LoRA, one `quantized_linears` call multiplies them
+    all (the native kernel then reads a layer's q, k and v, or its gate and
+    up, as one product)."""
     modes = {projection.quantization_mode for projection in projections}
     together = (
         steps.generating()
@@ -88,6 +89,8 @@ def project(x, projections):
     )
     if not together:
         return [projection(x) for projection in projections]
-    x = ops.cast(x, projections[0].compute_dtype)
     arrays = [projection.quantized_arrays() for projection in projections]
+    if len({int(scale.shape[-1]) for _, scale, _ in arrays}) != 1:  # groups per row
+        return [projection(x) for projection in projections]
+    x = ops.cast(x, projections[0].compute_dtype)
     return quantized_linears(x, modes.pop(), arrays)
