@@ -1500,6 +1500,49 @@ void run_on_torch_threads(const SharedWork& product) {
   at::parallel_for(0, product.threads(), 1, [&](int64_t, int64_t) { shares.work(product); });
 }
 
+// x [..., n_in] (float32 or bfloat16) as float32 rows: a contiguous float32
+// x as it is, else widened here. The casts and reshapes around a product are
+// done in C++, where in a traced step each would be a node (2-3 dispatches
+// of a few microseconds each).
+struct TorchRows {
+  explicit TorchRows(const at::Tensor& x) : dense(x.contiguous()) {
+    const int64_t n_in = x.dim() >= 1 ? x.size(-1) : 0;
+    count = n_in > 0 ? x.numel() / n_in : 0;
+    if (dense.scalar_type() == at::kFloat) {
+      data = dense.data_ptr<float>();
+    } else {
+      const c10::BFloat16* values = dense.data_ptr<c10::BFloat16>();
+      wide.assign(values, values + dense.numel());
+      data = wide.data();
+    }
+  }
+  at::Tensor dense;
+  std::vector<float> wide;
+  const float* data = nullptr;
+  int64_t count = 0;
+};
+
+// An output of `sizes` in x's dtype: `data` takes float32 sums, which
+// `finish()` rounds to bfloat16 where x is bfloat16 (to nearest even, as
+// torch's cast rounds).
+struct TorchOut {
+  TorchOut(const std::vector<int64_t>& sizes, const at::Tensor& x) : tensor(at::empty(sizes, x.options())) {
+    if (tensor.scalar_type() == at::kFloat) {
+      data = tensor.data_ptr<float>();
+    } else {
+      wide.resize(tensor.numel());
+      data = wide.data();
+    }
+  }
+  at::Tensor finish() {
+    if (!wide.empty()) std::copy(wide.begin(), wide.end(), tensor.data_ptr<c10::BFloat16>());
+    return tensor;
+  }
+  at::Tensor tensor;
+  std::vector<float> wide;
+  float* data = nullptr;
+};
+
 // The torch operator gemma_keras::bf16_linear(x [..., n_in], kernel [n_out,
 // n_in], threads) -> [..., n_out] in x's dtype, on up to `threads` of
 // torch's intra-op threads. Bfloat16 x
@@ -1524,15 +1567,14 @@ at::Tensor TorchBf16Linear(const at::Tensor& x, const at::Tensor& kernel, int64_
   const Kind kind = float32_x        ? Kind::kFloat32
                     : float32_kernel ? Kind::kFloat32Rounded
                                      : Kind::kBfloat16;
-  const at::Tensor flat = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+  const TorchRows rows(x);
   const at::Tensor rows_major = kernel.contiguous();
-  at::Tensor out = at::empty({flat.size(0), kernel.size(0)}, flat.options());
-  run_on_torch_threads(Bf16Product(rows_major.data_ptr(), kind, flat.data_ptr<float>(),
-                                   out.data_ptr<float>(), flat.size(0), kernel.size(0),
-                                   kernel.size(1), threads));
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = kernel.size(0);
-  return out.to(x.scalar_type()).reshape(sizes);
+  TorchOut out(sizes, x);
+  run_on_torch_threads(Bf16Product(rows_major.data_ptr(), kind, rows.data, out.data, rows.count,
+                                   kernel.size(0), kernel.size(1), threads));
+  return out.finish();
 }
 
 // The torch operators gemma_keras::int8_linear(x, weights, threads) and
@@ -1552,16 +1594,19 @@ std::vector<at::Tensor> TorchQuantizedLinear(Bits bits, const at::Tensor& x, at:
               " per output; not ", weights.size(), " tensors");
   const int64_t n_in = x.dim() >= 1 ? x.size(-1) : 0;
   // (x of no width fails the first kernel's check below)
-  const at::Tensor flat = n_in > 0 ? x.reshape({-1, n_in}).to(at::kFloat).contiguous() : x;
+  const bool x_fits = x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16;
+  const TorchRows rows(x_fits ? x : x.to(at::kFloat));
   // The weights made contiguous, alive while the product reads them, and the outputs.
-  std::vector<at::Tensor> contiguous, outs;
+  std::vector<at::Tensor> contiguous;
+  std::vector<TorchOut> outs;
+  outs.reserve(weights.size() / arrays);
   std::vector<QuantizedProblem> problems;
+  std::vector<int64_t> sizes = x.sizes().vec();
   for (size_t i = 0; i < weights.size(); i += arrays) {
     const at::Tensor &kernel = weights[i], &scale = weights[i + 1], &offset = weights[i + arrays - 1];
     const std::vector<int64_t> kernel_dims = kernel.sizes().vec(), scale_dims = scale.sizes().vec();
     const std::vector<int64_t> offset_dims = offset.sizes().vec();
-    const bool dtypes_fit = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-                            scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
+    const bool dtypes_fit = x_fits && scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat &&
                             kernel.scalar_type() == (bits == Bits::kInt8 ? at::kChar : at::kByte);
     TORCH_CHECK(dtypes_fit &&
                     quantized_shapes_fit(bits, n_in, kernel_dims, scale_dims,
@@ -1572,18 +1617,16 @@ std::vector<at::Tensor> TorchQuantizedLinear(Bits bits, const at::Tensor& x, at:
                 " (dtypes ", x.scalar_type(), ", ", kernel.scalar_type(), ", ", scale.scalar_type(), ")");
     for (size_t k = i; k < i + arrays; ++k) contiguous.push_back(weights[k].contiguous());
     const at::Tensor* own = &contiguous[contiguous.size() - arrays];
-    outs.push_back(at::empty({flat.size(0), kernel_dims[0]}, flat.options()));
+    sizes.back() = kernel_dims[0];
+    outs.emplace_back(sizes, x);
     problems.push_back({bits, static_cast<const uint8_t*>(own[0].data_ptr()), own[1].data_ptr<float>(),
-                        bits == Bits::kInt4 ? own[2].data_ptr<float>() : nullptr, flat.data_ptr<float>(), nullptr,
-                        outs.back().data_ptr<float>(), flat.size(0), kernel_dims[0], n_in, n_in / scale_dims[1]});
+                        bits == Bits::kInt4 ? own[2].data_ptr<float>() : nullptr, rows.data, nullptr,
+                        outs.back().data, rows.count, kernel_dims[0], n_in, n_in / scale_dims[1]});
   }
   run_on_torch_threads(QuantizedProduct(std::move(problems), threads));
-  std::vector<int64_t> sizes = x.sizes().vec();
-  for (at::Tensor& out : outs) {
-    sizes.back() = out.size(1);
-    out = out.to(x.scalar_type()).reshape(sizes);
-  }
-  return outs;
+  std::vector<at::Tensor> results;
+  for (TorchOut& out : outs) results.push_back(out.finish());
+  return results;
 }
 
 std::vector<at::Tensor> TorchInt8Linear(const at::Tensor& x, at::TensorList weights, int64_t threads) {
