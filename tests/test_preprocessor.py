@@ -20,6 +20,7 @@ import pytest
 
 from conftest import CORPUS, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer, apply_chat_template
+from gemma_keras.layers.token_embedding import TokenIdError
 from gemma_keras.preprocessor import (
     GemmaCausalLMPreprocessor,
     PreprocessingError,
@@ -481,3 +482,37 @@ def test_keras_fits_on_preprocessed_strings_and_generators(tokenizer):
     dataset = training_data(preprocessor, RawPyDataset([TEXTS[:2], TEXTS[2:]]))[0]
     history = keras.Model.fit(model, dataset, epochs=2, verbose=0)
     assert all(math.isfinite(loss) for loss in history.history["loss"])
+
+
+def test_ids_and_labels_outside_the_vocabulary_are_refused_before_training(tokenizer):
+    # Inside a compiled step they would give NaN losses (JAX) or an error from
+    # deep in the backend; in memory they are checked first, by fit and evaluate.
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
+    model = tiny_model(tokenizer)
+    model.preprocessor = preprocessor
+    x, y, sample_weight = preprocessor(TEXTS)
+    size = tokenizer.vocabulary_size
+    for bad in (size, -100):
+        labels = y.copy()
+        labels[1, 3] = bad
+        for method in (model.fit, model.evaluate):
+            with pytest.raises(
+                TokenIdError, match=rf"labels \(y\): label {bad} is outside .*sample_weight of 0"
+            ):
+                method(x, labels, sample_weight=sample_weight, verbose=0)
+    ids = dict(x, token_ids=x["token_ids"].copy())
+    ids["token_ids"][0, 2] = size + 5
+    with pytest.raises(TokenIdError, match=rf"x\['token_ids'\]: token id {size + 5} is outside"):
+        model.fit(ids, y, sample_weight=sample_weight, verbose=0)
+
+    # With the loss's ignore_class, its labels are left out of the loss, as Keras does.
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-2),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-100),
+    )
+    labels = np.where(sample_weight > 0, y, -100)
+    history = model.fit(x, labels, batch_size=3, epochs=1, verbose=0)
+    assert math.isfinite(history.history["loss"][-1])
+    labels[0, 0] = size
+    with pytest.raises(TokenIdError, match=f"label {size} is outside"):
+        model.fit(x, labels, verbose=0)

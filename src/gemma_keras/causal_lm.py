@@ -5,6 +5,7 @@ from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from gemma_keras import backends
 from gemma_keras.backbone import GemmaBackbone
+from gemma_keras.layers.token_embedding import check_token_ids
 
 
 class GemmaCausalLM(keras.Model):
@@ -183,6 +184,7 @@ class GemmaCausalLM(keras.Model):
         >>> model.fit(["2 + 2 = 4", "3 + 5 = 8"], epochs=1, batch_size=1)  # doctest: +SKIP
         """
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
+        self._check_ids(x, y)
         if not isinstance(x, (dict, list, tuple)) and not hasattr(x, "shape"):
             kwargs.setdefault("shuffle", False)  # a stream: Keras would warn that it cannot
         validation = kwargs.get("validation_data")
@@ -193,6 +195,7 @@ class GemmaCausalLM(keras.Model):
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.evaluate`, taking the same data as `fit`."""
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
+        self._check_ids(x, y)
         return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
     def _training_data(self, x, y, sample_weight, batch_size):
@@ -201,6 +204,26 @@ class GemmaCausalLM(keras.Model):
         from gemma_keras.preprocessor import training_data
 
         return training_data(self.preprocessor, x, y, sample_weight, batch_size)
+
+    def _check_ids(self, x, y):
+        """Token ids and labels held in memory, checked against the vocabulary
+        before Keras compiles its step: inside it, an id outside would give NaN
+        losses (JAX) or an error from deep in the backend. Streams' batches
+        arrive later and are not checked."""
+        vocabulary_size = self.config.vocabulary_size
+        if isinstance(x, dict) and hasattr(x.get("token_ids"), "shape"):
+            check_token_ids(x["token_ids"], vocabulary_size, what="x['token_ids']: token id")
+        if hasattr(y, "shape"):
+            check_token_ids(
+                y,
+                vocabulary_size,
+                what="The labels (y): label",
+                fix="labels are the ids of each position's next token. To leave a position "
+                "out of the loss give it a sample_weight of 0, or compile with "
+                "loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, "
+                "ignore_class=-100) to skip labels of -100.",
+                allowed=getattr(self.loss, "ignore_class", None),
+            )
 
     def _validation_data(self, validation):
         if isinstance(validation, tuple) and len(validation) in (2, 3):

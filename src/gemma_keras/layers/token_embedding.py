@@ -3,6 +3,7 @@
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
 from gemma_keras import backends as backend
@@ -17,23 +18,32 @@ class TokenIdError(ValueError):
     """A token id is outside `[0, vocabulary_size)`."""
 
 
-def check_token_ids(token_ids, vocabulary_size):
-    """Raises `TokenIdError` naming the bad id when values are available now.
+def check_token_ids(
+    token_ids,
+    vocabulary_size,
+    what="token id",
+    fix="check that the tokenizer matches the model.",
+    allowed=None,
+):
+    """Raises `TokenIdError` naming the bad id (a `what`) when values are
+    available now; `allowed` is one more value that may appear (a loss's
+    `ignore_class`).
 
     Inside a traced graph there are no values to check; callers that feed
-    graphs (generate, predict) check their inputs before tracing.
+    graphs (generate, predict, fit) check their inputs before tracing.
     """
-    if not backend.is_concrete(token_ids):
+    if token_ids is None or not backend.is_concrete(token_ids):
         return
-    values = ops.convert_to_numpy(token_ids)
+    values = np.asarray(ops.convert_to_numpy(token_ids))
+    if allowed is not None:
+        values = values[values != allowed]
     if values.size == 0:
         return
     low, high = values.min(), values.max()
     if low < 0 or high >= vocabulary_size:
         bad = low if low < 0 else high
         raise TokenIdError(
-            f"token id {int(bad)} is outside the vocabulary [0, {vocabulary_size}); "
-            "check that the tokenizer matches the model."
+            f"{what} {int(bad)} is outside the vocabulary [0, {vocabulary_size}); {fix}"
         )
 
 
