@@ -1184,11 +1184,12 @@ std::string quantized_shapes_error(Bits bits, const std::string& x, const std::s
                                    const std::string& scale) {
   const std::string expected =
       bits == Bits::kInt8
-          ? "gemma int8_linear takes float32 x [..., n_in], int8 kernels [n_out, n_in] and float32 "
-            "scales [n_out, n_in / group], group a multiple of 16 and one for all kernels"
-          : "gemma int4_linear takes float32 x [..., n_in], uint8 kernels [n_out, n_in / 2] and "
-            "float32 scales and offsets [n_out, n_in / group], group a multiple of 32 and one for "
-            "all kernels";
+          ? "gemma int8_linear takes float32 x [..., n_in] (torch, TensorFlow: or bfloat16), int8 "
+            "kernels [n_out, n_in] and float32 scales [n_out, n_in / group], group a multiple of 16 "
+            "and one for all kernels"
+          : "gemma int4_linear takes float32 x [..., n_in] (torch, TensorFlow: or bfloat16), uint8 "
+            "kernels [n_out, n_in / 2] and float32 scales and offsets [n_out, n_in / group], group "
+            "a multiple of 32 and one for all kernels";
   return expected + "; not x " + x + ", kernel " + kernel + ", scale " + scale;
 }
 
