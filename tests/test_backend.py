@@ -150,6 +150,28 @@ def test_softmax_is_keras_softmax(without_xla, monkeypatch):
     np.testing.assert_allclose(ops.convert_to_numpy(probabilities), expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("without_xla", [False, True])
+def test_swap_halves_is_a_roll_by_half(without_xla, monkeypatch):
+    """RoPE's rotate-half; TensorFlow's step without XLA takes two slices and
+    a concatenation (no `Roll` operation)."""
+    x = np.random.default_rng(4).standard_normal((2, 1, 3, 8)).astype(np.float32)
+    expected = np.concatenate([x[..., 4:], x[..., :4]], axis=-1)
+    if without_xla:
+        if backends.name() != "tensorflow":
+            pytest.skip("TensorFlow's step without XLA")
+        import tensorflow as tf
+
+        monkeypatch.setattr(
+            backends.implementation._tracing_without_xla, "native_products", [], raising=False
+        )
+        swap = tf.function(backends.swap_halves).get_concrete_function(tf.TensorSpec(x.shape))
+        assert "Roll" not in {op.type for op in swap.graph.get_operations()}
+        swapped = swap(x)
+    else:
+        swapped = backends.swap_halves(ops.array(x))
+    np.testing.assert_array_equal(ops.convert_to_numpy(swapped), expected)
+
+
 @pytest.mark.skipif(backends.name() != "jax", reason="the integer rounding is JAX's route")
 def test_round_to_bfloat16_equals_a_conversion():
     rng = np.random.default_rng(3)

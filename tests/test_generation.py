@@ -10,6 +10,7 @@ from conftest import randomize, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer, GenerationError, generation, samplers
 from gemma_keras.backends import dispatch
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
+from gemma_keras.layers.token_embedding import TokenIdError
 from gemma_keras.samplers import ARGMAX, LOGITS, Sampler, SamplerError
 
 PROMPTS = ["The capital of", "def add(a, b):\n    return", "Numbers like 12345 and"]
@@ -203,6 +204,27 @@ def test_bad_chat_requests(tokenizer_proto):
         model.start_chat(max_length=0)
     with pytest.raises(GenerationError, match="with max_new_tokens=4 it exceeds .*max_length=8"):
         model.start_chat(max_length=8).send("Hello there, how are you?", max_new_tokens=4)
+    # Later turns keep to max_length too, though the cache holds more slots.
+    chat = model.start_chat(max_length=40)
+    chat.send("Hi", max_new_tokens=2)
+    with pytest.raises(GenerationError, match=r"not fit the (\d+) free .*max_length=40") as error:
+        chat.send("Hello there, how are you?", max_new_tokens=40 - len(chat.token_ids))
+    assert int(error.value.args[0].split("fit the ")[1].split()[0]) <= 40 - len(chat.token_ids)
+
+
+def test_text_beyond_the_models_vocabulary_is_refused(tokenizer_proto):
+    """A tokenizer with more pieces than the model's vocabulary, given by mistake."""
+    tokenizer = GemmaTokenizer(tokenizer_proto)
+    text = "The quick brown fox jumps over the lazy dog."
+    highest = max(tokenizer.encode(text))
+    config = dataclasses.replace(tiny_config("gemma1_mqa"), vocabulary_size=highest)
+    model = GemmaCausalLM.from_gemma_config(config)
+    model.tokenizer = tokenizer
+    message = rf"token id {highest} is outside the vocabulary \[0, {highest}\)"
+    with pytest.raises(TokenIdError, match=message):
+        model.generate(text, max_new_tokens=2)
+    with pytest.raises(TokenIdError, match=message):
+        model.start_chat().send(text, max_new_tokens=2)
 
 
 def test_beam_search(model):

@@ -1,6 +1,8 @@
 """LoRA: checked against its own definition, saved and loaded by stable layer paths,
 merged exactly, KerasHub adapters merged exactly, and bad requests refused."""
 
+import dataclasses
+
 import h5py
 import keras
 import numpy as np
@@ -222,6 +224,55 @@ def test_bad_requests(tmp_path):
         deeper.backbone.load_lora_weights(tmp_path / "small.lora.h5")
     with pytest.raises(LoraError, match="does not exist"):
         model.backbone.load_lora_weights(tmp_path / "missing.lora.h5")
+
+
+def test_bad_lora_arguments_and_adapter_files(tmp_path):
+    for alpha in ("x", 0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="lora_alpha must be a positive number"):
+            random_model().backbone.enable_lora(2, lora_alpha=alpha)
+    with pytest.raises(LoraError, match="No LoRA targets given"):
+        random_model().backbone.enable_lora(2, [])
+    model = random_model()
+    model.backbone.enable_lora(np.int64(2), lora_alpha=np.float32(4.0))
+    query = model.backbone.lora_layers()["decoder_block_0/attention/query"]
+    assert (query.lora_rank, query.lora_alpha, type(query.lora_rank)) == (2, 4.0, int)
+    model.backbone.save_lora_weights(tmp_path / "two.lora.h5")
+
+    # An adapter of a 2-layer model loads into no other depth, and a failed load
+    # leaves LoRA off.
+    config = tiny_config("gemma1_mqa")
+    for layers, message in (
+        (1, r"decoder_block_1/attention/query', which this model lacks \(it has 1 layers\)"),
+        (3, "saved from a model with num_layers=2; this model has num_layers=3"),
+    ):
+        other = GemmaCausalLM.from_gemma_config(
+            dataclasses.replace(
+                config, num_layers=layers, layer_types=(config.layer_types * 2)[:layers]
+            )
+        )
+        with pytest.raises(LoraError, match=message):
+            other.backbone.load_lora_weights(tmp_path / "two.lora.h5")
+        assert not any(layer.lora_enabled for layer in other.backbone.lora_layers().values())
+
+    # Incomplete files name what is missing.
+    with h5py.File(tmp_path / "two.lora.h5", "r") as source:
+        for name, edit in (
+            ("no_rank", lambda f: f.attrs.__delitem__("rank")),
+            ("no_tensor", lambda f: f.__delitem__("decoder_block_1/attention/value/lora_kernel_b")),
+            ("empty", lambda f: [f.__delitem__(key) for key in list(f)]),
+        ):
+            with h5py.File(tmp_path / f"{name}.lora.h5", "w") as copy:
+                for key in source:
+                    source.copy(key, copy)
+                copy.attrs.update(source.attrs)
+                edit(copy)
+    for name, message in (
+        ("no_rank", "lacks the 'rank' attribute"),
+        ("no_tensor", "lacks decoder_block_1/attention/value/lora_kernel_b"),
+        ("empty", "holds no tensors"),
+    ):
+        with pytest.raises(LoraError, match=message):
+            random_model().backbone.load_lora_weights(tmp_path / f"{name}.lora.h5")
 
 
 @pytest.mark.slow

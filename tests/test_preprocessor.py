@@ -502,8 +502,12 @@ def test_ids_and_labels_outside_the_vocabulary_are_refused_before_training(token
                 method(x, labels, sample_weight=sample_weight, verbose=0)
     ids = dict(x, token_ids=x["token_ids"].copy())
     ids["token_ids"][0, 2] = size + 5
-    with pytest.raises(TokenIdError, match=rf"x\['token_ids'\]: token id {size + 5} is outside"):
-        model.fit(ids, y, sample_weight=sample_weight, verbose=0)
+    for call in (
+        lambda: model.fit(ids, y, sample_weight=sample_weight, verbose=0),
+        lambda: model.predict(ids, verbose=0),
+    ):
+        with pytest.raises(TokenIdError, match=rf"x\['token_ids'\]: token id {size + 5} is out"):
+            call()
 
     # With the loss's ignore_class, its labels are left out of the loss, as Keras does.
     model.compile(
@@ -516,3 +520,32 @@ def test_ids_and_labels_outside_the_vocabulary_are_refused_before_training(token
     labels[0, 0] = size
     with pytest.raises(TokenIdError, match=f"label {size} is outside"):
         model.fit(x, labels, verbose=0)
+
+
+def test_preprocessed_arrays_of_the_wrong_shape_or_kind_are_refused(tokenizer):
+    model = tiny_model(tokenizer)
+    model.preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=16)
+    x, y, sample_weight = model.preprocessor(TEXTS)
+    cases = [
+        ((x, y[:, :5], sample_weight), r"y has shape \(3, 5\) and x\['token_ids'\] \(3, 16\)"),
+        ((x, y, sample_weight[:, :3]), r"sample_weight has shape \(3, 3\)"),
+        ((x, y, sample_weight[:, 0]), r"sample_weight has shape \(3,\)"),
+        ((dict(x, padding_mask=x["padding_mask"][:, :4]), y, None), r"x\['padding_mask'\] has"),
+        ((dict(x, token_ids=x["token_ids"] + 0.5), y, None), "must be integer token ids"),
+        ((x, y.astype("float32"), None), r"labels \(y\) must be integer"),
+        (({k: v[:0] for k, v in x.items()}, y[:0], None), "holds 0 examples"),
+    ]
+    before = [keras.ops.convert_to_numpy(v).copy() for v in model.weights]
+    for (inputs, labels, weights), message in cases:
+        for method in (model.fit, model.evaluate):
+            with pytest.raises(ValueError, match=message):
+                method(inputs, labels, sample_weight=weights, verbose=0)
+    with pytest.raises(PreprocessingError, match="x is empty"):
+        model.fit(np.zeros((0, 8), "int32"), verbose=0)
+    # Nothing was trained or lost (an empty fit used to leave Keras' JAX trainer
+    # without its variables).
+    for weight, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
+    model.preprocessor = None
+    with pytest.raises(PreprocessingError, match="no preprocessor"):
+        model.fit(TEXTS, verbose=0)

@@ -368,6 +368,18 @@ def test_bad_requests():
         model.quantize("int4")
     with pytest.raises(ValueError, match="mode"):
         GemmaCausalLM.from_gemma_config(tiny_config("gemma1_mqa")).quantize(mode=None)
+    fresh = random_model("gemma1_mqa")
+    for filters, message in (
+        ("nomatch", "match no layer; paths look like"),
+        ("[", "is not a regular expression"),
+        (5, "filters must be a regular expression"),
+    ):
+        with pytest.raises(QuantizationError, match=message):
+            fresh.quantize("int8", filters=filters)
+    with pytest.raises(ValueError, match="Weights are written as one of"):
+        fresh.save_to_preset("unused", dtype="int8")
+    with pytest.raises(ValueError, match="Weights are written as one of"):
+        fresh.export_to_huggingface("unused", dtype="int4")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="one backend is enough for a file-format check")

@@ -10,6 +10,7 @@ import pytest
 from conftest import randomize, tiny_config, token_batch
 from gemma_keras import GemmaCausalLM, GemmaTokenizer
 from gemma_keras.checkpoints.weight_mapping import assign_weights, model_shapes
+from gemma_keras.layers.token_embedding import TokenIdError
 from gemma_keras.scoring import ScoringError, score, sequence_log_likelihoods
 
 GENERATIONS = ["gemma1_mqa", "gemma2", "gemma3"]
@@ -136,6 +137,8 @@ def test_layer_intercept_return_values_replace_the_activations(model):
         (dict(scoring_mode="loss"), "needs target_ids"),
         (dict(padding_mask=np.ones((2, 9), "int32")), "padding_mask has shape (2, 9)"),
         (dict(scoring_mode="loss", target_ids=np.ones((1, 10), "int32")), "target_ids has shape"),
+        (dict(target_ids=np.ones((1, 10), "int32")), "target_ids has shape"),
+        (dict(scoring_mode="loss", target_ids=np.full((2, 10), 1.5)), "must be integer token ids"),
     ],
 )
 def test_bad_arguments_raise_one_line_errors(kwargs, message):
@@ -152,6 +155,16 @@ def test_token_ids_must_be_a_batch():
     model = tiny_model("gemma1_mqa")
     with pytest.raises(ScoringError, match=r"token_ids must be \[batch, seq\], got shape \(4,\)"):
         model.score(np.array([2, 5, 6, 7]))
+    with pytest.raises(ScoringError, match="token_ids must be integer token ids; got float64"):
+        model.score(np.array([[2.9, 5.0]]))
+    for bad in (model.config.vocabulary_size, -3):
+        with pytest.raises(TokenIdError, match=f"target_ids: token id {bad} is outside"):
+            model.score(np.full((1, 4), 2), scoring_mode="loss", target_ids=np.full((1, 4), bad))
+    with pytest.raises(ScoringError, match="rectangular"):
+        model.score([[2, 5, 6], [2, 5]])
+    context = model.config.max_sequence_length
+    with pytest.raises(ScoringError, match=f"{context + 1} positions; the model's context holds"):
+        model.score(np.full((1, context + 1), 2))
 
 
 def hand_log_likelihoods(model, sequences):

@@ -202,6 +202,11 @@ class GemmaBackbone(keras.Model):
             quantization.check_mode(mode)
         layers = self.lora_layers()
         chosen = {path: layer for path, layer in layers.items() if _selected(layer, filters)}
+        if not chosen:
+            raise quantization.QuantizationError(
+                f"filters={filters!r} match no layer; paths look like "
+                f"{next(iter(layers.values())).path!r}."
+            )
         done = sorted(path for path, layer in chosen.items() if layer.quantization_mode)
         if done:
             raise quantization.QuantizationError(
@@ -253,5 +258,15 @@ def _selected(layer, filters):
         return True
     if callable(filters):
         return bool(filters(layer))
-    patterns = [filters] if isinstance(filters, str) else list(filters)
-    return any(re.search(pattern, layer.path) for pattern in patterns)
+    patterns = [filters] if isinstance(filters, str) else filters
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise quantization.QuantizationError(
+            f"filters must be a regular expression, a list of them or a callable on "
+            f"layers; got {filters!r}."
+        )
+    try:
+        return any(re.search(pattern, layer.path) for pattern in patterns)
+    except re.error as error:
+        raise quantization.QuantizationError(
+            f"filters={filters!r} is not a regular expression: {error}."
+        ) from None

@@ -81,6 +81,7 @@ class GemmaCausalLM(keras.Model):
         from gemma_keras.checkpoints import keras_hub
         from gemma_keras.checkpoints.weight_mapping import get_weights, quantized_layers
 
+        dtype = _stored_dtype(dtype, self)
         layers = quantized_layers(self)
         quantized = {name: layer.quantized_weight() for name, layer in layers.items()}
         keras_hub.write_preset(
@@ -88,7 +89,7 @@ class GemmaCausalLM(keras.Model):
             self.config,
             get_weights(self, skip=quantized),
             self._tokenizer_proto(),
-            dtype or self.backbone.dtype_policy.variable_dtype,
+            dtype,
             quantized,
         )
 
@@ -98,12 +99,13 @@ class GemmaCausalLM(keras.Model):
         from gemma_keras.checkpoints import huggingface
         from gemma_keras.checkpoints.weight_mapping import get_weights
 
+        dtype = _stored_dtype(dtype, self)
         huggingface.write_checkpoint(
             directory,
             self.config,
             get_weights(self),
             self._tokenizer_proto(),
-            dtype or self.backbone.dtype_policy.variable_dtype,
+            dtype,
         )
 
     def _tokenizer_proto(self):
@@ -184,7 +186,7 @@ class GemmaCausalLM(keras.Model):
         >>> model.fit(["2 + 2 = 4", "3 + 5 = 8"], epochs=1, batch_size=1)  # doctest: +SKIP
         """
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
-        self._check_ids(x, y)
+        self._check_arrays(x, y, sample_weight)
         if not isinstance(x, (dict, list, tuple)) and not hasattr(x, "shape"):
             kwargs.setdefault("shuffle", False)  # a stream: Keras would warn that it cannot
         validation = kwargs.get("validation_data")
@@ -195,35 +197,64 @@ class GemmaCausalLM(keras.Model):
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.evaluate`, taking the same data as `fit`."""
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
-        self._check_ids(x, y)
+        self._check_arrays(x, y, sample_weight)
         return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
+    def predict(self, x, *args, **kwargs):
+        """`keras.Model.predict`: logits [batch, length, vocabulary] of
+        `{"token_ids", "padding_mask"}`."""
+        self._check_arrays(x)
+        return super().predict(x, *args, **kwargs)
+
     def _training_data(self, x, y, sample_weight, batch_size):
-        if self.preprocessor is None:
-            return x, y, sample_weight, batch_size
         from gemma_keras.preprocessor import training_data
 
         return training_data(self.preprocessor, x, y, sample_weight, batch_size)
 
-    def _check_ids(self, x, y):
-        """Token ids and labels held in memory, checked against the vocabulary
-        before Keras compiles its step: inside it, an id outside would give NaN
-        losses (JAX) or an error from deep in the backend. Streams' batches
-        arrive later and are not checked."""
-        vocabulary_size = self.config.vocabulary_size
-        if isinstance(x, dict) and hasattr(x.get("token_ids"), "shape"):
-            check_token_ids(x["token_ids"], vocabulary_size, what="x['token_ids']: token id")
-        if hasattr(y, "shape"):
-            check_token_ids(
-                y,
-                vocabulary_size,
-                what="The labels (y): label",
-                fix="labels are the ids of each position's next token. To leave a position "
-                "out of the loss give it a sample_weight of 0, or compile with "
-                "loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, "
-                "ignore_class=-100) to skip labels of -100.",
-                allowed=getattr(self.loss, "ignore_class", None),
+    def _check_arrays(self, x, y=None, sample_weight=None):
+        """Inputs held in memory, checked before Keras compiles its step, where
+        a bad one gives NaN losses (JAX), a silently wrong result or an error
+        from deep in the backend. A stream's batches arrive later and are not
+        checked."""
+        token_ids = x.get("token_ids") if isinstance(x, dict) else None
+        if not hasattr(token_ids, "shape"):
+            return
+        shape = tuple(token_ids.shape)
+        if len(shape) != 2 or not _is_integer(token_ids):
+            raise ValueError(
+                "x['token_ids'] must be integer token ids [batch, length]; got "
+                f"{keras.backend.standardize_dtype(token_ids.dtype)} of shape {shape}."
             )
+        if shape[0] == 0:
+            raise ValueError("x['token_ids'] holds 0 examples; give at least one.")
+        per_token = {"x['padding_mask']": x.get("padding_mask"), "sample_weight": sample_weight}
+        if hasattr(y, "shape") and len(y.shape) == 2:  # not one-hot labels
+            per_token["y"] = y
+        for name, value in per_token.items():
+            if hasattr(value, "shape") and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)} and x['token_ids'] {shape}: "
+                    "give one value per token."
+                )
+        vocabulary_size = self.config.vocabulary_size
+        check_token_ids(token_ids, vocabulary_size, what="x['token_ids']: token id")
+        if "y" not in per_token:
+            return
+        if not _is_integer(y):
+            raise ValueError(
+                f"The labels (y) must be integer token ids; got "
+                f"{keras.backend.standardize_dtype(y.dtype)}."
+            )
+        check_token_ids(
+            y,
+            vocabulary_size,
+            what="The labels (y): label",
+            fix="labels are the ids of each position's next token. To leave a position "
+            "out of the loss give it a sample_weight of 0, or compile with "
+            "loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, "
+            "ignore_class=-100) to skip labels of -100.",
+            allowed=getattr(self.loss, "ignore_class", None),
+        )
 
     def _validation_data(self, validation):
         if isinstance(validation, tuple) and len(validation) in (2, 3):
@@ -361,6 +392,24 @@ class GemmaCausalLM(keras.Model):
             config["backbone"], custom_objects={"GemmaBackbone": GemmaBackbone}
         )
         return cls(**config)
+
+
+STORED_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _stored_dtype(dtype, model):
+    """The float dtype weights are written in: `dtype`, or the model's variables'."""
+    dtype = dtype or model.backbone.dtype_policy.variable_dtype
+    if dtype not in STORED_DTYPES:
+        raise ValueError(
+            f"Weights are written as one of {STORED_DTYPES}, not {dtype!r}; to store a "
+            "quantized model, call `quantize` first and save it with `save_to_preset`."
+        )
+    return dtype
+
+
+def _is_integer(array):
+    return "int" in keras.backend.standardize_dtype(array.dtype)
 
 
 def token_rows_loss(loss):

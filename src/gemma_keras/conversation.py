@@ -13,6 +13,7 @@ from gemma_keras.generation import (
     random_generator,
     stop_token_ids,
 )
+from gemma_keras.layers.token_embedding import check_token_ids
 from gemma_keras.samplers import BeamSampler, get_sampler
 
 
@@ -74,6 +75,7 @@ class Conversation:
                     f"The first turn is {len(turn)} tokens; with max_new_tokens={max_new_tokens} "
                     f"it exceeds this conversation's max_length={self.max_length}."
                 )
+            check_token_ids(np.asarray(turn), self.model.config.vocabulary_size)
             logits, self._state = prefill(self.model, [turn], budget)
         else:
             turn = tokenizer.encode(
@@ -81,7 +83,8 @@ class Conversation:
                 add_bos=False,
             )
             turn = [tokenizer.end_of_turn_id] + tokenizer.encode("\n", add_bos=False) + turn
-            free = self._state.cache_length - self._state.next_slot
+            # The cache may hold more slots than max_length (its length is bucketed).
+            free = min(self._state.cache_length, self.max_length) - self._state.next_slot
             if len(turn) + max_new_tokens > free:
                 raise GenerationError(
                     f"This turn ({len(turn)} tokens) plus max_new_tokens={max_new_tokens} does "
@@ -89,6 +92,7 @@ class Conversation:
                     f"(max_length={self.max_length}); call reset() or start a chat with a "
                     "larger max_length."
                 )
+            check_token_ids(np.asarray(turn), self.model.config.vocabulary_size)
             logits = extend(self.model, self._state, np.array([turn]))
         self.token_ids += turn
         stops = stop_token_ids(self.model, [turn])

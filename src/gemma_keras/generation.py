@@ -347,7 +347,10 @@ def normalize_inputs(model, inputs):
         for index, text in enumerate(inputs):
             if not text:
                 raise GenerationError(f"Prompt {index} is empty; give at least one character.")
-        return [model.tokenizer.encode(text) for text in inputs], False, True
+        prompts = [model.tokenizer.encode(text) for text in inputs]
+        # A tokenizer with more pieces than the model's vocabulary was given by mistake.
+        check_token_ids(np.concatenate(prompts), model.config.vocabulary_size)
+        return prompts, False, True
     if kinds == {list}:
         for index, prompt in enumerate(inputs):
             if len(prompt) == 0:

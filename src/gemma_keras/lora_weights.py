@@ -25,7 +25,7 @@ import numpy as np
 from keras import ops
 
 from gemma_keras.checkpoints.weight_mapping import TRANSPOSED, heads_first, split_heads
-from gemma_keras.layers.lora import check_lora_rank
+from gemma_keras.layers.lora import check_lora_alpha, check_lora_rank
 
 FILE_FORMAT = "gemma_keras.lora"
 FILE_SUFFIX = ".lora.h5"
@@ -88,6 +88,12 @@ def _target_paths(backbone, target_layer_names):
 def enable_lora(backbone, rank, target_layer_names=None, lora_alpha=None):
     """See `GemmaBackbone.enable_lora`."""
     check_lora_rank(rank)
+    check_lora_alpha(lora_alpha)
+    if target_layer_names is not None and not len(target_layer_names):
+        raise LoraError(
+            "No LoRA targets given; name some of query, key, value, output, gate, up, down "
+            "and token_embedding, or leave target_layer_names None for the defaults."
+        )
     enabled = lora_enabled_layers(backbone)
     if enabled:
         rank_now = next(iter(enabled.values())).lora_rank
@@ -186,6 +192,13 @@ def _load_ours(backbone, file, filepath):
             arrays[name] = item
 
     file.visititems(collect)
+    missing = [key for key in ("rank", "lora_alpha") if key not in file.attrs]
+    if missing or not arrays:
+        raise LoraError(
+            f"{filepath} is an incomplete adapter file: "
+            + (f"it lacks the {missing[0]!r} attribute." if missing else "it holds no tensors.")
+            + " Save it again with `save_lora_weights`."
+        )
     rank, alpha = int(file.attrs["rank"]), float(file.attrs["lora_alpha"])
     layers = backbone.lora_layers()
     saved = sorted({name.rsplit("/", 1)[0] for name in arrays})
@@ -201,15 +214,25 @@ def _load_ours(backbone, file, filepath):
         expected = layer.lora_shapes(rank) if not layer.lora_enabled else None
         expected = expected or tuple(tuple(w.shape) for w in layer.lora_weights)
         for name, shape in zip(layer.lora_weight_names, expected, strict=True):
+            if f"{path}/{name}" not in arrays:
+                raise LoraError(f"{filepath} lacks {path}/{name}; save the adapter again.")
             found = tuple(arrays[f"{path}/{name}"].shape)
             if found != tuple(shape):
                 raise LoraError(
                     f"{filepath}: {path}/{name} has shape {found} but this model needs "
                     f"{tuple(shape)}: the adapter was saved from a model of another size."
                 )
+    saved_model = json.loads(file.attrs.get("model", "{}"))
+    ours = _shape_signature(backbone)
+    for key, value in saved_model.items():
+        if key in ours and ours[key] != value:
+            raise LoraError(
+                f"{filepath} was saved from a model with {key}={value}; this model has "
+                f"{key}={ours[key]}: load it into the model it was trained on."
+            )
     enabled = lora_enabled_layers(backbone)
-    if not enabled:
-        targets = sorted({path.rsplit("/", 1)[-1] for path in saved})
+    targets = sorted({path.rsplit("/", 1)[-1] for path in saved})
+    if not enabled and sorted(_target_paths(backbone, targets)) == saved:
         enable_lora(backbone, rank, targets, lora_alpha=alpha)
         enabled = lora_enabled_layers(backbone)
     if sorted(enabled) != saved or any(
@@ -217,7 +240,12 @@ def _load_ours(backbone, file, filepath):
     ):
         raise LoraError(
             f"{filepath} holds rank {rank} adapters for {len(saved)} layers, but this model has "
-            "LoRA enabled differently; load it into a model without LoRA enabled."
+            + (
+                "LoRA enabled differently; load it into a model without LoRA enabled."
+                if enabled
+                else f"{len(_target_paths(backbone, targets))} layers of those kinds: the "
+                "adapter covers only some of them, which `enable_lora` cannot reproduce."
+            )
         )
     for path in saved:
         layer = layers[path]

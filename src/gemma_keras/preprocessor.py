@@ -107,9 +107,9 @@ class GemmaCausalLMPreprocessor:
         if isinstance(x, dict):
             return self._prompt_response_examples(x)
         if isinstance(x, np.ndarray):
-            if x.dtype.kind in "iu":
+            if x.dtype.kind in "iu" and x.size:
                 return self._token_id_examples(x)
-            if x.dtype.kind not in "USO":
+            if x.dtype.kind not in "iuUSO":
                 raise PreprocessingError(
                     f"x is a NumPy array of {x.dtype}; give strings or integer token ids."
                 )

@@ -13,6 +13,7 @@ padded on the right to a power-of-two length, so that one graph compiles per
 
 import math
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -77,10 +78,18 @@ def score(
             "scoring_mode='loss' needs target_ids [batch, seq]: the token each position "
             "should predict (usually token_ids shifted left by one)."
         )
-    token_ids = ops.convert_to_tensor(token_ids, "int32")
+    token_ids = _token_ids("token_ids", token_ids, model.config.vocabulary_size)
     shape = tuple(ops.shape(token_ids))
     if len(shape) != 2:
         raise ScoringError(f"token_ids must be [batch, seq], got shape {shape}.")
+    if shape[1] > model.config.max_sequence_length:
+        raise ScoringError(
+            f"token_ids hold {shape[1]} positions; the model's context holds "
+            f"{model.config.max_sequence_length}. Shorten or split them."
+        )
+    if target_ids is not None:
+        target_ids = _token_ids("target_ids", target_ids, model.config.vocabulary_size)
+        target_ids = _same_shape("target_ids", target_ids, shape)
     if padding_mask is None:
         padding_mask = ops.ones(shape, "int32")
     padding_mask = _same_shape("padding_mask", padding_mask, shape)
@@ -97,8 +106,25 @@ def score(
         logits = backbone.token_embedding(backbone.final_norm(x), reverse=True)
     if scoring_mode == "logits":
         return logits
-    target_ids = _same_shape("target_ids", target_ids, shape)
     return _cross_entropy(logits, target_ids)
+
+
+def _token_ids(name, ids, vocabulary_size):
+    """`ids` as an int32 tensor, refused unless they are integers inside the vocabulary
+    (a float id would be truncated, a negative one taken from the end)."""
+    if not hasattr(ids, "dtype"):
+        try:
+            ids = np.asarray(ids)
+        except ValueError:
+            raise ScoringError(
+                f"{name} must be a rectangular [batch, seq] array; pad rows of different "
+                "lengths and mark the padding in padding_mask."
+            ) from None
+    dtype = keras.backend.standardize_dtype(ids.dtype)
+    if "int" not in dtype:
+        raise ScoringError(f"{name} must be integer token ids; got {dtype}.")
+    check_token_ids(ids, vocabulary_size, what=f"{name}: token id")
+    return ops.convert_to_tensor(ids, "int32")
 
 
 def _same_shape(name, tensor, shape):

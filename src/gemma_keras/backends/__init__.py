@@ -96,6 +96,13 @@ def softmax(logits):
     return implementation.softmax(logits)
 
 
+def swap_halves(x):
+    """`x` with the two halves of its last axis swapped (RoPE's rotate-half):
+    `keras.ops.roll(x, width // 2, axis=-1)`, in the form each backend's step
+    runs fastest."""
+    return implementation.swap_halves(x)
+
+
 def cross_entropy_rows(labels, logits):
     """The cross-entropy of logits [rows, classes] against integer labels [rows],
     one value per row: `keras.losses.sparse_categorical_crossentropy(labels,

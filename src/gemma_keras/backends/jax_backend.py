@@ -202,6 +202,7 @@ round_to_bfloat16.defjvps(lambda tangent, rounded, x: tangent.astype(jnp.bfloat1
 # The cache's write: Keras' `slice_update` (XLA writes the donated cache in place).
 write_slots = steps.write_slots
 softmax = steps.softmax
+swap_halves = steps.swap_halves
 
 
 def take_rows(table, ids):

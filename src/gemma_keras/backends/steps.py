@@ -63,6 +63,12 @@ def softmax(logits):
     return keras.ops.softmax(logits, axis=-1)
 
 
+def swap_halves(x):
+    """`x` with the halves of its last axis swapped, by a roll (see
+    `backends.swap_halves`)."""
+    return keras.ops.roll(x, x.shape[-1] // 2, axis=-1)
+
+
 def einsum_without_unit_axes(equation, a, b, einsum, matmul):
     """`einsum(equation, a, b)` with the axes of size 1 left out of the
     equation (decoding: one token, often one key-value head), and as one

@@ -191,6 +191,7 @@ def write_slots(cache, first_slot, new):
 
 
 softmax = steps.softmax
+swap_halves = steps.swap_halves
 
 
 def take_rows(table, ids):

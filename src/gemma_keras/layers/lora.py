@@ -1,6 +1,9 @@
 """LoRA and weight quantization as Keras' own layers do them, for layers that
 own one large `[rows, columns]` weight (projections and the embedding)."""
 
+import math
+import numbers
+
 import keras
 import numpy as np
 from keras import ops
@@ -11,9 +14,25 @@ from gemma_keras.quantization import QuantizationError
 
 def check_lora_rank(rank):
     """Raises a one-line error unless `rank` is a positive integer."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank <= 0:
         raise ValueError(
             f"LoRA rank must be a positive integer, got {rank!r}; pass e.g. `enable_lora(4)`."
+        )
+
+
+def check_lora_alpha(lora_alpha):
+    """Raises a one-line error unless `lora_alpha` is None or a positive finite number."""
+    if lora_alpha is None:
+        return
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, numbers.Real)
+        or not math.isfinite(lora_alpha)
+        or lora_alpha <= 0
+    ):
+        raise ValueError(
+            f"lora_alpha must be a positive number (the update is scaled by lora_alpha / rank), "
+            f"got {lora_alpha!r}; leave it None for lora_alpha = rank."
         )
 
 
@@ -83,6 +102,9 @@ class LoraLayer(keras.layers.Layer):
 
     def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
         check_lora_rank(rank)
+        check_lora_alpha(lora_alpha)
+        rank = int(rank)
+        lora_alpha = rank if lora_alpha is None else float(lora_alpha)
         if not self.built:
             raise ValueError(f"Build the layer {self.name!r} before enabling LoRA on it.")
         if self.lora_enabled:
@@ -109,7 +131,7 @@ class LoraLayer(keras.layers.Layer):
         self.base_weight.trainable = False
         self.lora_enabled = True
         self.lora_rank = rank
-        self.lora_alpha = lora_alpha if lora_alpha is not None else rank
+        self.lora_alpha = lora_alpha
 
     @property
     def lora_scale(self):

@@ -2,6 +2,8 @@
 
 from keras import ops
 
+from gemma_keras import backends
+
 
 def rotary_tables(positions, head_dim, wavelength=10_000.0, scaling_factor=1.0):
     """The `(cos, sin)` tables [batch, seq, 1, head_dim] that rotate by `positions` [batch, seq].
@@ -30,11 +32,11 @@ def apply_rotary_embedding(x, tables):
     the second half (rotate-half, as Gemma was trained), not interleaved pairs:
     `[first * cos - second * sin, second * cos + first * sin]`, written as
     `x * cos + [second, first] * [-sin, sin]` (the same float32 operations).
-    The halves swap by a roll, whose gradient is a roll: TensorFlow's gradient
-    of two slices and a concatenation was 2.5 ms against 1.1 for 256 tokens
-    of the 270M's queries (docs/performance.md).
+    The halves swap by `backends.swap_halves`: a roll, whose gradient is a
+    roll (TensorFlow's gradient of two slices and a concatenation was 2.5 ms
+    against 1.1 for 256 tokens of the 270M's queries, docs/performance.md).
     """
     cos, sin = tables
     x_float = ops.cast(x, "float32")
-    swapped = ops.roll(x_float, x.shape[-1] // 2, axis=-1)
+    swapped = backends.swap_halves(x_float)
     return ops.cast(x_float * cos + swapped * sin, x.dtype)
