@@ -111,6 +111,27 @@ def test_not_a_gemma_keras_hub_preset(keras_hub_preset):
         GemmaCausalLM.from_preset(str(keras_hub_preset))
 
 
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda saved: saved["config"].pop("hidden_dim"), r"config has no 'hidden_dim'"),
+        (lambda saved: saved.update(config=None), r"'config' must be the backbone's settings"),
+        (
+            lambda saved: saved["config"].update(num_layers="two"),
+            "config is not a valid Gemma backbone",
+        ),
+    ],
+)
+def test_incomplete_keras_hub_config(keras_hub_preset, edit, message):
+    config_path = keras_hub_preset / "config.json"
+    saved = json.loads(config_path.read_text())
+    edit(saved)
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=message) as error:
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+    assert "config.json" in str(error.value)
+
+
 def test_model_is_usable_after_a_failed_load(keras_hub_preset):
     truncate(keras_hub_preset / "model.weights.h5")
     with pytest.raises(WeightsError):

@@ -237,6 +237,10 @@ def test_bad_lora_arguments_and_adapter_files(tmp_path):
     query = model.backbone.lora_layers()["decoder_block_0/attention/query"]
     assert (query.lora_rank, query.lora_alpha, type(query.lora_rank)) == (2, 4.0, int)
     model.backbone.save_lora_weights(tmp_path / "two.lora.h5")
+    with pytest.raises(LoraError, match="the folder .*missing does not exist"):
+        model.backbone.save_lora_weights(tmp_path / "missing" / "two.lora.h5")
+    with pytest.raises(LoraError, match="is a folder, not a file"):
+        model.backbone.load_lora_weights(tmp_path)
 
     # An adapter of a 2-layer model loads into no other depth, and a failed load
     # leaves LoRA off.

@@ -147,6 +147,8 @@ def save_lora_weights(backbone, filepath):
         raise LoraError(f"The adapter file name must end in {FILE_SUFFIX!r}, got {filepath!r}.")
     first = next(iter(enabled.values()))
     directory = os.path.dirname(os.path.abspath(filepath))
+    if not os.path.isdir(directory):
+        raise LoraError(f"Cannot save {filepath}: the folder {directory} does not exist.")
     handle, partial = tempfile.mkstemp(suffix=".partial", dir=directory)
     os.close(handle)
     try:
@@ -168,7 +170,8 @@ def load_lora_weights(backbone, filepath):
     """See `GemmaBackbone.load_lora_weights`."""
     filepath = os.fspath(filepath)
     if not os.path.isfile(filepath):
-        raise LoraError(f"Adapter file {filepath} does not exist.")
+        what = "is a folder, not a file" if os.path.isdir(filepath) else "does not exist"
+        raise LoraError(f"Adapter file {filepath} {what}.")
     try:
         file = h5py.File(filepath, "r")
     except OSError as error:

@@ -296,9 +296,21 @@ def read_preset(directory):
             f"{config_path}: registered_name is {registered_name!r}; gemma_keras reads "
             f"{GEMMA_CLASS} and {GEMMA3_CLASS} presets."
         )
-    if saved["config"].get("vision_encoder"):
+    backbone_config = saved.get("config")
+    if not isinstance(backbone_config, dict):
+        raise WeightsError(f"{config_path}: 'config' must be the backbone's settings (an object).")
+    if backbone_config.get("vision_encoder"):
         raise WeightsError(f"{config_path}: Gemma 3 vision presets are not supported (text only).")
-    config = config_from_keras_hub(saved["config"], registered_name)
+    try:
+        config = config_from_keras_hub(backbone_config, registered_name)
+    except KeyError as missing:
+        raise WeightsError(
+            f"{config_path}: config has no {missing}; the preset is incomplete (save it again)."
+        ) from None
+    except (TypeError, ValueError) as error:
+        raise WeightsError(
+            f"{config_path}: config is not a valid Gemma backbone ({error})."
+        ) from None
     vocabulary = os.path.join(directory, VOCABULARY_FILE)
     if not os.path.isfile(vocabulary):
         raise WeightsError(
