@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import safetensors.numpy
 
 from conftest import randomize, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer
@@ -130,6 +131,25 @@ def test_incomplete_keras_hub_config(keras_hub_preset, edit, message):
     with pytest.raises(WeightsError, match=message) as error:
         GemmaCausalLM.from_preset(str(keras_hub_preset))
     assert "config.json" in str(error.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_damaged_weights_are_refused(model, tmp_path, bad, dtype):
+    """Bytes damaged inside a weights file read as NaN or infinity; the load says so."""
+    model.export_to_huggingface(str(tmp_path / "hf"), dtype=dtype)
+    path = tmp_path / "hf" / "model.safetensors"
+    tensors = safetensors.numpy.load_file(str(path))
+    name = next(name for name in sorted(tensors) if "up_proj" in name)
+    damaged = tensors[name].astype("float32")
+    damaged[1, 2] = bad
+    tensors[name] = damaged.astype(tensors[name].dtype)
+    safetensors.numpy.save_file(tensors, str(path), metadata={"format": "pt"})
+    for quantize in (None, "int8"):
+        with pytest.raises(
+            WeightsError, match=r"holds NaN or infinite values; the file is damaged"
+        ):
+            GemmaCausalLM.from_preset(str(tmp_path / "hf"), quantize=quantize)
 
 
 def test_model_is_usable_after_a_failed_load(keras_hub_preset):
