@@ -211,6 +211,15 @@ def test_perplexity_is_exp_of_the_mean_token_nll(text_model):
 def test_perplexity_of_bad_input(text_model, monkeypatch):
     with pytest.raises(ScoringError, match="at least one text"):
         text_model.perplexity([])
+    with pytest.raises(ScoringError, match="a text or a list of texts, not NoneType"):
+        text_model.perplexity(None)
+    for batch_size, message in (
+        ("2", "must be an integer"),
+        (2.5, "must be an integer"),
+        (0, "must be at least 1"),
+    ):
+        with pytest.raises(ScoringError, match=f"batch_size {message}"):
+            text_model.perplexity(["Paris."], batch_size=batch_size)
     with pytest.raises(ScoringError, match="text 1 is empty"):
         text_model.perplexity(["Paris.", ""])
     with pytest.raises(ScoringError, match="text 0 is a int"):

@@ -1,5 +1,6 @@
 """GemmaTokenizer on real SentencePiece models trained with Gemma's settings."""
 
+import numpy as np
 import pytest
 
 from conftest import CORPUS
@@ -60,3 +61,15 @@ def test_bad_files(tmp_path):
 def test_out_of_range_ids(tokenizer):
     with pytest.raises(IndexError, match="outside"):
         tokenizer.decode([5, tokenizer.vocabulary_size])
+
+
+def test_bad_arguments(tokenizer):
+    with pytest.raises(TokenizerError, match="path or its bytes, not a NoneType"):
+        GemmaTokenizer(None)
+    with pytest.raises(TypeError, match="integer token ids, got 2.7"):
+        tokenizer.decode([2.7])
+    assert tokenizer.decode(np.array([[5, 6]])) == tokenizer.decode([5, 6])
+    with pytest.raises(TypeError, match="a piece"):
+        tokenizer.token_to_id(5)
+    with pytest.raises(TokenizerError, match="lone surrogate"):
+        tokenizer.encode("a\ud800b")

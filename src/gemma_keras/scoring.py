@@ -12,6 +12,7 @@ padded on the right to a power-of-two length, so that one graph compiles per
 """
 
 import math
+import numbers
 
 import keras
 import numpy as np
@@ -157,8 +158,7 @@ def sequence_log_likelihoods(model, sequences, batch_size=8, progress=None):
     number of rows. `progress(done)` is called with the number of sequences
     scored so far after each batch.
     """
-    if batch_size < 1:
-        raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
+    _check_batch_size(batch_size)
     context = model.config.max_sequence_length
     for index, sequence in enumerate(sequences):
         if len(sequence) == 0:
@@ -190,6 +190,13 @@ def sequence_log_likelihoods(model, sequences, batch_size=8, progress=None):
         if progress is not None:
             progress(min(start + batch_size, len(order)))
     return results
+
+
+def _check_batch_size(batch_size):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise ScoringError(f"batch_size must be an integer, got {batch_size!r}.")
+    if batch_size < 1:
+        raise ScoringError(f"batch_size must be at least 1, got {batch_size}.")
 
 
 def _power_of_two(n, minimum):
@@ -248,6 +255,11 @@ def perplexity(model, texts, batch_size=8):
 
     >>> model.perplexity(["The capital of France is Paris."])  # doctest: +SKIP
     """
+    _check_batch_size(batch_size)
+    if not hasattr(texts, "__iter__"):
+        raise ScoringError(
+            f"perplexity takes a text or a list of texts, not {type(texts).__name__}."
+        )
     if isinstance(texts, str):
         texts = [texts]
     texts = list(texts)

@@ -1,8 +1,10 @@
 """GemmaTokenizer: Gemma's SentencePiece vocabulary, no TensorFlow required."""
 
+import numbers
 import os
 import re
 
+import numpy as np
 import sentencepiece
 
 # Control pieces that may appear as text (e.g. "<bos>" at the start of a chat
@@ -41,6 +43,11 @@ class GemmaTokenizer:
                 raise TokenizerError(f"Tokenizer file {source} does not exist.")
             with open(source, "rb") as file:
                 proto = file.read()
+        if not isinstance(proto, (bytes, bytearray, memoryview)):
+            raise TokenizerError(
+                "GemmaTokenizer takes a SentencePiece model file's path or its bytes, "
+                f"not a {type(proto).__name__}."
+            )
         self.proto = bytes(proto)
         self._model = sentencepiece.SentencePieceProcessor()
         try:
@@ -67,6 +74,8 @@ class GemmaTokenizer:
 
     def token_to_id(self, piece):
         """The id of `piece`, or None when the vocabulary lacks it."""
+        if not isinstance(piece, str):
+            raise TypeError(f"token_to_id expects a piece (a string), got {piece!r}.")
         index = self._model.PieceToId(piece)
         if index == self._model.unk_id() and piece != self._model.IdToPiece(index):
             return None
@@ -81,6 +90,13 @@ class GemmaTokenizer:
         """`text` -> list of ids; control pieces written in the text become their ids."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a string, got {type(text).__name__}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise TokenizerError(
+                f"encode takes valid Unicode text; {text[error.start : error.end]!r} at "
+                f"position {error.start} is a lone surrogate ({error.reason})."
+            ) from None
         ids = []
         for part in self._control_pattern.split(text):
             if not part:
@@ -98,6 +114,10 @@ class GemmaTokenizer:
 
     def decode(self, ids):
         """Ids -> text. Control tokens (`<bos>`, `<eos>`, `<pad>`) are dropped."""
+        ids = list(np.asarray(ids).reshape(-1)) if hasattr(ids, "shape") else list(ids)
+        for index in ids:
+            if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+                raise TypeError(f"decode takes integer token ids, got {index!r}.")
         ids = [int(i) for i in ids]
         for index in ids:
             if not 0 <= index < self.vocabulary_size:
