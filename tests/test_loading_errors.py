@@ -152,6 +152,15 @@ def test_damaged_weights_are_refused(model, tmp_path, bad, dtype):
             GemmaCausalLM.from_preset(str(tmp_path / "hf"), quantize=quantize)
 
 
+def test_writing_into_a_file_is_refused(model, tmp_path):
+    path = tmp_path / "model.txt"
+    path.write_text("keep me")
+    for write in (model.save_to_preset, model.export_to_huggingface):
+        with pytest.raises(ValueError, match="model.txt is a file; give a folder"):
+            write(str(path))
+    assert path.read_text() == "keep me"
+
+
 def test_model_is_usable_after_a_failed_load(keras_hub_preset):
     truncate(keras_hub_preset / "model.weights.h5")
     with pytest.raises(WeightsError):

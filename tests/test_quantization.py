@@ -380,6 +380,8 @@ def test_bad_requests():
         fresh.save_to_preset("unused", dtype="int8")
     with pytest.raises(ValueError, match="Weights are written as one of"):
         fresh.export_to_huggingface("unused", dtype="int4")
+    with pytest.raises(ValueError, match="Weights are written as one of"):
+        fresh.export_to_huggingface("unused", dtype="float16")
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="one backend is enough for a file-format check")

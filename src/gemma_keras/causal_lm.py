@@ -1,5 +1,7 @@
 """GemmaCausalLM: the backbone plus the tied output projection to vocabulary logits."""
 
+import os
+
 import keras
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
@@ -82,6 +84,7 @@ class GemmaCausalLM(keras.Model):
         from gemma_keras.checkpoints.weight_mapping import get_weights, quantized_layers
 
         dtype = _stored_dtype(dtype, self)
+        _check_folder(directory)
         layers = quantized_layers(self)
         quantized = {name: layer.quantized_weight() for name, layer in layers.items()}
         keras_hub.write_preset(
@@ -100,6 +103,7 @@ class GemmaCausalLM(keras.Model):
         from gemma_keras.checkpoints.weight_mapping import get_weights
 
         dtype = _stored_dtype(dtype, self)
+        _check_folder(directory)
         huggingface.write_checkpoint(
             directory,
             self.config,
@@ -394,18 +398,26 @@ class GemmaCausalLM(keras.Model):
         return cls(**config)
 
 
-STORED_DTYPES = ("float32", "bfloat16", "float16")
+STORED_DTYPES = ("float32", "bfloat16")
 
 
 def _stored_dtype(dtype, model):
-    """The float dtype weights are written in: `dtype`, or the model's variables'."""
-    dtype = dtype or model.backbone.dtype_policy.variable_dtype
+    """The float dtype weights are written in: `dtype`, or the model's variables'
+    (float32 for a float16 model)."""
+    if dtype is None:
+        dtype = model.backbone.dtype_policy.variable_dtype
+        dtype = dtype if dtype in STORED_DTYPES else "float32"
     if dtype not in STORED_DTYPES:
         raise ValueError(
             f"Weights are written as one of {STORED_DTYPES}, not {dtype!r}; to store a "
             "quantized model, call `quantize` first and save it with `save_to_preset`."
         )
     return dtype
+
+
+def _check_folder(directory):
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"{directory} is a file; give a folder to write the model into.")
 
 
 def _is_integer(array):
