@@ -376,6 +376,8 @@ def test_bad_requests():
     ):
         with pytest.raises(QuantizationError, match=message):
             fresh.quantize("int8", filters=filters)
+    with pytest.raises(QuantizationError, match="Unknown quantization mode 'int3'"):
+        GemmaCausalLM.from_preset("no_such_preset_is_looked_up", quantize="int3")
     with pytest.raises(ValueError, match="Weights are written as one of"):
         fresh.save_to_preset("unused", dtype="int8")
     with pytest.raises(ValueError, match="Weights are written as one of"):

@@ -198,6 +198,8 @@ def load_model(path, dtype=None, load_weights=True, quantize=None):
 
 def from_preset(preset, dtype=None, load_weights=True, quantize=None):
     """See `GemmaCausalLM.from_preset`: resolve (offline first), read, build."""
+    if quantize is not None:
+        quantization.check_mode(quantize)  # before any download
     entry = _registry_entry(preset)
     path = resolve_preset(preset)
     if entry is not None and str(path).endswith(".gguf") and quantize is None:
