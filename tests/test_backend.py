@@ -102,6 +102,21 @@ def test_einsum_without_unit_axes(equation, a_shape, b_shape):
         assert matrix_product
 
 
+def traced_without_xla(function, shapes, monkeypatch):
+    """`function` of float32 tensors of `shapes`, traced as TensorFlow traces a
+    step without XLA: (the types of its operations, the concrete function)."""
+    if backends.name() != "tensorflow":
+        pytest.skip("TensorFlow's step without XLA")
+    import tensorflow as tf
+
+    monkeypatch.setattr(
+        backends.implementation._tracing_without_xla, "native_products", [], raising=False
+    )
+    specs = [tf.TensorSpec(shape) for shape in shapes]
+    concrete = tf.function(function).get_concrete_function(*specs)
+    return {operation.type for operation in concrete.graph.get_operations()}, concrete
+
+
 @pytest.mark.parametrize("without_xla", [False, True])
 def test_write_slots_is_a_slice_update(without_xla, monkeypatch):
     """The cache's write; TensorFlow's step without XLA takes a scatter."""
@@ -110,16 +125,12 @@ def test_write_slots_is_a_slice_update(without_xla, monkeypatch):
     expected = cache.copy()
     expected[:, 3:5] = new
     if without_xla:
-        if backends.name() != "tensorflow":
-            pytest.skip("TensorFlow's step without XLA")
-        import tensorflow as tf
-
-        monkeypatch.setattr(
-            backends.implementation._tracing_without_xla, "native_products", [], raising=False
+        operations, write = traced_without_xla(
+            lambda cache, new: backends.write_slots(cache, 3, new),
+            [cache.shape, new.shape],
+            monkeypatch,
         )
-        write = tf.function(lambda cache, new: backends.write_slots(cache, 3, new))
-        write = write.get_concrete_function(tf.TensorSpec(cache.shape), tf.TensorSpec(new.shape))
-        assert "TensorScatterUpdate" in {node.type for node in write.graph.get_operations()}
+        assert "TensorScatterUpdate" in operations
         written = write(cache, new)
     else:
         written = backends.write_slots(ops.array(cache), 3, ops.array(new))
@@ -135,15 +146,8 @@ def test_softmax_is_keras_softmax(without_xla, monkeypatch):
     logits[..., :4] = -3.4e38  # attention's masked logit
     expected = ops.convert_to_numpy(ops.softmax(ops.array(logits), axis=-1))
     if without_xla:
-        if backends.name() != "tensorflow":
-            pytest.skip("TensorFlow's step without XLA")
-        import tensorflow as tf
-
-        monkeypatch.setattr(
-            backends.implementation._tracing_without_xla, "native_products", [], raising=False
-        )
-        softmax = tf.function(backends.softmax).get_concrete_function(tf.TensorSpec(logits.shape))
-        assert not {"Softmax", "_MklSoftmax"} & {op.type for op in softmax.graph.get_operations()}
+        operations, softmax = traced_without_xla(backends.softmax, [logits.shape], monkeypatch)
+        assert not {"Softmax", "_MklSoftmax"} & operations
         probabilities = softmax(logits)
     else:
         probabilities = backends.softmax(ops.array(logits))
@@ -157,15 +161,8 @@ def test_swap_halves_is_a_roll_by_half(without_xla, monkeypatch):
     x = np.random.default_rng(4).standard_normal((2, 1, 3, 8)).astype(np.float32)
     expected = np.concatenate([x[..., 4:], x[..., :4]], axis=-1)
     if without_xla:
-        if backends.name() != "tensorflow":
-            pytest.skip("TensorFlow's step without XLA")
-        import tensorflow as tf
-
-        monkeypatch.setattr(
-            backends.implementation._tracing_without_xla, "native_products", [], raising=False
-        )
-        swap = tf.function(backends.swap_halves).get_concrete_function(tf.TensorSpec(x.shape))
-        assert "Roll" not in {op.type for op in swap.graph.get_operations()}
+        operations, swap = traced_without_xla(backends.swap_halves, [x.shape], monkeypatch)
+        assert "Roll" not in operations
         swapped = swap(x)
     else:
         swapped = backends.swap_halves(ops.array(x))
