@@ -265,6 +265,7 @@ def test_beam_search(model):
         (dict(inputs="ok", stop=["a", ""]), GenerationError, "non-empty strings"),
         (dict(inputs="ok", sampler="top_k", seed="x"), GenerationError, "seed must be"),
         (dict(inputs="ok", sampler="top_k", seed=-1), GenerationError, "seed must be"),
+        (dict(inputs="ok", sampler="beam", seed="x"), GenerationError, "seed must be"),
         (dict(inputs="ok", max_new_tokens=10**9), GenerationError, "Ask for at most 81[0-9]{2} "),
         (dict(inputs="ok", max_length=5.0), GenerationError, "max_length must be an integer"),
     ],

@@ -588,6 +588,7 @@ def generate(
     if isinstance(sampler, BeamSampler):
         if stop_strings.strings:
             raise GenerationError("Stop strings are not supported with beam search.")
+        random_generator(seed)  # checks `seed`, which beam search (deterministic) leaves unused
         generated = beam_search(model, prompts, budgets, sampler, stops)
     else:
         for step in sample_loop(model, prompts, budgets, sampler, stops, stop_strings, seed):
