@@ -30,6 +30,7 @@ def test_multi_turn_with_system_folded_into_first_user_turn():
         ([{"role": "model", "content": "x"}], r"messages\[0\].*expected 'user'"),
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
         ([{"role": "robot", "content": "a"}], "role 'robot'"),
+        ([{"role": ["user"], "content": "a"}], r"role \['user'\]; use 'user' or 'model'"),
         ([{"role": "system", "content": "a"}], "followed by a user"),
         ([{"role": "user"}], "'role' and 'content'"),
         ([{"role": "user", "content": 3}], "must be a string"),

@@ -42,7 +42,7 @@ def apply_chat_template(messages, add_generation_prompt=True):
             raise ChatTemplateError("A system message must be followed by a user message.")
     text = "<bos>"
     for index, message in enumerate(messages):
-        role = _ROLES.get(message["role"])
+        role = _ROLES.get(message["role"]) if isinstance(message["role"], str) else None
         if role is None:
             raise ChatTemplateError(
                 f"messages[{index}] has role {message['role']!r}; use 'user' or 'model' "
