@@ -546,6 +546,10 @@ def test_preprocessed_arrays_of_the_wrong_shape_or_kind_are_refused(tokenizer):
     # without its variables).
     for weight, value in zip(model.weights, before, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
+    with pytest.raises(PreprocessingError, match="validation_data: x is a int"):
+        model.fit(TEXTS, validation_data=5, verbose=0)
+    with pytest.raises(ValueError, match=r"y has shape \(3, 5\)"):
+        model.fit(TEXTS, validation_data=(x, y[:, :5], sample_weight), verbose=0)
     model.preprocessor = None
     with pytest.raises(PreprocessingError, match="no preprocessor"):
         model.fit(TEXTS, verbose=0)

@@ -265,7 +265,13 @@ class GemmaCausalLM(keras.Model):
             x, y, sample_weight = (*validation, None)[:3]
         else:
             x, y, sample_weight = validation, None, None
-        x, y, sample_weight, _ = self._training_data(x, y, sample_weight, None)
+        from gemma_keras.preprocessor import PreprocessingError
+
+        try:
+            x, y, sample_weight, _ = self._training_data(x, y, sample_weight, None)
+        except PreprocessingError as error:
+            raise PreprocessingError(f"validation_data: {error}") from None
+        self._check_arrays(x, y, sample_weight)
         return x if y is None else (x, y, sample_weight)
 
     def generate(
