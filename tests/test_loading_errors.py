@@ -2,9 +2,11 @@
 
 import json
 import os
+import struct
 
+import ml_dtypes
+import numpy as np
 import pytest
-import safetensors.numpy
 
 from conftest import randomize, tiny_config
 from gemma_keras import GemmaCausalLM, GemmaTokenizer
@@ -139,12 +141,17 @@ def test_damaged_weights_are_refused(model, tmp_path, bad, dtype):
     """Bytes damaged inside a weights file read as NaN or infinity; the load says so."""
     model.export_to_huggingface(str(tmp_path / "hf"), dtype=dtype)
     path = tmp_path / "hf" / "model.safetensors"
-    tensors = safetensors.numpy.load_file(str(path))
-    name = next(name for name in sorted(tensors) if "up_proj" in name)
-    damaged = tensors[name].astype("float32")
-    damaged[1, 2] = bad
-    tensors[name] = damaged.astype(tensors[name].dtype)
-    safetensors.numpy.save_file(tensors, str(path), metadata={"format": "pt"})
+    # Overwrite one value's bytes in place, as damage on disk would.
+    with open(path, "r+b") as file:
+        (header_length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(header_length))
+        name = next(name for name in sorted(header) if "up_proj" in name)
+        entry = header[name]
+        assert entry["dtype"] == {"float32": "F32", "bfloat16": "BF16"}[dtype]
+        item = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
+        index = 1 * entry["shape"][1] + 2  # element [1, 2]
+        file.seek(8 + header_length + entry["data_offsets"][0] + index * item.itemsize)
+        file.write(np.array([bad], dtype=item).tobytes())
     for quantize in (None, "int8"):
         with pytest.raises(
             WeightsError, match=r"holds NaN or infinite values; the file is damaged"
