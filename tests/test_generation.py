@@ -127,6 +127,10 @@ def test_compile_sets_the_default_sampler(tokenizer_proto):
     model.compile(sampler="top_p")
     sampled = model.generate(PROMPTS[0], max_new_tokens=6, seed=1)
     assert sampled == model.generate(PROMPTS[0], max_new_tokens=6, seed=1, sampler="top_p")
+    # A compile that Keras refuses changes nothing.
+    with pytest.raises(TypeError, match="'k'"):
+        model.compile(sampler="top_k", k=3)
+    assert model.sampler.top_p is not None and model.sampler.top_k is None
 
 
 def test_stream_concatenates_to_generate(model):

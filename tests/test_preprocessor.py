@@ -534,6 +534,11 @@ def test_preprocessed_arrays_of_the_wrong_shape_or_kind_are_refused(tokenizer):
         ((dict(x, token_ids=x["token_ids"] + 0.5), y, None), "must be integer token ids"),
         ((x, y.astype("float32"), None), r"labels \(y\) must be integer"),
         (({k: v[:0] for k, v in x.items()}, y[:0], None), "holds 0 examples"),
+        (({"token_ids": x["token_ids"]}, y, None), r"missing \['padding_mask'\]"),
+        ((dict(x, labels=y), y, None), r"unknown keys \['labels'\]"),
+        ((dict(x, padding_mask=x["padding_mask"] * 0.5), y, None), "integers or booleans"),
+        ((dict(x, padding_mask=x["padding_mask"] * 2), y, None), "holds 2; give 1 for"),
+        ((dict(x, padding_mask=x["padding_mask"] * 0), y, None), "row 0 is all padding"),
     ]
     before = [keras.ops.convert_to_numpy(v).copy() for v in model.weights]
     for (inputs, labels, weights), message in cases:
@@ -546,6 +551,17 @@ def test_preprocessed_arrays_of_the_wrong_shape_or_kind_are_refused(tokenizer):
     # without its variables).
     for weight, value in zip(model.weights, before, strict=True):
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
+    # A step that fails inside Keras leaves the weights in place (Keras' JAX
+    # trainer takes them out of the variables for the call).
+    one_hot = np.eye(model.config.vocabulary_size, dtype="float32")[y]
+    with pytest.raises(ValueError, match=r"y has shape \(3, 16, 400\), but the loss takes"):
+        model.fit(x, one_hot, verbose=0)
+    model.compile(loss="mse")  # fails inside the step: logits and labels differ in shape
+    with pytest.raises(Exception):  # noqa: B017 (each backend words its own)
+        model.fit(x, y, verbose=0)
+    for weight, value in zip(model.weights, before, strict=True):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(weight), value)
+    assert model.predict(x, verbose=0).shape[:2] == x["token_ids"].shape
     with pytest.raises(PreprocessingError, match="validation_data: x is a int"):
         model.fit(TEXTS, validation_data=5, verbose=0)
     with pytest.raises(ValueError, match=r"y has shape \(3, 5\)"):

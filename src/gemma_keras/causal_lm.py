@@ -3,6 +3,7 @@
 import os
 
 import keras
+import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from gemma_keras import backends
@@ -158,8 +159,9 @@ class GemmaCausalLM(keras.Model):
         loss = token_rows_loss(loss)
         if weighted_metrics == "auto":
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
-        self.sampler = get_sampler(sampler)
+        sampler = get_sampler(sampler)
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
+        self.sampler = sampler  # only once Keras took the rest
 
     def quantize(self, mode=None, config=None, filters=None, **kwargs):
         """Quantizes the weights, "int8" or "int4", or "gptq" with a
@@ -196,19 +198,24 @@ class GemmaCausalLM(keras.Model):
         validation = kwargs.get("validation_data")
         if validation is not None and self.preprocessor is not None:
             kwargs["validation_data"] = self._validation_data(validation)
-        return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+        with backends.keeping_variables(self):
+            return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.evaluate`, taking the same data as `fit`."""
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
         self._check_arrays(x, y, sample_weight)
-        return super().evaluate(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
+        with backends.keeping_variables(self):
+            return super().evaluate(
+                x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+            )
 
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict`: logits [batch, length, vocabulary] of
         `{"token_ids", "padding_mask"}`."""
         self._check_arrays(x)
-        return super().predict(x, *args, **kwargs)
+        with backends.keeping_variables(self):
+            return super().predict(x, *args, **kwargs)
 
     def _training_data(self, x, y, sample_weight, batch_size):
         from gemma_keras.preprocessor import training_data
@@ -220,7 +227,18 @@ class GemmaCausalLM(keras.Model):
         a bad one gives NaN losses (JAX), a silently wrong result or an error
         from deep in the backend. A stream's batches arrive later and are not
         checked."""
-        token_ids = x.get("token_ids") if isinstance(x, dict) else None
+        if not isinstance(x, dict) or not any(hasattr(v, "shape") for v in x.values()):
+            return
+        keys = {"token_ids", "padding_mask"}
+        if set(x) != keys:
+            missing, unknown = sorted(keys - set(x)), sorted(set(x) - keys)
+            raise ValueError(
+                "x must hold exactly 'token_ids' and 'padding_mask' (1 for tokens, 0 for "
+                "padding); "
+                + (f"missing {missing}" if missing else f"unknown keys {unknown}")
+                + ". Text goes through the preprocessor: pass strings instead."
+            )
+        token_ids = x["token_ids"]
         if not hasattr(token_ids, "shape"):
             return
         shape = tuple(token_ids.shape)
@@ -234,12 +252,21 @@ class GemmaCausalLM(keras.Model):
         per_token = {"x['padding_mask']": x.get("padding_mask"), "sample_weight": sample_weight}
         if hasattr(y, "shape") and len(y.shape) == 2:  # not one-hot labels
             per_token["y"] = y
+        elif hasattr(y, "shape") and isinstance(
+            self.loss, keras.losses.SparseCategoricalCrossentropy
+        ):
+            raise ValueError(
+                f"y has shape {tuple(y.shape)}, but the loss takes token ids: give y as "
+                f"ids {shape}, or compile with loss=keras.losses.CategoricalCrossentropy("
+                "from_logits=True) for one-hot labels."
+            )
         for name, value in per_token.items():
             if hasattr(value, "shape") and tuple(value.shape) != shape:
                 raise ValueError(
                     f"{name} has shape {tuple(value.shape)} and x['token_ids'] {shape}: "
                     "give one value per token."
                 )
+        _check_padding_mask(x["padding_mask"])
         vocabulary_size = self.config.vocabulary_size
         check_token_ids(token_ids, vocabulary_size, what="x['token_ids']: token id")
         if "y" not in per_token:
@@ -424,6 +451,28 @@ def _stored_dtype(dtype, model):
 def _check_folder(directory):
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"{directory} is a file; give a folder to write the model into.")
+
+
+def _check_padding_mask(mask):
+    """A padding mask is 0 or 1 (integers or booleans), with a token in every row."""
+    if not hasattr(mask, "shape") or not backends.is_concrete(mask):
+        return
+    values = np.asarray(keras.ops.convert_to_numpy(mask))
+    if values.dtype != bool and not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(
+            f"x['padding_mask'] must be integers or booleans, 1 for tokens and 0 for "
+            f"padding; got {values.dtype}."
+        )
+    outside = values[(values != 0) & (values != 1)]
+    if outside.size:
+        raise ValueError(
+            f"x['padding_mask'] holds {outside.flat[0]}; give 1 for tokens and 0 for padding."
+        )
+    empty = np.flatnonzero(~values.astype(bool).any(axis=-1))
+    if empty.size:
+        raise ValueError(
+            f"x['padding_mask'] row {empty[0]} is all padding; every example needs a token."
+        )
 
 
 def _is_integer(array):

@@ -118,6 +118,14 @@ def cross_entropy_rows(labels, logits):
     return implementation.cross_entropy_rows(labels, logits)
 
 
+def keeping_variables(model):
+    """A context for `model.fit`, `evaluate` and `predict`: where the call fails,
+    the model keeps its weights. Keras' JAX trainer takes the variables' values
+    out of them for the length of a call and gives them back only after a step
+    has run, so an error in the first step would leave every variable empty."""
+    return implementation.keeping_variables(model)
+
+
 def is_concrete(x):
     """True when `x` holds values now (eager), False while a graph is being traced."""
     return implementation.is_concrete(x)

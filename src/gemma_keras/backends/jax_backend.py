@@ -6,6 +6,7 @@ forms measured fastest (see "Products per backend (measured)" in
 docs/performance.md). On a GPU or TPU every product is XLA's dot.
 """
 
+import contextlib
 import functools
 import math
 
@@ -203,6 +204,22 @@ round_to_bfloat16.defjvps(lambda tangent, rounded, x: tangent.astype(jnp.bfloat1
 write_slots = steps.write_slots
 softmax = steps.softmax
 swap_halves = steps.swap_halves
+
+
+@contextlib.contextmanager
+def keeping_variables(model):
+    """See `backends.keeping_variables`. The values are held only as references;
+    a step that ran donated them (and Keras then gives its outputs back)."""
+    variables = [*model.variables, *getattr(model.optimizer, "variables", [])]
+    values = [(variable, variable.value) for variable in variables]
+    try:
+        yield
+    except BaseException:
+        for variable, value in values:
+            # `_value` is what the trainer empties (`value` would read the initializer).
+            if variable._value is None and value is not None and not value.is_deleted():
+                variable.assign(value)
+        raise
 
 
 def take_rows(table, ids):

@@ -30,6 +30,12 @@ def generating():
     return getattr(_tracing, "generation_step", False)
 
 
+def keeping_variables(model):
+    """See `backends.keeping_variables`: PyTorch's and TensorFlow's trainers
+    leave the variables in place."""
+    return contextlib.nullcontext()
+
+
 def with_values(variables, values, step, *inputs):
     """Runs `step(*inputs)` with `variables` reading `values`: the weights become
     inputs of the compiled graph rather than constants baked into it."""

@@ -288,6 +288,9 @@ def write_slots(cache, first_slot, new):
     return tf.tensor_scatter_nd_update(cache, indices, new)
 
 
+keeping_variables = steps.keeping_variables
+
+
 def softmax(logits):
     """`keras.ops.softmax`; in a step without XLA, written out as exp and sums:
     there oneDNN's softmax operation costs more than the four operations (the

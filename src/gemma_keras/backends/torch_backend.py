@@ -190,6 +190,7 @@ def write_slots(cache, first_slot, new):
     return cache.index_copy(1, slots, new.to(cache.dtype))
 
 
+keeping_variables = steps.keeping_variables
 softmax = steps.softmax
 swap_halves = steps.swap_halves
 
