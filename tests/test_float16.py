@@ -270,3 +270,34 @@ def test_the_embedded_270m_agrees_with_float32():
             f"{np.abs(logits[dtype]).max():.2f}"
         )
         assert agreement >= 0.95
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", FLOAT16_DTYPES)
+def test_quantized_float16_models_match_float32(dtype, mode):
+    """`quantize` takes float16 models as `from_preset(quantize=...)` does (Keras
+    refuses int8 for float16), and their products run on every backend's CPU."""
+    config = tiny_config("gemma1_mqa")
+    weights = randomize(model_shapes(GemmaCausalLM.from_gemma_config(config)))
+    # The float32 model gets the float16 model's weights exactly, so both quantize alike.
+    as_float16 = {
+        name: value.astype("float16").astype("float32") for name, value in weights.items()
+    }
+    model, reference = (
+        model_with(config, as_float16, dtype),
+        model_with(config, as_float16, "float32"),
+    )
+    model.quantize(mode)
+    reference.quantize(mode)
+    prompts = [list(row) for row in token_batch(config.vocabulary_size, length=6).tolist()]
+    # Generation takes the decode step's products (the native kernel on a CPU);
+    # a near tie may go either way, so the models are compared by their logits.
+    generated = model.generate(prompts, max_new_tokens=6)
+    assert [row[:6] for row in generated] == prompts  # may stop early at <eos>
+    token_ids = np.array(prompts, "int32")
+    logits = as_float32(model.score(token_ids))
+    assert np.isfinite(logits).all()
+    # With AVX512-VNNI the CPU kernel rounds int4's x to int8 per 32 inputs, where a
+    # float16 x may round to the next step: max 0.08 measured (JAX, tiny model).
+    tolerance = LOGIT_TOLERANCE if mode == "int8" else 0.2
+    np.testing.assert_allclose(logits, as_float32(reference.score(token_ids)), atol=tolerance)

@@ -12,7 +12,7 @@ from gemma_keras.layers.rms_norm import RMSNorm
 from gemma_keras.layers.token_embedding import TokenEmbedding
 
 
-class GemmaBackbone(keras.Model):
+class GemmaBackbone(quantization.QuantizesFloat16, keras.Model):
     """The Gemma decoder stack as a functional `keras.Model`.
 
     Inputs `{"token_ids": int [batch, seq], "padding_mask": [batch, seq]}`

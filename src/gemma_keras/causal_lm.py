@@ -6,12 +6,12 @@ import keras
 import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from gemma_keras import backends
+from gemma_keras import backends, quantization
 from gemma_keras.backbone import GemmaBackbone
 from gemma_keras.layers.token_embedding import check_token_ids
 
 
-class GemmaCausalLM(keras.Model):
+class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
     """Gemma as a language model: inputs as `GemmaBackbone`, output float32
     logits `[batch, seq, vocabulary_size]` (final soft-cap applied when the
     config has one).

@@ -30,6 +30,18 @@ class QuantizationError(ValueError):
     """A weight or model that cannot be quantized as asked."""
 
 
+class QuantizesFloat16:
+    """Keras' `quantize` refuses int8 for a float16 compute dtype. gemma_keras
+    quantizes float16 models in place as `from_preset(..., quantize="int8")`
+    loads them: a float16 model's residual stream is float32, and the native
+    kernel takes its x as float32."""
+
+    def _check_quantize_args(self, mode, compute_dtype):
+        super()._check_quantize_args(
+            mode, "float32" if compute_dtype == "float16" else compute_dtype
+        )
+
+
 @dataclasses.dataclass
 class QuantizedWeight:
     """The arrays of one quantized `[out, in]` weight (see the module docstring)."""

@@ -80,7 +80,10 @@ def quantized_linears(x, mode, weights):
             if mode == "int8"
             else torch.ops.gemma_keras.int4_linear
         )
-        return operator(x, arrays, torch.get_num_threads())
+        if x.dtype in (torch.float32, torch.bfloat16):
+            return operator(x, arrays, torch.get_num_threads())
+        # The operators take float32 and bfloat16 x; a float16 model's goes as float32.
+        return [y.to(x.dtype) for y in operator(x.float(), arrays, torch.get_num_threads())]
     if product == dispatch.DEQUANTIZED_BFLOAT16:
         return [
             quantization.dequantized_product(x, mode, *w, _bfloat16_product, "bfloat16")

@@ -36,7 +36,7 @@ def check_lora_alpha(lora_alpha):
         )
 
 
-class LoraLayer(keras.layers.Layer):
+class LoraLayer(quantization.QuantizesFloat16, keras.layers.Layer):
     """A layer whose weight `self.<base_weight_name>` takes a low-rank adapter
     and can be quantized.
 
