@@ -99,6 +99,36 @@ def test_checkpoint_with_fewer_layers_than_config(hf_checkpoint):
         GemmaCausalLM.from_preset(str(hf_checkpoint))
 
 
+def test_checkpoint_with_more_layers_than_config(hf_checkpoint, keras_hub_preset):
+    """Weights the config leaves unused mean the config is not theirs: refused, never
+    loaded as a smaller model."""
+    config_path = hf_checkpoint / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["num_hidden_layers"] = 1
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"holds 9 layer tensor\(s\) .* model\.layers\.1\."):
+        GemmaCausalLM.from_preset(str(hf_checkpoint))
+    config_path = keras_hub_preset / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["config"]["num_layers"] = 1
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"config does not use: layers/\S*decoder_block_1/"):
+        GemmaCausalLM.from_preset(str(keras_hub_preset))
+
+
+def test_gemma3_weights_under_a_gemma1_config_are_refused(tokenizer_proto, tmp_path):
+    model = GemmaCausalLM.from_gemma_config(tiny_config("gemma3"), dtype="float32")
+    assign_weights(model, randomize(model_shapes(model)))
+    model.tokenizer = GemmaTokenizer(tokenizer_proto)
+    model.export_to_huggingface(str(tmp_path / "hf"))
+    config_path = tmp_path / "hf" / "config.json"
+    saved = json.loads(config_path.read_text())
+    saved["model_type"] = "gemma"
+    config_path.write_text(json.dumps(saved))
+    with pytest.raises(WeightsError, match=r"model\.layers\.0\.\S*(norm)\.weight.* another Gemma"):
+        GemmaCausalLM.from_preset(str(tmp_path / "hf"))
+
+
 def test_directory_without_a_model(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(WeightsError, match=r"holds no model: expected a KerasHub preset"):

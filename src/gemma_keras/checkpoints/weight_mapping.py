@@ -9,6 +9,7 @@ a model, checking every name and shape.
 
 import dataclasses
 import functools
+import re
 
 import numpy as np
 
@@ -86,6 +87,14 @@ def to_model_weights(their_tensors, mapping, expected_shapes, source):
             "The checkpoint does not match its config (wrong number of layers or "
             "a different Gemma generation?)."
         )
+    unused = _unused_layer_tensors(their_tensors, {theirs for theirs, _ in mapping.values()})
+    if unused:
+        listed = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
+        raise WeightsError(
+            f"{source} holds {len(unused)} layer tensor(s) its config does not use: {listed}. "
+            "The config does not match the weights (fewer layers than stored, or another "
+            "Gemma generation?): use the config that came with them."
+        )
     loaders = {}
     for ours, (theirs, layout) in mapping.items():
         tensor = their_tensors[theirs]
@@ -97,6 +106,30 @@ def to_model_weights(their_tensors, mapping, expected_shapes, source):
             )
         loaders[ours] = functools.partial(_convert, tensor, layout)
     return LazyWeights(loaders)
+
+
+# Buffers some checkpoints keep inside a layer that hold no weight (old transformers' RoPE).
+_NOT_WEIGHTS = ("rotary_emb.inv_freq",)
+
+
+def _unused_layer_tensors(their_tensors, used):
+    """Names of `their_tensors` outside `used` that belong to the model's layers:
+    a layer the config lacks (the name of a used one with another index) or a
+    tensor inside a used layer (`model.layers.3.` holds a q_norm the config
+    has none of). Tensors of other parts (a vision tower, a tied `lm_head`)
+    are left alone."""
+    templates = {re.sub(r"\d+", "#", name) for name in used}
+    layers = {match.group(0) for name in used if (match := re.match(r"\D*\d+\W", name))}
+    return sorted(
+        name
+        for name in their_tensors
+        if name not in used
+        and not name.endswith(_NOT_WEIGHTS)
+        and (
+            re.sub(r"\d+", "#", name) in templates
+            or any(name.startswith(layer) for layer in layers)
+        )
+    )
 
 
 def _convert(tensor, layout):
