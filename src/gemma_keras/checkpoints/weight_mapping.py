@@ -118,18 +118,20 @@ def _unused_layer_tensors(their_tensors, used):
     tensor inside a used layer (`model.layers.3.` holds a q_norm the config
     has none of). Tensors of other parts (a vision tower, a tied `lm_head`)
     are left alone."""
-    templates = {re.sub(r"\d+", "#", name) for name in used}
+    templates = {_template(name) for name in used}
     layers = {match.group(0) for name in used if (match := re.match(r"\D*\d+\W", name))}
     return sorted(
         name
         for name in their_tensors
         if name not in used
         and not name.endswith(_NOT_WEIGHTS)
-        and (
-            re.sub(r"\d+", "#", name) in templates
-            or any(name.startswith(layer) for layer in layers)
-        )
+        and (_template(name) in templates or any(name.startswith(layer) for layer in layers))
     )
+
+
+def _template(name):
+    """`name` with its numbers as `#`; Keras' `block`, `block_1`, ... alike."""
+    return re.sub(r"\d+", "#", re.sub(r"_\d+(?=/)", "", name))
 
 
 def _convert(tensor, layout):
