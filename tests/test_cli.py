@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -96,12 +97,28 @@ def test_convert_round_trip_keeps_logits(preset, tmp_path, target):
 
 
 @pytest.mark.parametrize(
-    "args", [["--bogus"], ["generate"], ["generate", "x", "--sampler", "nucleus"], []]
+    ("args", "message"),
+    [
+        (["--bogus"], "unrecognized"),
+        (["generate"], "prompt"),
+        (["generate", "x", "--sampler", "nucleus"], "nucleus"),
+        ([], ""),
+        # Sampler options are checked before the model loads, each named as given.
+        (["generate", "x", "--sampler", "top_k", "--top-k", "0"], "--top-k must be"),
+        (["generate", "x", "--sampler", "top_p", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+        (["generate", "x", "--top-k", "0"], "need --sampler"),
+        (["generate", "x", "--sampler", "random", "--temperature", "-1"], "--temperature must"),
+        (["chat", "--sampler", "random", "--seed", "-3"], "--seed must be a non-negative"),
+    ],
 )
-def test_usage_errors_exit_2_with_one_line(args):
-    result = run_cli(*args)
+def test_usage_errors_exit_2_with_one_line(args, message):
+    result = (
+        run_cli(*args, "--preset", "no_such_preset") if args[:1] == ["chat"] else run_cli(*args)
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) <= 2 and "Traceback" not in result.stderr
+    assert re.search(message, result.stderr), result.stderr
+    assert result.stdout == ""
 
 
 def test_unknown_preset_exits_1_with_the_resolution_error():

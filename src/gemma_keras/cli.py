@@ -114,18 +114,26 @@ def build_parser():
 
 
 def _sampler(args):
-    from gemma_keras.samplers import Sampler, get_sampler
+    """The sampler the options ask for, checked before the model loads."""
+    from gemma_keras.samplers import Sampler, SamplerError, get_sampler
 
-    temperature = 1.0 if args.temperature is None else args.temperature
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    given = [args.temperature, args.top_k, args.top_p]
     if args.sampler == "greedy":
-        if args.temperature or args.top_k or args.top_p:
+        if any(option is not None for option in given):
             raise UsageError("--temperature/--top-k/--top-p need --sampler top_k, top_p or random")
         return get_sampler("greedy")
-    if args.sampler == "top_k":
-        return Sampler(temperature=temperature, top_k=args.top_k or 5, top_p=args.top_p)
-    if args.sampler == "top_p":
-        return Sampler(temperature=temperature, top_p=args.top_p or 0.9, top_k=args.top_k)
-    return Sampler(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
+    defaults = {"top_k": (5, None), "top_p": (None, 0.9)}.get(args.sampler, (None, None))
+    top_k = defaults[0] if args.top_k is None else args.top_k
+    top_p = defaults[1] if args.top_p is None else args.top_p
+    temperature = 1.0 if args.temperature is None else args.temperature
+    try:
+        return Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    except SamplerError as error:
+        message = str(error)  # "top_k must be ...": named as the option
+        name = message.split()[0]
+        raise UsageError("--" + name.replace("_", "-") + message[len(name) :]) from None
 
 
 def _load(args):
@@ -167,8 +175,9 @@ def cmd_generate(args):
 
 
 def cmd_chat(args):
+    sampler = _sampler(args)
     model = _load(args)
-    conversation = model.start_chat(system=args.system, sampler=_sampler(args), seed=args.seed)
+    conversation = model.start_chat(system=args.system, sampler=sampler, seed=args.seed)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
