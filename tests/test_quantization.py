@@ -358,12 +358,16 @@ def test_bad_requests():
         model.quantize("float8")
     with pytest.raises(QuantizationError, match="group size 48 does not fit .*64 wide"):
         model.quantize("int4", group_size=48)
+    for size in (32.0, True, "32"):
+        with pytest.raises(QuantizationError, match=f"group size must be an integer, got {size!r}"):
+            model.quantize("int8", group_size=size)
     assert model.backbone.token_embedding.quantization_mode is None  # nothing half done
     model.backbone.enable_lora(2)
     with pytest.raises(QuantizationError, match="merge_lora_weights"):
         model.quantize("int8")
     model.backbone.merge_lora_weights()
-    model.quantize("int8")
+    model.quantize("int8", group_size=np.int64(32))  # NumPy integers are integers
+    assert model.backbone.token_embedding.quantization_group_size == 32
     with pytest.raises(QuantizationError, match="already quantized"):
         model.quantize("int4")
     with pytest.raises(ValueError, match="mode"):

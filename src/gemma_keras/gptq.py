@@ -295,7 +295,7 @@ def gptq_quantize(weight, factor, mode, group_size, symmetric=False):
     >>> (q.mode, q.shape, q.group_size)
     ('int4', (8, 64), 32)
     """
-    quantization.check_group_size(mode, group_size, weight.shape[1])
+    group_size = quantization.check_group_size(mode, group_size, weight.shape[1])
     rows, columns = weight.shape
     groups = columns // group_size
     # Transposed ([in, out]): a column is then a contiguous row.

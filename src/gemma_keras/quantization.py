@@ -17,6 +17,7 @@ of 32), Q6_K (int8, groups of 16), Q4_0 and Q4_K (int4, groups of 32).
 """
 
 import dataclasses
+import numbers
 
 import numpy as np
 from keras import ops
@@ -90,19 +91,19 @@ def group_size_for(mode, input_dim, config=None, where="the weight", group_size=
     else:
         fitting = [g for g in range(DEFAULT_INT4_GROUP_SIZE, 0, -INT4_BLOCK) if input_dim % g == 0]
         group_size = fitting[0] if fitting else DEFAULT_INT4_GROUP_SIZE
-    check_group_size(mode, group_size, input_dim, where)
-    return group_size
+    return check_group_size(mode, group_size, input_dim, where)
 
 
 def check_group_size(mode, group_size, input_dim, where="the weight"):
-    """Raises a one-line error unless `group_size` splits `input_dim` as `mode` needs."""
+    """`group_size` as an int, or a one-line error unless it splits `input_dim`
+    as `mode` needs."""
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise QuantizationError(
+            f"{mode} group size must be an integer, got {group_size!r} for {where}."
+        )
+    group_size = int(group_size)
     multiple = INT4_BLOCK if mode == "int4" else 1
-    valid = (
-        isinstance(group_size, int)
-        and group_size > 0
-        and input_dim % group_size == 0
-        and group_size % multiple == 0
-    )
+    valid = group_size > 0 and input_dim % group_size == 0 and group_size % multiple == 0
     if not valid:
         need = f"a multiple of {INT4_BLOCK} that divides" if mode == "int4" else "a divisor of"
         raise QuantizationError(
@@ -110,6 +111,7 @@ def check_group_size(mode, group_size, input_dim, where="the weight"):
             f"its input width {input_dim}; pass `Int4QuantizationConfig(block_size=...)` "
             "with such a size."
         )
+    return group_size
 
 
 def quantize(weight, mode, group_size=None):
@@ -123,8 +125,7 @@ def quantize(weight, mode, group_size=None):
     theirs alike)."""
     check_mode(mode)
     rows, columns = weight.shape
-    group_size = group_size or group_size_for(mode, columns)
-    check_group_size(mode, group_size, columns)
+    group_size = check_group_size(mode, group_size or group_size_for(mode, columns), columns)
     # Blocks of about 4M values, so that the fit's temporaries stay small.
     block_rows = max(1, (1 << 22) // columns)
     parts = []

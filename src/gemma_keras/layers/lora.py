@@ -232,7 +232,8 @@ class LoraLayer(quantization.QuantizesFloat16, keras.layers.Layer):
     def quantized_variable_shapes(self, mode, group_size):
         """`{variable name: (shape, dtype)}` of the weight's `mode` form."""
         rows, columns = self.weight_shape
-        quantization.check_group_size(mode, group_size, columns, f"{self.path} ({columns} wide)")
+        where = f"{self.path} ({columns} wide)"
+        group_size = quantization.check_group_size(mode, group_size, columns, where)
         name = self.base_weight_name
         integers = ((rows, columns), "int8") if mode == "int8" else ((rows, columns // 2), "uint8")
         shapes = {name: integers, f"{name}_scale": ((rows, columns // group_size), "float32")}
