@@ -201,6 +201,9 @@ def test_bad_chat_requests(tokenizer_proto):
     with pytest.raises(GenerationError, match="max_new_tokens must be an integer"):
         chat.send("Hi", max_new_tokens="10")
     assert chat.messages == [] and chat.token_ids == []  # nothing was half-sent
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    with pytest.raises(GenerationError, match="the last message is the model's"):
+        model.chat(turns)
     context = model.config.max_sequence_length
     with pytest.raises(GenerationError, match=f"exceeds the model's context of {context}"):
         model.start_chat(max_length=context + 1)

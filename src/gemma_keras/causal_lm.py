@@ -370,8 +370,14 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
     def chat(self, messages, max_new_tokens=256, sampler=None, seed=None):
         """The model's reply to `[{"role", "content"}, ...]`, chat template applied."""
         from gemma_keras.chat_template import apply_chat_template
+        from gemma_keras.generation import GenerationError
 
         prompt = apply_chat_template(messages, add_generation_prompt=True)
+        if messages[-1]["role"] in ("model", "assistant"):
+            raise GenerationError(
+                "chat replies to a user turn, but the last message is the model's; end "
+                "`messages` with {'role': 'user', 'content': ...}."
+            )
         return self.generate(
             prompt, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, strip_prompt=True
         )
