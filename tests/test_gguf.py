@@ -343,6 +343,15 @@ def test_missing_file(tmp_path):
         read_gguf(path)
 
 
+def test_a_gguf_file_is_known_by_its_contents(tmp_path, sentencepiece_proto):
+    """An upper-case or other suffix still loads as GGUF: its first bytes say so."""
+    path = tmp_path / "model.GGUF"
+    config, _, _ = tiny_gguf(path, "gemma1_mqa", sentencepiece_proto)
+    assert GemmaCausalLM.from_preset(str(path)).config == config
+    path.rename(tmp_path / "model.bin")
+    assert GemmaCausalLM.from_preset(str(tmp_path / "model.bin")).config == config
+
+
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_text("<html>404 Not Found</html>")

@@ -205,3 +205,25 @@ def test_model_is_usable_after_a_failed_load(keras_hub_preset):
     # No half-initialised variables are left pending in Keras' global state.
     fresh = GemmaCausalLM.from_gemma_config(tiny_config("gemma1_mqa"))
     assert fresh.count_params() == tiny_config("gemma1_mqa").num_parameters()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"preset": None}, "preset must be a preset name, a path or a URL"),
+        ({"preset": b"gemma3_270m_q4_k_m"}, "preset must be a preset name"),
+        ({"preset": ""}, "a non-empty string"),
+        ({"preset": "gemma3_270m_q4_k_m", "dtype": "int8"}, "not a float type; .*quantize='int8'"),
+        ({"preset": "gemma3_270m_q4_k_m", "load_weights": "no"}, "load_weights must be True"),
+    ],
+)
+def test_bad_from_preset_arguments(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        GemmaCausalLM.from_preset(**arguments)
+
+
+def test_writing_under_a_file_is_refused(model, tmp_path):
+    (tmp_path / "afile").write_text("keep me")
+    with pytest.raises(ValueError, match="afile is a file; give a folder"):
+        model.save_to_preset(str(tmp_path / "afile" / "sub"))
+    assert (tmp_path / "afile").read_text() == "keep me"

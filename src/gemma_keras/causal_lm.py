@@ -455,8 +455,12 @@ def _stored_dtype(dtype, model):
 
 
 def _check_folder(directory):
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"{directory} is a file; give a folder to write the model into.")
+    """A folder to write into: it, or its nearest existing parent, must not be a file."""
+    path = os.path.abspath(os.fspath(directory))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path} is a file; give a folder to write the model into.")
 
 
 def _check_padding_mask(mask):

@@ -23,7 +23,7 @@ def read_checkpoint(path):
     """A `Checkpoint` from a KerasHub preset directory, a transformers directory or a GGUF file."""
     path = os.fspath(path)
     if os.path.isfile(path):
-        if path.endswith(".gguf"):
+        if path.lower().endswith(".gguf") or _starts_with_gguf_magic(path):
             from gemma_keras.checkpoints.gguf import read_gguf
 
             return read_gguf(path)
@@ -47,7 +47,7 @@ def read_checkpoint(path):
             f"{config_path} is neither a KerasHub config (registered_name) nor a "
             "transformers config (model_type)."
         )
-    gguf_files = sorted(name for name in os.listdir(path) if name.endswith(".gguf"))
+    gguf_files = sorted(name for name in os.listdir(path) if name.lower().endswith(".gguf"))
     if len(gguf_files) == 1:
         return read_checkpoint(os.path.join(path, gguf_files[0]))
     raise WeightsError(
@@ -198,10 +198,27 @@ def load_model(path, dtype=None, load_weights=True, quantize=None):
     return model
 
 
+def _starts_with_gguf_magic(path):
+    with open(path, "rb") as file:
+        return file.read(4) == b"GGUF"
+
+
 def from_preset(preset, dtype=None, load_weights=True, quantize=None):
     """See `GemmaCausalLM.from_preset`: resolve (offline first), read, build."""
+    # The arguments are checked before any download.
+    if not isinstance(preset, (str, os.PathLike)) or not os.fspath(preset):
+        raise ValueError(
+            f"preset must be a preset name, a path or a URL (a non-empty string); got {preset!r}."
+        )
+    if not isinstance(load_weights, bool):
+        raise ValueError(f"load_weights must be True or False, got {load_weights!r}.")
+    if isinstance(dtype, str) and dtype.startswith(("int", "uint", "float8")):
+        raise ValueError(
+            f"dtype={dtype!r} is not a float type; give dtype='bfloat16' (or 'float32', "
+            f"'float16') and quantize='{dtype if dtype in quantization.MODES else 'int8'}'."
+        )
     if quantize is not None:
-        quantization.check_mode(quantize)  # before any download
+        quantization.check_mode(quantize)
     entry = _registry_entry(preset)
     path = resolve_preset(preset)
     if entry is not None and str(path).endswith(".gguf") and quantize is None:
