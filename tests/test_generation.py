@@ -201,6 +201,9 @@ def test_bad_chat_requests(tokenizer_proto):
     with pytest.raises(GenerationError, match="max_new_tokens must be an integer"):
         chat.send("Hi", max_new_tokens="10")
     assert chat.messages == [] and chat.token_ids == []  # nothing was half-sent
+    for system in (5, "", ["Be brief."]):
+        with pytest.raises(GenerationError, match="system must be a non-empty string or None"):
+            model.start_chat(system=system)
     turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     with pytest.raises(GenerationError, match="the last message is the model's"):
         model.chat(turns)

@@ -35,6 +35,8 @@ class Conversation:
     def __init__(self, model, system=None, max_length=None, sampler=None, seed=None):
         if model.tokenizer is None or model.tokenizer.start_of_turn_id is None:
             raise GenerationError("Chat needs a tokenizer with <start_of_turn>/<end_of_turn>.")
+        if system is not None and (not isinstance(system, str) or not system.strip()):
+            raise GenerationError(f"system must be a non-empty string or None, got {system!r}.")
         self.model = model
         self.system = system
         context = model.config.max_sequence_length
