@@ -329,3 +329,19 @@ def test_other_backends_say_what_is_supported():
     with keras.distribution.DataParallel(devices=["cpu:0"]).scope():
         with pytest.raises(DistributionError, match=r"KERAS_BACKEND=jax"):
             GemmaBackbone(_config("gemma1_mha", 1))
+
+
+@on_mesh
+def test_batches_that_do_not_split_over_the_devices_are_refused(presets):
+    directory, _, _ = presets("gemma1_mqa")
+    inputs = _inputs()
+    x = {name: array[:, :-1] for name, array in inputs.items()}
+    y = inputs["token_ids"][:, 1:]
+    with keras.distribution.DataParallel(devices=keras.distribution.list_devices()).scope():
+        model = GemmaCausalLM.from_preset(directory)
+        model.compile(optimizer=keras.optimizers.SGD(1e-2))
+        examples = len(y)
+        with pytest.raises(DistributionError, match="batches of 1, which do not split over the 8"):
+            model.fit(x, y, batch_size=1, verbose=0)
+        with pytest.raises(DistributionError, match="multiple of 8"):
+            model.predict(x, batch_size=examples - 1, verbose=0)

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 
-from gemma_keras import backends, quantization
+from gemma_keras import backends, distribution, quantization
 from gemma_keras.backbone import GemmaBackbone
 from gemma_keras.layers.token_embedding import check_token_ids
 
@@ -192,19 +192,20 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
         >>> model.fit(["2 + 2 = 4", "3 + 5 = 8"], epochs=1, batch_size=1)  # doctest: +SKIP
         """
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
-        self._check_arrays(x, y, sample_weight)
+        self._check_arrays(x, y, sample_weight, batch_size)
         if not isinstance(x, (dict, list, tuple)) and not hasattr(x, "shape"):
             kwargs.setdefault("shuffle", False)  # a stream: Keras would warn that it cannot
         validation = kwargs.get("validation_data")
         if validation is not None and self.preprocessor is not None:
-            kwargs["validation_data"] = self._validation_data(validation)
+            validation_batch_size = kwargs.get("validation_batch_size") or batch_size
+            kwargs["validation_data"] = self._validation_data(validation, validation_batch_size)
         with backends.keeping_variables(self):
             return super().fit(x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs)
 
     def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
         """`keras.Model.evaluate`, taking the same data as `fit`."""
         x, y, sample_weight, batch_size = self._training_data(x, y, sample_weight, batch_size)
-        self._check_arrays(x, y, sample_weight)
+        self._check_arrays(x, y, sample_weight, batch_size)
         with backends.keeping_variables(self):
             return super().evaluate(
                 x, y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
@@ -213,7 +214,7 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
     def predict(self, x, *args, **kwargs):
         """`keras.Model.predict`: logits [batch, length, vocabulary] of
         `{"token_ids", "padding_mask"}`."""
-        self._check_arrays(x)
+        self._check_arrays(x, batch_size=kwargs.get("batch_size", args[0] if args else None))
         with backends.keeping_variables(self):
             return super().predict(x, *args, **kwargs)
 
@@ -222,7 +223,7 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
 
         return training_data(self.preprocessor, x, y, sample_weight, batch_size)
 
-    def _check_arrays(self, x, y=None, sample_weight=None):
+    def _check_arrays(self, x, y=None, sample_weight=None, batch_size=None):
         """Inputs held in memory, checked before Keras compiles its step, where
         a bad one gives NaN losses (JAX), a silently wrong result or an error
         from deep in the backend. A stream's batches arrive later and are not
@@ -249,6 +250,7 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
             )
         if shape[0] == 0:
             raise ValueError("x['token_ids'] holds 0 examples; give at least one.")
+        distribution.check_batches(shape[0], batch_size)
         per_token = {"x['padding_mask']": x.get("padding_mask"), "sample_weight": sample_weight}
         if hasattr(y, "shape") and len(y.shape) == 2:  # not one-hot labels
             per_token["y"] = y
@@ -287,7 +289,7 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
             allowed=getattr(self.loss, "ignore_class", None),
         )
 
-    def _validation_data(self, validation):
+    def _validation_data(self, validation, batch_size):
         if isinstance(validation, tuple) and len(validation) in (2, 3):
             x, y, sample_weight = (*validation, None)[:3]
         else:
@@ -298,7 +300,7 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
             x, y, sample_weight, _ = self._training_data(x, y, sample_weight, None)
         except PreprocessingError as error:
             raise PreprocessingError(f"validation_data: {error}") from None
-        self._check_arrays(x, y, sample_weight)
+        self._check_arrays(x, y, sample_weight, batch_size)
         return x if y is None else (x, y, sample_weight)
 
     def generate(

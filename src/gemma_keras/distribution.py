@@ -157,6 +157,26 @@ def check_model(config):
     check_layouts(weight_shapes(config))
 
 
+def check_batches(examples, batch_size):
+    """Under a distribution, checks that `examples` rows in batches of
+    `batch_size` (Keras' default 32) split evenly over the data axis, the last
+    batch included, before Keras shards one and JAX refuses it."""
+    distribution = keras.distribution.distribution()
+    if distribution is None or examples == 0:
+        return
+    mesh = distribution.device_mesh
+    devices = dict(zip(mesh.axis_names, mesh.shape, strict=True))[distribution.batch_dim_name]
+    batch = min(batch_size or 32, examples)
+    last = examples % batch
+    if batch % devices or last % devices:
+        held = f"batches of {batch}" + (f" and a last one of {last}" if last else "")
+        raise DistributionError(
+            f"{examples} examples make {held}, which do not split over the {devices} devices "
+            f"of the {distribution.batch_dim_name!r} axis: give a batch_size that is a "
+            f"multiple of {devices}, and a number of examples that such batches divide."
+        )
+
+
 def cache_layout(shape):
     """The `TensorLayout` of a `[batch, slots, kv_heads, head_dim]` KV cache
     under the current distribution, or None: the batch over the data axis and
@@ -180,6 +200,7 @@ def cache_layout(shape):
 
 __all__ = [
     "DistributionError",
+    "check_batches",
     "check_model",
     "layout_map",
     "weight_shapes",
