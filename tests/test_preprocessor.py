@@ -395,6 +395,12 @@ def test_tf_data_datasets_are_preprocessed_batch_by_batch(tokenizer):
     history = keras.Model.fit(tiny_model(tokenizer), dataset, epochs=2, shuffle=False, verbose=0)
     assert len(history.history["loss"]) == 2
     assert all(math.isfinite(loss) for loss in history.history["loss"])
+    # A bad first batch raises the preprocessor's own error, not a TensorFlow graph error.
+    wrong_keys = tf.data.Dataset.from_tensor_slices({"prompt": ["a"], "response": ["b"]})
+    with pytest.raises(PreprocessingError, match="exactly the keys 'prompts' and 'responses'"):
+        training_data(preprocessor, wrong_keys.batch(1))
+    with pytest.raises(PreprocessingError, match="holds no batches"):
+        training_data(preprocessor, raw.take(0))
 
 
 @pytest.mark.skipif(keras.config.backend() == "tensorflow", reason="TensorFlow is the backend")

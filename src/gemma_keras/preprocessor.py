@@ -359,6 +359,12 @@ def _preprocessed_tf_dataset(dataset, preprocess_batch, sequence_length):
     element = dataset.element_spec
     if isinstance(element, tuple) and _is_preprocessed(element[0]):
         return dataset
+    # The first batch is preprocessed here, where its error reaches the caller as it
+    # is (inside the generator TensorFlow wraps it in a graph error).
+    first = next(dataset.take(1).as_numpy_iterator(), None)
+    if first is None:
+        raise PreprocessingError("The tf.data.Dataset holds no batches; give at least one.")
+    preprocess_batch(first)
 
     def batches():
         for batch in dataset.as_numpy_iterator():  # strings come out as bytes
