@@ -237,7 +237,7 @@ class GemmaCausalLM(quantization.QuantizesFloat16, keras.Model):
                 "x must hold exactly 'token_ids' and 'padding_mask' (1 for tokens, 0 for "
                 "padding); "
                 + (f"missing {missing}" if missing else f"unknown keys {unknown}")
-                + ". Text goes through the preprocessor: pass strings instead."
+                + "; `model.preprocessor(texts)` makes them from text."
             )
         token_ids = x["token_ids"]
         if not hasattr(token_ids, "shape"):
