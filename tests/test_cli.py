@@ -102,7 +102,7 @@ def test_convert_round_trip_keeps_logits(preset, tmp_path, target):
         (["--bogus"], "unrecognized"),
         (["generate"], "prompt"),
         (["generate", "x", "--sampler", "nucleus"], "nucleus"),
-        ([], ""),
+        ([], "give a command: generate, chat"),
         # Sampler options are checked before the model loads, each named as given.
         (["generate", "x", "--sampler", "top_k", "--top-k", "0"], "--top-k must be"),
         (["generate", "x", "--sampler", "top_p", "--top-p", "0"], r"--top-p must be in \(0, 1\]"),
@@ -130,9 +130,13 @@ def test_unknown_preset_exits_1_with_the_resolution_error():
 
 
 def test_info():
-    result = run_cli("--json", "info")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["backend"] == keras.config.backend()
+    # The global options go before the command or after it.
+    for args in (["--json", "info"], ["info", "--json"]):
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["backend"] == keras.config.backend()
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == "gemma-keras 0.1.0"
 
 
 EVAL_EXAMPLES = [

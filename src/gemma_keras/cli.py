@@ -58,18 +58,34 @@ def _sampling_options(parser):
     parser.add_argument("--seed", type=int)
 
 
-def build_parser():
-    parser = _Parser(prog="gemma-keras", description="Gemma language models on Keras 3.")
+def _global_options(parser, default=None):
+    """--backend, --json and --debug, before the command or after it (there with
+    `default=argparse.SUPPRESS`, so that leaving them out keeps what came before)."""
     parser.add_argument(
         "--backend",
         choices=["jax", "tensorflow", "torch"],
+        default=default,
         help="Keras backend (default: $KERAS_BACKEND, else JAX if installed)",
     )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    flag = {} if default is None else {"default": default}
+    parser.add_argument("--json", action="store_true", help="machine-readable output", **flag)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks", **flag)
+
+
+def build_parser():
+    from gemma_keras import __version__
+
+    parser = _Parser(prog="gemma-keras", description="Gemma language models on Keras 3.")
+    parser.add_argument("--version", action="version", version=f"gemma-keras {__version__}")
+    _global_options(parser)
+    everywhere = _Parser(add_help=False)
+    _global_options(everywhere, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    generate = commands.add_parser("generate", help="continue a prompt (streamed)")
+    def command(name, **kwargs):
+        return commands.add_parser(name, parents=[everywhere], **kwargs)
+
+    generate = command("generate", help="continue a prompt (streamed)")
     generate.add_argument("prompt", nargs="+", help="one or more prompts")
     _model_options(generate)
     _sampling_options(generate)
@@ -80,25 +96,23 @@ def build_parser():
         help="wrap the prompt in the instruction-tuned chat template",
     )
 
-    chat = commands.add_parser("chat", help="interactive multi-turn chat (/reset, /exit)")
+    chat = command("chat", help="interactive multi-turn chat (/reset, /exit)")
     _model_options(chat)
     _sampling_options(chat)
     chat.add_argument("--system", help="a system instruction for the conversation")
 
-    commands.add_parser("presets", help="list the preset registry")
+    command("presets", help="list the preset registry")
 
-    convert = commands.add_parser("convert", help="convert a checkpoint")
+    convert = command("convert", help="convert a checkpoint")
     convert.add_argument("source", help="a KerasHub preset, transformers directory or .gguf")
     convert.add_argument("destination", help="the directory to write")
     convert.add_argument("--to", choices=["keras_hub", "huggingface"], default="keras_hub")
     convert.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
 
-    bench = commands.add_parser(
-        "bench", help="generation speed against KerasHub, transformers and llama.cpp"
-    )
+    bench = command("bench", help="generation speed against KerasHub, transformers and llama.cpp")
     benchmarking.add_arguments(bench, default_model="embedded")
 
-    evaluate = commands.add_parser(
+    evaluate = command(
         "eval", help="multiple-choice accuracy on a JSONL file (HellaSwag's format too)"
     )
     evaluate.add_argument(
@@ -109,7 +123,7 @@ def build_parser():
     evaluate.add_argument("--limit", type=int, help="evaluate the first N examples only")
     evaluate.add_argument("--batch-size", type=int, default=8, help="choices per forward pass")
 
-    commands.add_parser("info", help="backend, devices, versions, cache location")
+    command("info", help="backend, devices, versions, cache location")
     return parser
 
 
@@ -323,7 +337,7 @@ def main(argv=None):
         print(str(error), file=sys.stderr)
         return 2
     if args.command is None:
-        parser.print_usage(sys.stderr)
+        print(f"gemma-keras: give a command: {', '.join(COMMANDS)} (see --help)", file=sys.stderr)
         return 2
     if args.backend:
         if "keras" in sys.modules:
