@@ -35,6 +35,13 @@ def hf_checkpoint(model, tmp_path):
     return directory
 
 
+def edit_json(path, change):
+    """Rewrites the JSON file at `path` with `change(saved)` applied."""
+    saved = json.loads(path.read_text())
+    change(saved)
+    path.write_text(json.dumps(saved))
+
+
 def truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep)])
@@ -71,10 +78,7 @@ def test_truncated_safetensors(hf_checkpoint, keep):
 
 
 def test_config_disagreeing_with_weights_names_tensor_and_shapes(keras_hub_preset):
-    config_path = keras_hub_preset / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["config"]["hidden_dim"] = 96
-    config_path.write_text(json.dumps(saved))
+    edit_json(keras_hub_preset / "config.json", lambda saved: saved["config"].update(hidden_dim=96))
     with pytest.raises(
         WeightsError, match=r"reversible_embedding/vars/0' has shape \(1000, 64\) .* \(1000, 96\)"
     ):
@@ -82,19 +86,13 @@ def test_config_disagreeing_with_weights_names_tensor_and_shapes(keras_hub_prese
 
 
 def test_transformers_config_disagreeing_with_weights(hf_checkpoint):
-    config_path = hf_checkpoint / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["intermediate_size"] = 256
-    config_path.write_text(json.dumps(saved))
+    edit_json(hf_checkpoint / "config.json", lambda saved: saved.update(intermediate_size=256))
     with pytest.raises(WeightsError, match=r"mlp\.gate_proj\.weight' has shape \(128, 64\)"):
         GemmaCausalLM.from_preset(str(hf_checkpoint))
 
 
 def test_checkpoint_with_fewer_layers_than_config(hf_checkpoint):
-    config_path = hf_checkpoint / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["num_hidden_layers"] = 3
-    config_path.write_text(json.dumps(saved))
+    edit_json(hf_checkpoint / "config.json", lambda saved: saved.update(num_hidden_layers=3))
     with pytest.raises(WeightsError, match=r"lacks .* model\.layers\.2\."):
         GemmaCausalLM.from_preset(str(hf_checkpoint))
 
@@ -102,16 +100,10 @@ def test_checkpoint_with_fewer_layers_than_config(hf_checkpoint):
 def test_checkpoint_with_more_layers_than_config(hf_checkpoint, keras_hub_preset):
     """Weights the config leaves unused mean the config is not theirs: refused, never
     loaded as a smaller model."""
-    config_path = hf_checkpoint / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["num_hidden_layers"] = 1
-    config_path.write_text(json.dumps(saved))
+    edit_json(hf_checkpoint / "config.json", lambda saved: saved.update(num_hidden_layers=1))
     with pytest.raises(WeightsError, match=r"holds 9 layer tensor\(s\) .* model\.layers\.1\."):
         GemmaCausalLM.from_preset(str(hf_checkpoint))
-    config_path = keras_hub_preset / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["config"]["num_layers"] = 1
-    config_path.write_text(json.dumps(saved))
+    edit_json(keras_hub_preset / "config.json", lambda saved: saved["config"].update(num_layers=1))
     with pytest.raises(WeightsError, match=r"config does not use: layers/\S*decoder_block_1/"):
         GemmaCausalLM.from_preset(str(keras_hub_preset))
 
@@ -121,10 +113,7 @@ def test_gemma3_weights_under_a_gemma1_config_are_refused(tokenizer_proto, tmp_p
     assign_weights(model, randomize(model_shapes(model)))
     model.tokenizer = GemmaTokenizer(tokenizer_proto)
     model.export_to_huggingface(str(tmp_path / "hf"))
-    config_path = tmp_path / "hf" / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["model_type"] = "gemma"
-    config_path.write_text(json.dumps(saved))
+    edit_json(tmp_path / "hf" / "config.json", lambda saved: saved.update(model_type="gemma"))
     with pytest.raises(WeightsError, match=r"model\.layers\.0\.\S*(norm)\.weight.* another Gemma"):
         GemmaCausalLM.from_preset(str(tmp_path / "hf"))
 
@@ -136,10 +125,10 @@ def test_directory_without_a_model(tmp_path):
 
 
 def test_not_a_gemma_keras_hub_preset(keras_hub_preset):
-    config_path = keras_hub_preset / "config.json"
-    saved = json.loads(config_path.read_text())
-    saved["registered_name"] = "keras_hub>LlamaBackbone"
-    config_path.write_text(json.dumps(saved))
+    edit_json(
+        keras_hub_preset / "config.json",
+        lambda saved: saved.update(registered_name="keras_hub>LlamaBackbone"),
+    )
     with pytest.raises(WeightsError, match=r"registered_name is 'keras_hub>LlamaBackbone'"):
         GemmaCausalLM.from_preset(str(keras_hub_preset))
 
@@ -156,10 +145,7 @@ def test_not_a_gemma_keras_hub_preset(keras_hub_preset):
     ],
 )
 def test_incomplete_keras_hub_config(keras_hub_preset, edit, message):
-    config_path = keras_hub_preset / "config.json"
-    saved = json.loads(config_path.read_text())
-    edit(saved)
-    config_path.write_text(json.dumps(saved))
+    edit_json(keras_hub_preset / "config.json", edit)
     with pytest.raises(WeightsError, match=message) as error:
         GemmaCausalLM.from_preset(str(keras_hub_preset))
     assert "config.json" in str(error.value)

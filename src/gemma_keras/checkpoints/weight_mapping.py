@@ -81,19 +81,17 @@ def to_model_weights(their_tensors, mapping, expected_shapes, source):
     """
     missing = sorted(theirs for theirs, _ in mapping.values() if theirs not in their_tensors)
     if missing:
-        listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise WeightsError(
-            f"{source} lacks {len(missing)} tensor(s) the config needs: {listed}. "
+            f"{source} lacks {len(missing)} tensor(s) the config needs: {_some(missing)}. "
             "The checkpoint does not match its config (wrong number of layers or "
             "a different Gemma generation?)."
         )
     unused = _unused_layer_tensors(their_tensors, {theirs for theirs, _ in mapping.values()})
     if unused:
-        listed = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
         raise WeightsError(
-            f"{source} holds {len(unused)} layer tensor(s) its config does not use: {listed}. "
-            "The config does not match the weights (fewer layers than stored, or another "
-            "Gemma generation?): use the config that came with them."
+            f"{source} holds {len(unused)} layer tensor(s) its config does not use: "
+            f"{_some(unused)}. The config does not match the weights (fewer layers than "
+            "stored, or another Gemma generation?): use the config that came with them."
         )
     loaders = {}
     for ours, (theirs, layout) in mapping.items():
@@ -106,6 +104,10 @@ def to_model_weights(their_tensors, mapping, expected_shapes, source):
             )
         loaders[ours] = functools.partial(_convert, tensor, layout)
     return LazyWeights(loaders)
+
+
+def _some(names):
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
 
 
 # Buffers some checkpoints keep inside a layer that hold no weight (old transformers' RoPE).
