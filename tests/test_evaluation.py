@@ -172,6 +172,8 @@ def test_bad_lines_name_the_file_and_line(model, tmp_path, line, message):
 def test_other_bad_input(model, tmp_path):
     with pytest.raises(EvaluationError, match="missing.jsonl does not exist"):
         evaluate_multiple_choice(model, tmp_path / "missing.jsonl")
+    with pytest.raises(EvaluationError, match=f"{tmp_path.name} is a folder; expected a JSONL"):
+        evaluate_multiple_choice(model, tmp_path)
     empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(EvaluationError, match="empty.jsonl holds no examples"):
         evaluate_multiple_choice(model, empty)

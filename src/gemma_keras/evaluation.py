@@ -35,7 +35,8 @@ def load_examples(path, limit=None):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise EvaluationError(f"{path} does not exist; expected a JSONL file of examples.")
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise EvaluationError(f"{path} {what}; expected a JSONL file of examples.")
     examples = []
     with open(path, encoding="utf-8") as file:
         for line_number, line in enumerate(file, start=1):
