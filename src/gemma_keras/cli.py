@@ -129,10 +129,13 @@ def build_parser():
 
 def _sampler(args):
     """The sampler the options ask for, checked before the model loads."""
+    from gemma_keras.generation import GenerationError, random_generator
     from gemma_keras.samplers import Sampler, SamplerError, get_sampler
 
-    if args.seed is not None and args.seed < 0:
-        raise UsageError(f"--seed must be a non-negative integer, got {args.seed}")
+    try:
+        random_generator(args.seed)  # generate's own check of the seed
+    except GenerationError as error:
+        raise UsageError(f"--{error}") from None
     given = [args.temperature, args.top_k, args.top_p]
     if args.sampler == "greedy":
         if any(option is not None for option in given):
