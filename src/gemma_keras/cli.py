@@ -129,12 +129,12 @@ def build_parser():
 
 def _sampler(args):
     """The sampler the options ask for, checked before the model loads."""
-    from gemma_keras.generation import GenerationError, random_generator
-    from gemma_keras.samplers import Sampler, SamplerError, get_sampler
+    # Numpy only: usage errors come before Keras and its backend load.
+    from gemma_keras.samplers import Sampler, SamplerError, get_sampler, random_generator
 
     try:
         random_generator(args.seed)  # generate's own check of the seed
-    except GenerationError as error:
+    except SamplerError as error:
         raise UsageError(f"--{error}") from None
     given = [args.temperature, args.top_k, args.top_p]
     if args.sampler == "greedy":

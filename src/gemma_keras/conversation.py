@@ -10,11 +10,10 @@ from gemma_keras.generation import (
     decode_loop,
     extend,
     prefill,
-    random_generator,
     stop_token_ids,
 )
 from gemma_keras.layers.token_embedding import check_token_ids
-from gemma_keras.samplers import BeamSampler, get_sampler
+from gemma_keras.samplers import BeamSampler, get_sampler, random_generator
 
 
 class Conversation:

@@ -42,6 +42,7 @@ from gemma_keras.samplers import (
     Sampler,
     get_sampler,
     is_integer,
+    random_generator,
 )
 
 
@@ -498,14 +499,6 @@ def _drop_finished_rows(state, rows, finished):
     keep = np.sort(np.argsort(finished[rows])[:size])
     state.select(keep)
     return rows[keep]
-
-
-def random_generator(seed):
-    """The numpy generator behind every sampled token: the same draws for a
-    seed on every backend. `seed=None` draws fresh entropy."""
-    if seed is not None and (not is_integer(seed) or seed < 0):
-        raise GenerationError(f"seed must be a non-negative integer or None, got {seed!r}.")
-    return np.random.default_rng(seed)
 
 
 def sample_loop(model, prompts, budgets, sampler, stops, stop_strings, seed):

@@ -107,6 +107,14 @@ def is_real(value):
     return is_integer(value) or isinstance(value, (float, np.floating))
 
 
+def random_generator(seed):
+    """The numpy generator behind every sampled token: the same draws for a
+    seed on every backend. `seed=None` draws fresh entropy."""
+    if seed is not None and (not is_integer(seed) or seed < 0):
+        raise SamplerError(f"seed must be a non-negative integer or None, got {seed!r}.")
+    return np.random.default_rng(seed)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """Samples from `softmax(logits / temperature)` restricted to the `top_k`
