@@ -199,7 +199,7 @@ class GemmaBackbone(quantization.QuantizesFloat16, keras.Model):
                 "quantize('gptq') takes its group size from `GPTQConfig(group_size=...)`."
             )
         if mode != "gptq":
-            quantization.check_mode(mode)
+            quantization.check_mode(mode, also=", or 'gptq' with a keras.quantizers.GPTQConfig")
         layers = self.lora_layers()
         chosen = {path: layer for path, layer in layers.items() if _selected(layer, filters)}
         if not chosen:

@@ -66,10 +66,12 @@ class QuantizedWeight:
         return arrays
 
 
-def check_mode(mode):
+def check_mode(mode, also=""):
+    """Refuses modes other than `MODES`; `also` names what else the caller takes."""
     if mode not in MODES:
         raise QuantizationError(
-            f"Unknown quantization mode {mode!r}; gemma_keras quantizes weights to one of {MODES}."
+            f"Unknown quantization mode {mode!r}; gemma_keras quantizes weights to one of "
+            f"{MODES}{also}."
         )
 
 
