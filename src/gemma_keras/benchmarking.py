@@ -45,6 +45,8 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
 QUANTIZATION_MODES = ("int8", "int4")
 EMBEDDED_PRESET = "gemma3_270m_q4_k_m"
 PEERS = {"gemma_2b": "keras_hub", "embedded": "transformers"}
+# OpenBLAS' threads spin 2**28 cycles after a call before they sleep (0.1-0.2 s measured).
+OPENBLAS_SPIN_SECONDS = 0.5
 # ggml's instruction-set options and the /proc/cpuinfo flag each needs.
 GGML_INSTRUCTION_SETS = {
     "AVX": "avx",
@@ -110,10 +112,11 @@ def measure_bandwidth(gigabytes=4.0, repeats=5):
 
     rows = max(1, int(gigabytes * 1e9 / 4 / 4096))
     matrix, vector = np.ones((rows, 4096), np.float32), np.ones(4096, np.float32)
-    results = {
-        "numpy": _best_rate(lambda: matrix @ vector, matrix.nbytes, repeats),
-        "torch": _best_rate(torch.from_numpy(matrix).sum, matrix.nbytes, repeats),
-    }
+    results = {"numpy": _best_rate(lambda: matrix @ vector, matrix.nbytes, repeats)}
+    # OpenBLAS' threads spin for 0.1-0.2 s after numpy's product; whatever runs on the
+    # cores meanwhile (the next kernel here, the decode timed next) ran at half speed or less.
+    time.sleep(OPENBLAS_SPIN_SECONDS)
+    results["torch"] = _best_rate(torch.from_numpy(matrix).sum, matrix.nbytes, repeats)
     del matrix
     try:
         import jax
