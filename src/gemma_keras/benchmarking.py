@@ -113,8 +113,8 @@ def measure_bandwidth(gigabytes=4.0, repeats=5):
     rows = max(1, int(gigabytes * 1e9 / 4 / 4096))
     matrix, vector = np.ones((rows, 4096), np.float32), np.ones(4096, np.float32)
     results = {"numpy": _best_rate(lambda: matrix @ vector, matrix.nbytes, repeats)}
-    # OpenBLAS' threads spin for 0.1-0.2 s after numpy's product; whatever runs on the
-    # cores meanwhile (the next kernel here, the decode timed next) ran at half speed or less.
+    # Whatever ran on the cores while OpenBLAS' threads still spun (the next kernel here,
+    # the decode timed next) ran at half speed or less.
     time.sleep(OPENBLAS_SPIN_SECONDS)
     results["torch"] = _best_rate(torch.from_numpy(matrix).sum, matrix.nbytes, repeats)
     del matrix
